@@ -1,0 +1,72 @@
+"""Read and replace one layer of a transformers cache (the only place that knows cache layer internals)."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+def _layer(cache: Cache, layer_idx: int):
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    return layers[layer_idx]
+
+
+def read_layer(cache: Cache, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Dense ``(batch, kv_heads, seq, head_dim)`` keys and values of a layer, or ``(None, None)`` if it is empty."""
+    layer = _layer(cache, layer_idx)
+    if layer is None:
+        return None, None
+    if hasattr(layer, "dense_keys_values"):
+        return layer.dense_keys_values()
+    if isinstance(layer, DynamicLayer) and layer.is_initialized and layer.keys is not None and layer.keys.numel():
+        return layer.keys, layer.values
+    return None, None
+
+
+def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace a layer's keys and values by compressed ones of shape ``(batch, kv_heads, n_kept, head_dim)``."""
+    layer = _layer(cache, layer_idx)
+    if hasattr(layer, "replace"):
+        layer.replace(keys, values)
+    elif isinstance(layer, DynamicLayer):
+        # Contiguous copies so the full-size prefill tensors are freed as soon as the caller drops them.
+        layer.keys, layer.values = keys.contiguous(), values.contiguous()
+    else:
+        raise ValueError(
+            f"cannot compress cache layer of type {type(layer).__name__}; accepted: DynamicCache layers or kvpress caches"
+        )
+
+
+def layer_memory_bytes(cache: Cache) -> int:
+    """Bytes held by the key/value tensors of every layer of ``cache``."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "memory_bytes"):
+            total += layer.memory_bytes()
+            continue
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def snapshot_cache(cache: Cache) -> list:
+    """Capture the state of every layer so :func:`restore_cache` can return to it (tensors are shared, not copied).
+
+    Dynamic layers grow by concatenation, never in place, so keeping references to their tensors is enough.
+    Layers that manage their own storage provide ``snapshot()``/``restore()``.
+    """
+    return [layer.snapshot() if hasattr(layer, "snapshot") else dict(vars(layer)) for layer in cache.layers]
+
+
+def restore_cache(cache: Cache, state: list) -> None:
+    """Return every layer of ``cache`` to a state captured by :func:`snapshot_cache`."""
+    del cache.layers[len(state) :]  # layers created lazily after the snapshot
+    for layer, saved in zip(cache.layers, state):
+        if hasattr(layer, "restore"):
+            layer.restore(saved)
+        else:
+            vars(layer).clear()
+            vars(layer).update(saved)

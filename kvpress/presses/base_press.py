@@ -1,0 +1,123 @@
+"""`BasePress`: attaches compression hooks to a model's attention layers for the duration of a ``with`` block."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from kvpress.cache.layer_access import read_layer, write_layer
+from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.report import CompressionReport
+from kvpress.utils import attention_layers, attn_implementation
+
+
+class BasePress(ABC):
+    """Base class of every press.
+
+    A press is a dataclass; ``with press(model):`` registers a forward hook on every attention layer and removes it on
+    exit (also when an exception is raised). During a prefill forward (the layer's cache holds exactly the tokens of
+    this forward), the hook reads the freshly written keys and values, calls :meth:`compress` and writes the result
+    back into the cache, so the cache really shrinks. Decode and question forwards are left untouched.
+
+    Subclasses implement :meth:`compress`; most implement :class:`~kvpress.presses.scorer_press.ScorerPress.score`
+    instead. Press state lives in the per-call :class:`CompressionReport`, never on the model.
+    """
+
+    # ---- capabilities ------------------------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the press needs and does (read by the pipeline instead of testing press types)."""
+        return Capabilities()
+
+    # ---- validation ----------------------------------------------------------------------------------------------
+    def validate(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` when the press cannot run on ``model`` (called before any tensor is touched)."""
+        caps = self.capabilities
+        if caps.needs_attention_weights:
+            impl = attn_implementation(model)
+            if impl != "eager":
+                raise ValueError(
+                    f"{type(self).__name__} needs attention weights, which attn_implementation={impl!r} does not "
+                    "produce. Load the model with attn_implementation='eager' (accepted: 'eager')."
+                )
+
+    def check_length(self, n_tokens: int) -> None:
+        """Raise ``ValueError`` when a prefill of ``n_tokens`` tokens cannot be compressed by this press."""
+
+    # ---- compression -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def compress(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress one layer's cache.
+
+        Args:
+            module: the attention module (has ``layer_idx``, ``head_dim``, ``config``).
+            hidden_states: ``(batch, n, hidden)`` input of the attention layer.
+            keys, values: ``(batch, kv_heads, n, head_dim)`` post-RoPE keys and the values in the cache.
+            attentions: ``(batch, heads, n, n)`` attention weights (eager attention only) or ``None``.
+            kwargs: the attention forward's keyword arguments (``position_embeddings``, ``past_key_values``, ...).
+
+        Returns:
+            ``(keys, values)`` of shape ``(batch, kv_heads, n_kept, head_dim)``.
+        """
+
+    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output, report: CompressionReport):
+        """Hook body: compress the layer if this forward is its prefill."""
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            return output
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        layer_idx = module.layer_idx
+        q_len = hidden_states.shape[1]
+        if getattr(module, "sliding_window", None) or getattr(module, "is_sliding", False):
+            # Sliding-window layers already hold a bounded window; pruning it would break their window semantics.
+            return output
+        keys, values = read_layer(cache, layer_idx)
+        if keys is None or keys.shape[-2] != q_len:
+            return output  # not a prefill: the cache held tokens before this forward
+        self.check_length(q_len)
+        attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        new_keys, new_values = self.compress(module, hidden_states, keys, values, attentions, kwargs)
+        write_layer(cache, layer_idx, new_keys, new_values)
+        report.record(layer_idx, n_tokens=q_len, keys=new_keys)
+        return output
+
+    # ---- context manager -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def __call__(self, model: nn.Module) -> Iterator[CompressionReport]:
+        """Attach the press to every attention layer of ``model``; yields the call's :class:`CompressionReport`."""
+        self.validate(model)
+        layers = attention_layers(model)
+        report = CompressionReport(n_layers=len(layers))
+        handles = []
+        try:
+            for module in layers:
+                hook = _Hook(self, report)
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            yield report
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@dataclass
+class _Hook:
+    """A picklable bound hook carrying the press and the call's report (no state on the module)."""
+
+    press: BasePress
+    report: CompressionReport = field(repr=False)
+
+    def __call__(self, module, args, kwargs, output):
+        return self.press.forward_hook(module, args, kwargs, output, self.report)

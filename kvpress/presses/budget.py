@@ -1,0 +1,31 @@
+"""Token budgets: a compression ratio or an absolute number of kept tokens."""
+
+from __future__ import annotations
+
+import math
+
+
+def check_ratio(value: float, name: str = "compression_ratio") -> None:
+    """Raise ``ValueError`` unless ``value`` is a number in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1) (fraction of tokens removed), got {value!r}")
+
+
+def check_budget(compression_ratio: float, target_size: int | None) -> None:
+    """Validate a budget given as a ratio or as an absolute number of kept tokens (not both)."""
+    check_ratio(compression_ratio)
+    if target_size is not None:
+        if isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 1:
+            raise ValueError(f"target_size must be a positive int (tokens kept per layer and head), got {target_size!r}")
+        if compression_ratio != 0:
+            raise ValueError(
+                "give either compression_ratio or target_size, not both "
+                f"(got compression_ratio={compression_ratio}, target_size={target_size})"
+            )
+
+
+def n_kept(n_tokens: int, compression_ratio: float, target_size: int | None = None) -> int:
+    """Tokens kept out of ``n_tokens``: ``min(n, target_size)`` or ``round(n * (1 - compression_ratio))``."""
+    if target_size is not None:
+        return min(n_tokens, target_size)
+    return min(n_tokens, max(0, round(n_tokens * (1.0 - compression_ratio))))

@@ -1,0 +1,43 @@
+"""What a press needs and does, declared once so callers never test press types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Declared needs and effects of a press.
+
+    Attributes:
+        phase: ``"prefill"`` for presses that compress the context once, ``"decode"`` for presses that act while tokens
+            are generated.
+        needs_attention_weights: the press reads the prefill attention weights (eager attention only).
+        needs_question: the press only makes sense when the question is part of the compressed prompt
+            (the pipeline then requires ``query_aware=True``).
+        rerotates_positions: kept keys are re-rotated to contiguous positions, so new tokens continue from the
+            compressed length instead of the original one.
+        head_variable: the press keeps a different number of tokens per head (needs a head-variable cache).
+        prunes_channels: the press drops key channels rather than (or on top of) tokens.
+    """
+
+    phase: Literal["prefill", "decode"] = "prefill"
+    needs_attention_weights: bool = False
+    needs_question: bool = False
+    rerotates_positions: bool = False
+    head_variable: bool = False
+    prunes_channels: bool = False
+
+    def merge(self, other: "Capabilities") -> "Capabilities":
+        """Capabilities of two presses applied together (any need or effect of either)."""
+        if self.phase != other.phase:
+            raise ValueError(f"cannot combine a {self.phase}-phase press with a {other.phase}-phase press")
+        return Capabilities(
+            phase=self.phase,
+            needs_attention_weights=self.needs_attention_weights or other.needs_attention_weights,
+            needs_question=self.needs_question or other.needs_question,
+            rerotates_positions=self.rerotates_positions or other.rerotates_positions,
+            head_variable=self.head_variable or other.head_variable,
+            prunes_channels=self.prunes_channels or other.prunes_channels,
+        )

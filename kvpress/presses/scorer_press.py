@@ -1,0 +1,60 @@
+"""`ScorerPress`: keep the top-scored tokens of every (sequence, kv-head)."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvpress.presses.base_press import BasePress
+from kvpress.presses.budget import check_budget, n_kept
+
+
+@dataclass
+class ScorerPress(BasePress):
+    """Score every cached token and keep the highest-scored ones, the same number for every head.
+
+    Args:
+        compression_ratio: fraction of the prefilled tokens to remove, in ``[0, 1)``; each layer keeps
+            ``round(n * (1 - compression_ratio))`` tokens per (sequence, kv-head).
+        target_size: absolute number of tokens to keep per (sequence, kv-head) in each layer, used instead of
+            ``compression_ratio`` (which must then stay 0). Contexts shorter than it are kept whole.
+    """
+
+    compression_ratio: float = 0.0
+    target_size: int | None = None
+
+    def __post_init__(self):
+        check_budget(self.compression_ratio, self.target_size)
+
+    @abstractmethod
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """Importance of every cached token: ``(batch, kv_heads, n)``; higher is kept first."""
+
+    def n_kept(self, n_tokens: int, module: nn.Module | None = None) -> int:
+        """Tokens kept per (sequence, kv-head) for a prefill of ``n_tokens`` (``module`` allows per-layer budgets)."""
+        return n_kept(n_tokens, self.compression_ratio, self.target_size)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        n = keys.shape[-2]
+        k = self.n_kept(n, module)
+        if k >= n:
+            return keys, values
+        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        indices = scores.topk(k, dim=-1).indices
+        return gather_tokens(keys, indices), gather_tokens(values, indices)
+
+
+def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Select tokens: ``x`` ``(batch, heads, n, d)``, ``indices`` ``(batch, heads, k)`` -> ``(batch, heads, k, d)``."""
+    return x.gather(2, indices.unsqueeze(-1).expand(*indices.shape, x.shape[-1]))
