@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvpress.cache.compressed_kv import CompressedKV
+
 
 def _layer(cache: Cache, layer_idx: int):
     layers = getattr(cache, "layers", None)
@@ -25,14 +27,19 @@ def read_layer(cache: Cache, layer_idx: int) -> tuple[torch.Tensor | None, torch
     return None, None
 
 
-def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Replace a layer's keys and values by compressed ones of shape ``(batch, kv_heads, n_kept, head_dim)``."""
+def write_layer(cache: Cache, layer_idx: int, kv: CompressedKV) -> None:
+    """Replace a layer's keys and values by the compressed ones in ``kv``."""
     layer = _layer(cache, layer_idx)
     if hasattr(layer, "replace"):
-        layer.replace(keys, values)
+        layer.replace(kv)
+    elif kv.key_channels is not None:
+        raise ValueError(
+            "channel-pruned keys need a cache layer that stores them (kvpress ChannelPrunedLayer); "
+            f"got {type(layer).__name__}"
+        )
     elif isinstance(layer, DynamicLayer):
         # Contiguous copies so the full-size prefill tensors are freed as soon as the caller drops them.
-        layer.keys, layer.values = keys.contiguous(), values.contiguous()
+        layer.keys, layer.values = kv.keys.contiguous(), kv.values.contiguous()
     else:
         raise ValueError(
             f"cannot compress cache layer of type {type(layer).__name__}; accepted: DynamicCache layers or kvpress caches"

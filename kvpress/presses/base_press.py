@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.layer_access import read_layer, write_layer
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.report import CompressionReport
@@ -59,7 +60,7 @@ class BasePress(ABC):
         values: torch.Tensor,
         attentions: torch.Tensor | None,
         kwargs: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | CompressedKV:
         """Compress one layer's cache.
 
         Args:
@@ -70,7 +71,8 @@ class BasePress(ABC):
             kwargs: the attention forward's keyword arguments (``position_embeddings``, ``past_key_values``, ...).
 
         Returns:
-            ``(keys, values)`` of shape ``(batch, kv_heads, n_kept, head_dim)``.
+            ``(keys, values)`` of shape ``(batch, kv_heads, n_kept, head_dim)``, or a :class:`CompressedKV` when the
+            press also prunes key channels.
         """
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output, report: CompressionReport):
@@ -89,9 +91,10 @@ class BasePress(ABC):
             return output  # not a prefill: the cache held tokens before this forward
         self.check_length(q_len)
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        new_keys, new_values = self.compress(module, hidden_states, keys, values, attentions, kwargs)
-        write_layer(cache, layer_idx, new_keys, new_values)
-        report.record(layer_idx, n_tokens=q_len, keys=new_keys)
+        kv = self.compress(module, hidden_states, keys, values, attentions, kwargs)
+        kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
+        write_layer(cache, layer_idx, kv)
+        report.record(layer_idx, n_tokens=q_len, lengths=kv.lengths)
         return output
 
     # ---- context manager -----------------------------------------------------------------------------------------

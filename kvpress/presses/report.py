@@ -21,10 +21,8 @@ class CompressionReport:
     original_lengths: dict[int, int] = field(default_factory=dict)
     kept_lengths: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def record(self, layer_idx: int, n_tokens: int, keys: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
-        """Store the outcome of one layer; ``lengths`` defaults to the uniform length of ``keys`` (B, H, n, D)."""
-        if lengths is None:
-            lengths = torch.full(keys.shape[:2], keys.shape[-2], dtype=torch.long)
+    def record(self, layer_idx: int, n_tokens: int, lengths: torch.Tensor) -> None:
+        """Store the outcome of one layer: ``n_tokens`` prefilled, ``lengths`` ``(batch, kv_heads)`` kept."""
         self.original_lengths[layer_idx] = n_tokens
         self.kept_lengths[layer_idx] = lengths.detach().to("cpu", torch.long)
 
