@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvpress.cache.channel_pruned_layer import ChannelPrunedLayer
 from kvpress.cache.compressed_kv import CompressedKV
 
 
@@ -33,9 +34,18 @@ def write_layer(cache: Cache, layer_idx: int, kv: CompressedKV) -> None:
     if hasattr(layer, "replace"):
         layer.replace(kv)
     elif kv.key_channels is not None:
+        if not isinstance(layer, DynamicLayer) or getattr(layer, "is_sliding", False):
+            raise ValueError(
+                "channel-pruned keys replace a full-attention DynamicCache layer (by a ChannelPrunedLayer); "
+                f"got {type(layer).__name__}"
+            )
+        cache.layers[layer_idx] = ChannelPrunedLayer.from_compressed(kv)
+        # A snapshot may still hold the replaced layer object: drop its dense prefill tensors now.
+        layer.reset()
+    elif kv.head_lengths is not None:
         raise ValueError(
-            "channel-pruned keys need a cache layer that stores them (kvpress ChannelPrunedLayer); "
-            f"got {type(layer).__name__}"
+            "the press keeps a different number of tokens per head, which a dense cache layer cannot store; "
+            "use cache=kvpress.VarlenCache(config=model.config) (the pipeline does this automatically)"
         )
     elif isinstance(layer, DynamicLayer):
         # Contiguous copies so the full-size prefill tensors are freed as soon as the caller drops them.
@@ -63,15 +73,16 @@ def snapshot_cache(cache: Cache) -> list:
     """Capture the state of every layer so :func:`restore_cache` can return to it (tensors are shared, not copied).
 
     Dynamic layers grow by concatenation, never in place, so keeping references to their tensors is enough.
-    Layers that manage their own storage provide ``snapshot()``/``restore()``.
+    Layers that manage their own storage provide ``snapshot()``/``restore()``. The layer objects are kept too,
+    because compression may replace a layer by one of another type (:func:`write_layer`).
     """
-    return [layer.snapshot() if hasattr(layer, "snapshot") else dict(vars(layer)) for layer in cache.layers]
+    return [(layer, layer.snapshot() if hasattr(layer, "snapshot") else dict(vars(layer))) for layer in cache.layers]
 
 
 def restore_cache(cache: Cache, state: list) -> None:
     """Return every layer of ``cache`` to a state captured by :func:`snapshot_cache`."""
-    del cache.layers[len(state) :]  # layers created lazily after the snapshot
-    for layer, saved in zip(cache.layers, state):
+    cache.layers[:] = [layer for layer, _ in state]  # also drops layers created lazily after the snapshot
+    for layer, saved in state:
         if hasattr(layer, "restore"):
             layer.restore(saved)
         else:

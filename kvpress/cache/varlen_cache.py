@@ -1,0 +1,126 @@
+"""`VarlenCache`: a transformers cache that stores exactly the tokens each (sequence, kv-head) keeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from kvpress.cache.varlen_layer import VarlenLayer, _prefix_sums
+
+FORMAT_VERSION = 1
+
+
+class VarlenCache(DynamicCache):
+    """A ``DynamicCache`` whose full-attention layers are :class:`VarlenLayer`\\ s (sliding-window layers stay dense).
+
+    Prefill runs with the model's own attention. Once a press has compressed a layer, its tokens live in ragged
+    storage and later forwards must run under the ``"kvpress"`` attention function (the pipeline does this).
+
+    ``new_token_lengths``: set to a ``(batch,)`` int tensor before a forward whose new tokens are right-padded
+    (questions of different lengths in a batch); ``None`` means every new token is valid.
+    """
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config=config, **kwargs)
+        if self.layers:
+            self.layers = [VarlenLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+        else:
+            self.layer_class_to_replicate = VarlenLayer
+        self.new_token_lengths: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.new_token_lengths is not None:
+            kwargs["new_token_lengths"] = self.new_token_lengths
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def memory_bytes(self) -> int:
+        """Bytes of key/value storage allocated over all layers (ragged context, tails, int32 metadata)."""
+        total = 0
+        for layer in self.layers:
+            if hasattr(layer, "memory_bytes"):
+                total += layer.memory_bytes()
+            else:
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+        return total
+
+    def reserve(self, n_tokens: int) -> None:
+        """Reserve tail room for ``n_tokens`` more tokens per sequence in every compressed layer."""
+        for layer in self.layers:
+            if isinstance(layer, VarlenLayer):
+                layer.reserve(n_tokens)
+
+    def head_lengths(self, layer_idx: int) -> torch.Tensor:
+        """``(batch, kv_heads)`` tokens held per (sequence, kv-head) in ``layer_idx`` (context plus tail)."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, VarlenLayer) and layer.ragged:
+            return layer.seg_lens + layer.tail_lens.to("cpu", torch.long)[:, None]
+        b, h, n, _ = layer.keys.shape
+        return torch.full((b, h), n, dtype=torch.long)
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the cache to ``path`` (a safetensors file: storage, lengths, and the layout in its metadata)."""
+        tensors, layout = {}, []
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, VarlenLayer) and layer.ragged:
+                n = layer.tail_len
+                tensors.update(
+                    {
+                        f"{i}.seg_k": layer.seg_k,
+                        f"{i}.seg_v": layer.seg_v,
+                        f"{i}.seg_lens": layer.seg_lens,
+                        f"{i}.tail_k": layer.tail_k[:, :, :n].contiguous(),
+                        f"{i}.tail_v": layer.tail_v[:, :, :n].contiguous(),
+                        f"{i}.tail_lens": layer.tail_lens,
+                    }
+                )
+                layout.append({"kind": "ragged", "tail_len": n, "head_dim": layer.head_dim})
+            elif layer.is_initialized and layer.keys is not None and layer.keys.numel():
+                tensors.update({f"{i}.keys": layer.keys.contiguous(), f"{i}.values": layer.values.contiguous()})
+                layout.append({"kind": "dense", "sliding_window": getattr(layer, "sliding_window", None)})
+            else:
+                layout.append({"kind": "empty", "sliding_window": getattr(layer, "sliding_window", None)})
+        meta = {"format": "kvpress.VarlenCache", "version": str(FORMAT_VERSION), "layout": json.dumps(layout)}
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "VarlenCache":
+        """Read a cache written by :meth:`save`, placing its tensors on ``device``."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "kvpress.VarlenCache":
+            raise ValueError(f"{path} is not a kvpress VarlenCache file (metadata format={meta.get('format')!r})")
+        if meta.get("version") != str(FORMAT_VERSION):
+            raise ValueError(f"unsupported VarlenCache file version {meta.get('version')!r}; accepted: {FORMAT_VERSION}")
+        data = load_file(str(path), device=str(device))
+        cache = cls()
+        cache.layer_class_to_replicate = None
+        for i, entry in enumerate(json.loads(meta["layout"])):
+            if entry["kind"] == "ragged":
+                layer = VarlenLayer()
+                seg_lens = data[f"{i}.seg_lens"].to("cpu", torch.long)
+                layer.seg_k, layer.seg_v = data[f"{i}.seg_k"], data[f"{i}.seg_v"]
+                layer.seg_lens, layer.cu_seqlens = seg_lens, _prefix_sums(seg_lens).to(layer.seg_k.device)
+                layer.tail_k, layer.tail_v = data[f"{i}.tail_k"], data[f"{i}.tail_v"]
+                layer.tail_lens = data[f"{i}.tail_lens"].to(torch.int32)
+                layer.tail_len = entry["tail_len"]
+                layer.batch_size, layer.num_heads = seg_lens.shape
+                layer.head_dim = entry["head_dim"]
+                layer.dtype, layer.device = layer.seg_k.dtype, layer.seg_k.device
+                layer.keys = layer.values = None
+                layer.is_initialized = layer.ragged = True
+            else:
+                window = entry.get("sliding_window")
+                from transformers.cache_utils import DynamicSlidingWindowLayer
+
+                layer = DynamicSlidingWindowLayer(sliding_window=window) if window else VarlenLayer()
+                if entry["kind"] == "dense":
+                    layer.update(data[f"{i}.keys"], data[f"{i}.values"])
+            cache.layers.append(layer)
+        return cache

@@ -1,0 +1,172 @@
+"""`VarlenLayer`: one attention layer whose compressed context holds a different length per (sequence, kv-head)."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from kvpress.cache.compressed_kv import CompressedKV
+from kvpress_kernels import append_tail, compact_segments, varlen_attention
+
+_MIN_TAIL = 16
+
+
+class VarlenLayer(DynamicLayer):
+    """Head-variable storage of one layer.
+
+    Until a press compresses it, the layer behaves as a dense transformers ``DynamicLayer`` (the prefill runs with
+    the model's own attention). :meth:`replace` then moves the kept tokens into ragged storage:
+
+    - ``seg_k, seg_v``: ``(N, head_dim)`` rows, segment ``s = b * kv_heads + h`` at rows ``cu_seqlens[s]:cu_seqlens[s+1]``;
+    - ``tail_k, tail_v``: ``(batch, kv_heads, capacity, head_dim)`` tokens added afterwards (questions, decoding),
+      the same number for every head of a sequence; ``tail_lens`` ``(batch,)`` int32.
+
+    Appending writes into the tail in place; the tail's capacity doubles when full, so a token costs amortized O(1)
+    and the ragged context is never copied. ``update`` then returns a view whose ``attend`` runs the variable-length
+    attention kernel (``"kvpress"`` attention function).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.ragged = False
+
+    # ---- compaction ------------------------------------------------------------------------------------------
+    def replace(self, kv: CompressedKV) -> None:
+        """Store the kept tokens of ``kv`` (``lengths[b, h]`` valid rows per head) as ragged segments."""
+        if kv.key_channels is not None:
+            raise ValueError("VarlenLayer stores whole keys; channel-pruned keys need a ChannelPrunedLayer")
+        keys, values = kv.keys, kv.values
+        b, h, k, d = keys.shape
+        lengths = kv.lengths.to(keys.device)
+        if lengths.shape != (b, h) or bool((lengths < 0).any()) or bool((lengths > k).any()):
+            raise ValueError(f"lengths must have shape {(b, h)} with entries in [0, {k}], got {tuple(lengths.shape)}")
+        order = torch.arange(k, device=keys.device).expand(b, h, k)
+        self.seg_k, self.cu_seqlens = compact_segments(keys, order, lengths)
+        self.seg_v, _ = compact_segments(values, order, lengths)
+        self.seg_lens = lengths.to("cpu", torch.long)
+        self.dtype, self.device = keys.dtype, keys.device
+        self.batch_size, self.num_heads, self.head_dim = b, h, d
+        self.tail_k = keys.new_empty(b, h, 0, d)
+        self.tail_v = values.new_empty(b, h, 0, values.shape[-1])
+        self.tail_lens = torch.zeros(b, dtype=torch.int32, device=keys.device)
+        self.tail_len = 0  # host mirror of max(tail_lens): no device sync on the decode path
+        self.keys = self.values = None
+        self.ragged = True
+
+    def reserve(self, n_tokens: int) -> None:
+        """Make room for ``n_tokens`` more tail tokens per sequence (one allocation instead of several doublings)."""
+        if self.ragged:
+            self._grow(self.tail_len + n_tokens)
+
+    def _grow(self, needed: int) -> None:
+        capacity = self.tail_k.shape[2]
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity, _MIN_TAIL)
+        grown_k = self.tail_k.new_empty(*self.tail_k.shape[:2], new_capacity, self.tail_k.shape[-1])
+        grown_v = self.tail_v.new_empty(*self.tail_v.shape[:2], new_capacity, self.tail_v.shape[-1])
+        grown_k[:, :, : self.tail_len] = self.tail_k[:, :, : self.tail_len]
+        grown_v[:, :, : self.tail_len] = self.tail_v[:, :, : self.tail_len]
+        self.tail_k, self.tail_v = grown_k, grown_v
+
+    # ---- transformers layer API -------------------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.ragged:
+            return super().update(key_states, value_states, *args, **kwargs)
+        q_lens = kwargs.get("new_token_lengths")
+        q = key_states.shape[2]
+        self._grow(self.tail_len + q)
+        self.tail_lens = append_tail(self.tail_k, self.tail_v, self.tail_lens, key_states, value_states, q_lens, check=False)
+        self.tail_len += q
+        view = VarlenView(self, q_lens)
+        return view, view
+
+    def dense_keys_values(self):
+        return (self.keys, self.values) if not self.ragged and self.is_initialized else (None, None)
+
+    def get_seq_length(self) -> int:
+        if not self.ragged:
+            return super().get_seq_length()
+        return int(self.seg_lens.max()) + self.tail_len if self.seg_lens.numel() else self.tail_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def memory_bytes(self) -> int:
+        """Bytes of storage allocated by the layer (tail capacity and int32 metadata included)."""
+        if not self.ragged:
+            tensors = [t for t in (self.keys, self.values) if isinstance(t, torch.Tensor)]
+        else:
+            tensors = [self.seg_k, self.seg_v, self.cu_seqlens, self.tail_k, self.tail_v, self.tail_lens]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def snapshot(self) -> dict:
+        state = dict(vars(self))
+        if self.ragged:
+            state["tail_lens"] = self.tail_lens.clone()  # appended to in place
+        return state
+
+    def restore(self, state: dict) -> None:
+        vars(self).clear()
+        vars(self).update(state)
+        if self.ragged:
+            self.tail_lens = state["tail_lens"].clone()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if not self.ragged:
+            return super().crop(tokens_to_remove)
+        if tokens_to_remove > 0 or -tokens_to_remove > self.tail_len:
+            raise ValueError(
+                f"crop takes a negative count of at most {self.tail_len} tokens added after compression, "
+                f"got {tokens_to_remove}"
+            )
+        self.tail_lens = (self.tail_lens + tokens_to_remove).clamp_min(0).to(torch.int32)
+        self.tail_len += tokens_to_remove
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.ragged:
+            return super().batch_select_indices(indices)
+        indices = torch.as_tensor(indices, device="cpu", dtype=torch.long)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
+            raise ValueError(f"batch indices must be in [0, {self.batch_size}), got {indices.tolist()}")
+        cu = self.cu_seqlens.to("cpu", torch.long)
+        segments = (indices[:, None] * self.num_heads + torch.arange(self.num_heads)).flatten()
+        rows = torch.cat([torch.arange(cu[s], cu[s + 1]) for s in segments.tolist()] + [torch.zeros(0, dtype=torch.long)])
+        rows = rows.to(self.seg_k.device)
+        self.seg_k, self.seg_v = self.seg_k[rows], self.seg_v[rows]
+        self.seg_lens = self.seg_lens[indices]
+        self.cu_seqlens = _prefix_sums(self.seg_lens).to(self.seg_k.device)
+        dev_idx = indices.to(self.tail_k.device)
+        self.tail_k, self.tail_v = self.tail_k[dev_idx], self.tail_v[dev_idx]
+        self.tail_lens = self.tail_lens[dev_idx]
+        self.batch_size = len(indices)
+
+
+def _prefix_sums(lengths: torch.Tensor) -> torch.Tensor:
+    """``(batch, heads)`` lengths -> ``(batch * heads + 1,)`` int32 prefix sums."""
+    flat = lengths.reshape(-1).to(torch.long)
+    return torch.cat([flat.new_zeros(1), flat.cumsum(0)]).to(torch.int32)
+
+
+class VarlenView:
+    """What :meth:`VarlenLayer.update` hands to the attention function: the layer plus this forward's query lengths."""
+
+    def __init__(self, layer: VarlenLayer, q_lens: torch.Tensor | None):
+        self.layer, self.q_lens = layer, q_lens
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        layer = self.layer
+        return (layer.batch_size, layer.num_heads, layer.get_seq_length(), layer.head_dim)
+
+    def attend(self, query: torch.Tensor, scaling: float | None = None, sliding_window: int | None = None):
+        """``query`` ``(batch, heads, q_len, head_dim)`` -> ``(batch, q_len, heads, head_dim)``."""
+        if sliding_window:
+            raise ValueError("VarlenLayer holds full-attention layers only; sliding-window layers stay dense")
+        layer = self.layer
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = varlen_attention(
+            query, layer.seg_k, layer.seg_v, layer.cu_seqlens, layer.tail_k, layer.tail_v, layer.tail_lens,
+            scale, self.q_lens, check=False,
+        )
+        return out.transpose(1, 2).contiguous()

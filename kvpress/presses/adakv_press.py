@@ -1,0 +1,82 @@
+"""`AdaKVPress`: head-adaptive budgets: a layer's tokens go to the heads whose scores need them most."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.presses.base_press import BasePress
+from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.budget import check_ratio
+from kvpress.presses.scorer_press import ScorerPress, gather_tokens
+
+
+@dataclass
+class AdaKVPress(BasePress):
+    """Wrap a :class:`ScorerPress` so each layer keeps its top scores across all heads jointly.
+
+    The layer keeps ``kv_heads * k`` tokens per sequence (``k`` = the wrapped press's per-head budget), chosen as the
+    largest scores over every head of the layer, with each head guaranteed its own top ``floor(alpha_safeguard * k)``
+    tokens (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation", arXiv
+    2407.11550). Heads then hold different lengths, which a :class:`~kvpress.cache.VarlenCache` stores exactly.
+
+    Args:
+        press: the scorer whose scores rank tokens (its ``compression_ratio``/``target_size`` set the budget).
+        alpha_safeguard: fraction of the uniform per-head share each head keeps regardless of others, in [0, 1].
+    """
+
+    press: ScorerPress
+    alpha_safeguard: float = 0.20
+
+    def __post_init__(self):
+        if not isinstance(self.press, ScorerPress):
+            raise ValueError(f"AdaKVPress wraps a ScorerPress, got {type(self.press).__name__}")
+        if isinstance(self.alpha_safeguard, bool) or not isinstance(self.alpha_safeguard, (int, float)) or not (
+            0 <= self.alpha_safeguard <= 1
+        ):
+            raise ValueError(f"alpha_safeguard must be a number in [0, 1], got {self.alpha_safeguard!r}")
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.press.compression_ratio
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(head_variable=True).merge(self.press.capabilities)
+
+    def validate(self, model) -> None:
+        self.press.validate(model)
+
+    def check_length(self, n_tokens: int) -> None:
+        self.press.check_length(n_tokens)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        b, h, n, _ = keys.shape
+        k = self.press.n_kept(n, module)
+        if k >= n:
+            return keys, values
+        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs).float()
+        lengths = head_budgets(scores, k, self.alpha_safeguard)
+        k_max = int(lengths.max())
+        order = scores.topk(k_max, dim=-1).indices  # each head's own ranking
+        return CompressedKV(gather_tokens(keys, order), gather_tokens(values, order), head_lengths=lengths.cpu())
+
+
+def head_budgets(scores: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+    """Per-head kept counts ``(batch, heads)`` summing to ``heads * k`` per sequence.
+
+    ``scores``: ``(batch, heads, n)``. Each head's top ``floor(alpha * k)`` are reserved; the rest of the layer budget
+    goes to the largest remaining scores of any head.
+    """
+    b, h, n = scores.shape
+    floor = int(alpha * k)
+    ranked = scores.sort(dim=-1, descending=True).values
+    # Reserved slots rank above everything else; +inf scores (e.g. observation windows) stay above them.
+    boosted = ranked.clone()
+    boosted[..., :floor] = torch.finfo(torch.float32).max
+    top = boosted.flatten(1).topk(h * k, dim=-1).indices  # (b, h*k) positions in the flattened (head, rank) grid
+    return torch.zeros(b, h, dtype=torch.long, device=scores.device).scatter_add_(
+        1, top // n, torch.ones_like(top, dtype=torch.long)
+    )
