@@ -63,8 +63,9 @@ class VarlenLayer(DynamicLayer):
         if needed <= capacity:
             return
         new_capacity = max(needed, 2 * capacity, _MIN_TAIL)
-        grown_k = self.tail_k.new_empty(*self.tail_k.shape[:2], new_capacity, self.tail_k.shape[-1])
-        grown_v = self.tail_v.new_empty(*self.tail_v.shape[:2], new_capacity, self.tail_v.shape[-1])
+        # Zeroed rather than empty: unused slots must never hold NaN bit patterns that a masked matmul could spread.
+        grown_k = self.tail_k.new_zeros(*self.tail_k.shape[:2], new_capacity, self.tail_k.shape[-1])
+        grown_v = self.tail_v.new_zeros(*self.tail_v.shape[:2], new_capacity, self.tail_v.shape[-1])
         grown_k[:, :, : self.tail_len] = self.tail_k[:, :, : self.tail_len]
         grown_v[:, :, : self.tail_len] = self.tail_v[:, :, : self.tail_len]
         self.tail_k, self.tail_v = grown_k, grown_v
