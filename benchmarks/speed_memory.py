@@ -6,6 +6,10 @@ same model, so their decode figures are comparable.
 
     python benchmarks/speed_memory.py --contexts 32768 131072 --out benchmarks/results/speed_memory_h100.json
 
+With ``--cuda-graph`` the VarlenCache variants also decode through a captured CUDA graph (GraphDecoder):
+``decode_ms_graph_median`` times one replay plus a synchronize, and ``graph_tokens_match`` records that the graph's
+greedy tokens equal the eager loop's from the same cache state (cache snapshot, eager steps, restore, graph steps).
+
 Variants:
     none/dynamic      no press, transformers' DynamicCache and the model's sdpa attention (the usual baseline)
     none/varlen       no press, every token moved to kvpress's VarlenCache (kvpress decode kernels)
@@ -23,10 +27,13 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
+import triton
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from kvpress.cache.attention import compressed_attention
-from kvpress.cache.layer_access import layer_memory_bytes
+from kvpress.cache.graph_decoder import GraphDecoder
+from kvpress.cache.layer_access import layer_memory_bytes, restore_cache, snapshot_cache
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
@@ -68,7 +75,13 @@ def variants(ratios: list[float]):
         yield f"adakv(snapkv) {r}", lambda r=r: AdaKVPress(SnapKVPress(r)), True
 
 
-def run_one(model, n_ctx: int, batch: int, name: str, make_press, varlen: bool, steps: int, warmup: int) -> dict:
+GRAPH_CHECK_STEPS = 16  # greedy tokens compared between the eager loop and the graph
+
+
+def run_one(
+    model, n_ctx: int, batch: int, name: str, make_press, varlen: bool, steps: int, warmup: int,
+    cuda_graph: bool = False,
+) -> dict:  # fmt: skip
     device = model.device
     torch.cuda.empty_cache()
     weights = torch.cuda.memory_allocated()
@@ -92,7 +105,9 @@ def run_one(model, n_ctx: int, batch: int, name: str, make_press, varlen: bool, 
     peak_prefill = torch.cuda.max_memory_allocated() - weights
     full_bytes = 2 * batch * n_ctx * model.config.num_hidden_layers * model.config.num_key_value_heads * 128 * 2
     if varlen:
-        cache.reserve(warmup + steps + 1)
+        # All tail room up front: the graph check must see the eager loop's buffers (same capacity, same kernel
+        # launch shapes), and the graph needs them fixed anyway.
+        cache.reserve(warmup + steps + 1 + (GRAPH_CHECK_STEPS + warmup + steps if cuda_graph else 0))
     token = torch.full((batch, 1), 11, device=device)
     times = []
     with torch.no_grad(), (compressed_attention(model) if varlen else _nullcontext()):
@@ -105,6 +120,7 @@ def run_one(model, n_ctx: int, batch: int, name: str, make_press, varlen: bool, 
             torch.cuda.synchronize()
             if step >= warmup:
                 times.append((time.perf_counter() - t0) * 1000)
+    graph = graph_decode(model, cache, token, n_ctx + warmup + steps, steps, warmup) if varlen and cuda_graph else {}
     peak_total = torch.cuda.max_memory_allocated() - weights
     result = {
         "context": n_ctx,
@@ -120,9 +136,57 @@ def run_one(model, n_ctx: int, batch: int, name: str, make_press, varlen: bool, 
         "decode_ms_p10": round(sorted(times)[len(times) // 10], 2),
         "decode_steps": len(times),
     }
+    if cuda_graph:
+        result.update(
+            {
+                "decode_ms_graph_median": graph.get("median"),
+                "decode_ms_graph_p10": graph.get("p10"),
+                "decode_graph_steps": graph.get("steps"),
+                "graph_tokens_match": graph.get("match"),
+            }
+        )
     del cache, out
     torch.cuda.empty_cache()
     return result
+
+
+def graph_decode(model, cache, token: torch.Tensor, position: int, steps: int, warmup: int) -> dict:
+    """Greedy decoding through a captured CUDA graph, continuing from ``token`` at ``position``.
+
+    First checks the graph against the eager loop: from one cache state, ``GRAPH_CHECK_STEPS`` eager steps, restore,
+    the same number of graph steps. Then times ``warmup + steps`` replays (each: replay + synchronize).
+    """
+    device = token.device
+    batch = token.shape[0]
+    state = snapshot_cache(cache)
+    eager_tokens = []
+    with torch.no_grad(), compressed_attention(model):
+        t = token
+        for i in range(GRAPH_CHECK_STEPS):
+            pos = torch.full((batch, 1), position + i, device=device)
+            out = model(input_ids=t, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1)
+            t = out.logits[:, -1:].argmax(-1)
+            eager_tokens.append(t)
+    restore_cache(cache, state)
+    del state, out
+    decoder = GraphDecoder(model, cache, max_new_tokens=GRAPH_CHECK_STEPS + warmup + steps)
+    graph_tokens = decoder.decode(token, position, GRAPH_CHECK_STEPS)
+    match = bool(torch.equal(graph_tokens, torch.cat(eager_tokens, dim=1)))
+    times = []
+    for step in range(warmup + steps):  # continues from the check's last token
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        decoder.replay()
+        torch.cuda.synchronize()
+        if step >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+    del decoder
+    return {
+        "median": round(statistics.median(times), 2),
+        "p10": round(sorted(times)[len(times) // 10], 2),
+        "steps": len(times),
+        "match": match,
+    }
 
 
 class _nullcontext:
@@ -141,6 +205,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed_memory_h100.json"))
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="also decode the VarlenCache variants through a captured CUDA graph"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -151,32 +218,36 @@ def main() -> None:
     runs = [(n, 1) for n in args.contexts]
     if args.batch4_context:
         runs.append((args.batch4_context, 4))
-    results = []
-    for n_ctx, batch in runs:
-        for name, make_press, varlen in variants(args.ratios):
-            if name.startswith("snapkv 0.75"):
-                continue  # the issue compares uniform SnapKV at 0.5 only; AdaKV at both ratios
-            res = run_one(model, n_ctx, batch, name, make_press, varlen, args.steps, args.warmup)
-            print(json.dumps(res), flush=True)
-            results.append(res)
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "model": "Llama-3.1-8B shape, random bf16 weights, sdpa prefill",
-        "command": "python benchmarks/speed_memory.py " + " ".join(f"--contexts {' '.join(map(str, args.contexts))}".split()),
+        "command": "python benchmarks/speed_memory.py --contexts " + " ".join(map(str, args.contexts))
+        + (" --cuda-graph" if args.cuda_graph else ""),
+        "transformers": transformers.__version__,
+        "triton": triton.__version__,
     }
-    import transformers
-    import triton
-
-    meta.update({"transformers": transformers.__version__, "triton": triton.__version__})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(f"\n{'context':>8} {'batch':>5} {'variant':<20} {'prefill s':>9} {'KV GiB':>7} {'peak GiB':>8} {'ms/token':>8}")
+    results = []
+    for n_ctx, batch in runs:
+        for name, make_press, varlen in variants(args.ratios):
+            if name.startswith("snapkv 0.75"):
+                continue  # the issue compares uniform SnapKV at 0.5 only; AdaKV at both ratios
+            res = run_one(model, n_ctx, batch, name, make_press, varlen, args.steps, args.warmup, args.cuda_graph)
+            print(json.dumps(res), flush=True)
+            results.append(res)
+            # Rewritten after every variant: a run cut short still leaves what it measured.
+            args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    head = f"{'context':>8} {'batch':>5} {'variant':<20} {'prefill s':>9} {'KV GiB':>7} {'peak GiB':>8} {'ms/token':>8}"
+    print("\n" + head + (f" {'graph ms':>8} {'match':>5}" if args.cuda_graph else ""))
     for r in results:
+        graph_cols = ""
+        if args.cuda_graph:
+            graph_cols = f" {str(r['decode_ms_graph_median']):>8} {str(r['graph_tokens_match']):>5}"
         print(
             f"{r['context']:>8} {r['batch']:>5} {r['variant']:<20} {r['prefill_s']:>9} {r['kv_gib']:>7} "
-            f"{r['peak_over_weights_prefill_gib']:>8} {r['decode_ms_median']:>8}"
+            f"{r['peak_over_weights_prefill_gib']:>8} {r['decode_ms_median']:>8}" + graph_cols
         )
 
 

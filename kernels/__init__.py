@@ -1,1 +1,37 @@
-"""placeholder"""
+"""Triton kernels (with plain-torch references) for the head-variable KV cache. Tensors only.
+
+Storage of one attention layer (B sequences, Hkv kv heads, head dim D):
+
+- Compressed context, ragged: segment s = b * Hkv + h holds the tokens kept for (sequence b, kv head h) as rows
+  cu_seqlens[s]:cu_seqlens[s + 1] of flat ``seg_k, seg_v: (N, D)``; ``cu_seqlens: (B * Hkv + 1,) int32`` prefix
+  sums of the segment lengths (tokens; a length may be 0).
+- Tokens generated after compression (question, decode), the same count for every head of a sequence, in a dense
+  tail ``tail_k, tail_v: (B, Hkv, T_cap, D)`` with ``tail_lens: (B,) int32`` valid entries per sequence.
+- Keys are stored RoPE-rotated.
+
+Public functions run the Triton kernel for CUDA tensors (or on CPU when ``KVPRESS_FORCE_TRITON=1`` together with
+``TRITON_INTERPRET=1`` set before import) and the torch reference otherwise, so CPU results are exact.
+
+- ``compact_segments``: dense (B, Hkv, S, D) + kept indices -> flat (N, D) + cu_seqlens.
+- ``append_tail``: write (B, Hkv, Q, D) new tokens into the tail in place, O(new tokens).
+- ``varlen_attention``: queries (B, Hq, Q, D), the newest tail tokens, over segment ++ causal tail; GQA in-kernel,
+  split-K for long segments. ``AttentionConfig`` overrides its launch heuristics (tests, tuning).
+
+Each ``reference_*`` function is the plain-torch version of the same call. Arguments are validated with ValueErrors
+naming the argument; data-dependent checks (lengths, capacity, index ranges) cost one host sync and can be skipped
+with ``check=False`` on the decode hot path (``append_tail``, ``varlen_attention``).
+"""
+
+from .append import append_tail, reference_append_tail
+from .compaction import compact_segments, reference_compact_segments
+from .varlen_attention import AttentionConfig, reference_varlen_attention, varlen_attention
+
+__all__ = [
+    "AttentionConfig",
+    "append_tail",
+    "compact_segments",
+    "reference_append_tail",
+    "reference_compact_segments",
+    "reference_varlen_attention",
+    "varlen_attention",
+]

@@ -3,7 +3,7 @@
 Importing the package registers the ``"kv-press-text-generation"`` pipeline and changes nothing else in transformers.
 """
 
-from kvpress.cache import layer_memory_bytes
+from kvpress.cache import VarlenCache, layer_memory_bytes
 from kvpress.offline_model import load_smollm2
 from kvpress.pipeline import KVPressTextGenerationPipeline, register_pipeline
 from kvpress.presses import *  # noqa: F401,F403
@@ -12,4 +12,4 @@ from kvpress.presses import __all__ as _presses
 register_pipeline()
 
 __version__ = "0.1.0"
-__all__ = [*_presses, "KVPressTextGenerationPipeline", "layer_memory_bytes", "load_smollm2"]
+__all__ = [*_presses, "KVPressTextGenerationPipeline", "VarlenCache", "layer_memory_bytes", "load_smollm2"]

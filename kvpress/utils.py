@@ -31,6 +31,13 @@ def attn_implementation(model: nn.Module) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
+def full_attention_layer_indices(config) -> list[int]:
+    """Indices of the layers that attend over the whole context: all but the ``"sliding_attention"`` entries of
+    ``config.layer_types`` (presses compress exactly these; sliding-window layers keep their own bounded window)."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [i for i, kind in enumerate(layer_types) if kind != "sliding_attention"]
+
+
 def num_heads(module: nn.Module) -> tuple[int, int]:
     """``(query heads, kv heads)`` of an attention module."""
     cfg = module.config
@@ -61,8 +68,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
-def query_states(module: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """Recompute post-RoPE queries ``(batch, heads, seq, head_dim)`` for ``hidden_states`` ``(batch, seq, hidden)``.
+def pre_rope_query_states(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE queries ``(batch, heads, seq, head_dim)`` recomputed from ``hidden_states`` ``(batch, seq, hidden)``.
 
     Uses only the module's own projections and norms (``q_proj`` or the query slice of a fused ``qkv_proj``, then
     ``q_norm`` when the architecture has one), so no model code is duplicated per architecture.
@@ -79,9 +86,17 @@ def query_states(module: nn.Module, hidden_states: torch.Tensor, position_embedd
     q = q.view(bsz, seq, n_q, d)
     if getattr(module, "q_norm", None) is not None:
         q = module.q_norm(q)
-    q = q.transpose(1, 2)
+    return q.transpose(1, 2)
+
+
+def query_states(module: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """Recompute post-RoPE queries ``(batch, heads, seq, head_dim)`` for ``hidden_states`` ``(batch, seq, hidden)``.
+
+    The :func:`pre_rope_query_states`, rotated by the last ``seq`` positions of ``position_embeddings``.
+    """
+    seq = hidden_states.shape[1]
     cos, sin = position_embeddings
-    return apply_rope(q, cos[:, -seq:], sin[:, -seq:])
+    return apply_rope(pre_rope_query_states(module, hidden_states), cos[:, -seq:], sin[:, -seq:])
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -119,11 +134,12 @@ def window_attention(
     Returns:
         ``(batch, heads, window, n)`` float32 weights, causal inside the final ``window x window`` block.
     """
-    n = keys.shape[-2]
+    b, n_kv, n, d = keys.shape
     q = query_states(module, hidden_states[:, -window:], position_embeddings)
-    n_q, n_kv = num_heads(module)
-    k = repeat_kv(keys, n_q // n_kv)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * module.scaling
+    n_q = q.shape[1]
+    # Group the queries of each kv head instead of repeating the keys: no copy of the (long) key tensor.
+    q = q.reshape(b, n_kv, (n_q // n_kv) * window, d).to(keys.dtype)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).float().view(b, n_q, window, n) * module.scaling
     future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(1)
     logits[..., n - window :].masked_fill_(future, float("-inf"))
     return logits.softmax(dim=-1)

@@ -1,17 +1,23 @@
-"""Cache side of kvpress: cache layer access and the ``"kvpress"`` attention function."""
+"""Cache side of kvpress: cache layers that store what presses keep, and the ``"kvpress"`` attention function."""
 
-from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.attention import ATTENTION_NAME, compressed_attention, kvpress_attention, register_attention
+from kvpress.cache.channel_pruned_layer import ChannelPrunedLayer
+from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.layer_access import layer_memory_bytes, read_layer, restore_cache, snapshot_cache, write_layer
+from kvpress.cache.varlen_cache import VarlenCache
+from kvpress.cache.varlen_layer import VarlenLayer
 
 __all__ = [
-    "CompressedKV",
     "ATTENTION_NAME",
+    "ChannelPrunedLayer",
+    "CompressedKV",
+    "VarlenCache",
+    "VarlenLayer",
     "compressed_attention",
     "kvpress_attention",
-    "register_attention",
     "layer_memory_bytes",
     "read_layer",
+    "register_attention",
     "restore_cache",
     "snapshot_cache",
     "write_layer",

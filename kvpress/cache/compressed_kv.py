@@ -13,16 +13,30 @@ class CompressedKV:
 
     Attributes:
         keys: ``(batch, kv_heads, n_kept, head_dim_kept)`` post-RoPE keys.
-        values: ``(batch, kv_heads, n_kept, head_dim)``.
+        values: ``(batch, kv_heads, n_kept + n_full_width, head_dim)``.
         key_channels: ``(batch, kv_heads, head_dim_kept)`` int64 indices of the key channels that ``keys`` hold, or
             ``None`` when every channel is kept (channel-pruning presses such as ThinK set it).
+        full_width_keys: ``(batch, kv_heads, n_full_width, head_dim)`` post-RoPE keys of tokens that follow the ones in
+            ``keys`` and keep every channel (a channel-pruning press's recent window), or ``None``. Only meaningful
+            with ``key_channels``.
+        head_lengths: ``(batch, kv_heads)`` int64 number of valid tokens per (sequence, kv-head) when heads keep
+            different counts (head-variable presses): only ``keys[b, h, :head_lengths[b, h]]`` is kept. ``None``
+            when every head keeps all ``n_kept`` tokens.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     key_channels: torch.Tensor | None = None
+    full_width_keys: torch.Tensor | None = None
+    head_lengths: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.full_width_keys is not None and self.key_channels is None:
+            raise ValueError("full_width_keys is only accepted together with key_channels (channel-pruned keys)")
 
     @property
     def lengths(self) -> torch.Tensor:
         """``(batch, kv_heads)`` tokens kept per (sequence, kv-head)."""
-        return torch.full(self.keys.shape[:2], self.keys.shape[-2], dtype=torch.long)
+        if self.head_lengths is not None:
+            return self.head_lengths
+        return torch.full(self.values.shape[:2], self.values.shape[-2], dtype=torch.long)

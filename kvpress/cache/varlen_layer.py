@@ -24,6 +24,11 @@ class VarlenLayer(DynamicLayer):
     Appending writes into the tail in place; the tail's capacity doubles when full, so a token costs amortized O(1)
     and the ragged context is never copied. ``update`` then returns a view whose ``attend`` runs the variable-length
     attention kernel (``"kvpress"`` attention function).
+
+    A decode step can be captured in a CUDA graph (:class:`~kvpress.cache.graph_decoder.GraphDecoder`): with the tail
+    capacity reserved beforehand, a step allocates nothing new, launches kernels whose grids depend on shapes only,
+    and advances ``tail_lens`` in place, so every replay reads the lengths the previous replay wrote. Replays run no
+    Python: the host mirror ``tail_len`` is then brought up to date with :meth:`advance_host_tail`.
     """
 
     def __init__(self, **kwargs):
@@ -77,13 +82,33 @@ class VarlenLayer(DynamicLayer):
         q_lens = kwargs.get("new_token_lengths")
         q = key_states.shape[2]
         self._grow(self.tail_len + q)
-        self.tail_lens = append_tail(self.tail_k, self.tail_v, self.tail_lens, key_states, value_states, q_lens, check=False)
+        new_lengths = append_tail(
+            self.tail_k, self.tail_v, self.tail_lens, key_states, value_states, q_lens, check=False
+        )
+        # In place, not rebound: a captured CUDA graph keeps reading (and advancing) this very tensor.
+        self.tail_lens.copy_(new_lengths)
         self.tail_len += q
         view = VarlenView(self, q_lens)
         return view, view
 
     def dense_keys_values(self):
         return (self.keys, self.values) if not self.ragged and self.is_initialized else (None, None)
+
+    def advance_host_tail(self, n_tokens: int) -> None:
+        """Add ``n_tokens`` (may be negative) to the host mirror ``tail_len`` only; the device tensors are untouched.
+
+        For appends that ran on the device without this layer's Python: ``n`` replays of a captured decode step
+        advanced ``tail_lens`` by ``n`` tokens per sequence, and the host mirror must follow.
+        """
+        if not self.ragged:
+            raise ValueError("advance_host_tail needs a compressed (ragged) layer; this layer is still dense")
+        new_len = self.tail_len + int(n_tokens)
+        if not 0 <= new_len <= self.tail_k.shape[2]:
+            raise ValueError(
+                f"n_tokens must keep the tail length in [0, {self.tail_k.shape[2]}] (its capacity); "
+                f"tail_len is {self.tail_len}, got n_tokens={n_tokens}"
+            )
+        self.tail_len = new_len
 
     def get_seq_length(self) -> int:
         if not self.ragged:
@@ -121,7 +146,7 @@ class VarlenLayer(DynamicLayer):
                 f"crop takes a negative count of at most {self.tail_len} tokens added after compression, "
                 f"got {tokens_to_remove}"
             )
-        self.tail_lens = (self.tail_lens + tokens_to_remove).clamp_min(0).to(torch.int32)
+        self.tail_lens.copy_((self.tail_lens + tokens_to_remove).clamp_min(0))  # in place, as in update
         self.tail_len += tokens_to_remove
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:

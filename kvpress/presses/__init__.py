@@ -1,10 +1,43 @@
 """Presses: one compression method per file."""
 
+from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.chunk_press import ChunkPress
+from kvpress.presses.composed_press import ComposedPress
+from kvpress.presses.expected_attention_press import ExpectedAttentionPress
+from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.observed_attention_press import ObservedAttentionPress
+from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
+from kvpress.presses.pyramidkv_press import PyramidKVPress
+from kvpress.presses.random_press import RandomPress
 from kvpress.presses.report import CompressionReport
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
 from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.presses.streaming_llm_press import StreamingLLMPress
+from kvpress.presses.think_press import ThinKPress
+from kvpress.presses.tova_press import TOVAPress
 
-__all__ = ["BasePress", "Capabilities", "CompressionReport", "KnormPress", "ScorerPress", "SnapKVPress"]
+__all__ = [
+    "AdaKVPress",
+    "BasePress",
+    "Capabilities",
+    "ChunkPress",
+    "ComposedPress",
+    "CompressionReport",
+    "ExpectedAttentionPress",
+    "KeyRerotationPress",
+    "KnormPress",
+    "ObservedAttentionPress",
+    "PerLayerCompressionPress",
+    "PyramidKVPress",
+    "RandomPress",
+    "ScorerPress",
+    "ScorerWrapperPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "TOVAPress",
+    "ThinKPress",
+]

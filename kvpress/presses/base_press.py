@@ -23,7 +23,8 @@ class BasePress(ABC):
     A press is a dataclass; ``with press(model):`` registers a forward hook on every attention layer and removes it on
     exit (also when an exception is raised). During a prefill forward (the layer's cache holds exactly the tokens of
     this forward), the hook reads the freshly written keys and values, calls :meth:`compress` and writes the result
-    back into the cache, so the cache really shrinks. Decode and question forwards are left untouched.
+    back into the cache, so the cache really shrinks. Decode and question forwards are left untouched. A prefill that
+    :meth:`check_length` rejects raises before the first layer writes, leaving the cache empty and reusable.
 
     Subclasses implement :meth:`compress`; most implement :class:`~kvpress.presses.scorer_press.ScorerPress.score`
     instead. Press state lives in the per-call :class:`CompressionReport`, never on the model.
@@ -48,7 +49,11 @@ class BasePress(ABC):
                 )
 
     def check_length(self, n_tokens: int) -> None:
-        """Raise ``ValueError`` when a prefill of ``n_tokens`` tokens cannot be compressed by this press."""
+        """Raise ``ValueError`` when a prefill of ``n_tokens`` tokens cannot be compressed by this press.
+
+        Called before the first attention layer of a prefill forward runs, so a rejected prefill leaves the cache as
+        it was (empty, and reusable).
+        """
 
     # ---- compression -----------------------------------------------------------------------------------------
     @abstractmethod
@@ -75,6 +80,13 @@ class BasePress(ABC):
             press also prunes key channels.
         """
 
+    def forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook of the first attention layer: :meth:`check_length` on a prefill, before any layer writes."""
+        cache = kwargs.get("past_key_values")
+        if cache is not None and _cached_length(cache, module.layer_idx) == 0:
+            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.check_length(hidden_states.shape[1])
+
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output, report: CompressionReport):
         """Hook body: compress the layer if this forward is its prefill."""
         cache = kwargs.get("past_key_values")
@@ -86,10 +98,11 @@ class BasePress(ABC):
         if getattr(module, "sliding_window", None) or getattr(module, "is_sliding", False):
             # Sliding-window layers already hold a bounded window; pruning it would break their window semantics.
             return output
+        if _cached_length(cache, layer_idx) != q_len:
+            return output  # not a prefill: the cache held tokens before this forward
         keys, values = read_layer(cache, layer_idx)
         if keys is None or keys.shape[-2] != q_len:
-            return output  # not a prefill: the cache held tokens before this forward
-        self.check_length(q_len)
+            return output
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         kv = self.compress(module, hidden_states, keys, values, attentions, kwargs)
         kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
@@ -106,6 +119,9 @@ class BasePress(ABC):
         report = CompressionReport(n_layers=len(layers))
         handles = []
         try:
+            # The length check runs before layer 0 writes its keys: failing in a later layer's hook would leave the
+            # cache half filled with uncompressed layers.
+            handles.append(layers[0].register_forward_pre_hook(self.forward_pre_hook, with_kwargs=True))
             for module in layers:
                 hook = _Hook(self, report)
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
@@ -113,6 +129,14 @@ class BasePress(ABC):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _cached_length(cache, layer_idx: int) -> int:
+    """Tokens the cache holds for ``layer_idx`` (0 for a layer not created yet); cheap, never densifies."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx >= len(layers):
+        return 0
+    return cache.get_seq_length(layer_idx)
 
 
 @dataclass

@@ -29,3 +29,22 @@ def n_kept(n_tokens: int, compression_ratio: float, target_size: int | None = No
     if target_size is not None:
         return min(n_tokens, target_size)
     return min(n_tokens, max(0, round(n_tokens * (1.0 - compression_ratio))))
+
+
+def check_n_sink(n_sink: int) -> None:
+    """Raise ``ValueError`` unless ``n_sink`` (leading tokens always kept) is a non-negative int."""
+    if isinstance(n_sink, bool) or not isinstance(n_sink, int) or n_sink < 0:
+        raise ValueError(f"n_sink must be a non-negative int (leading tokens always kept), got {n_sink!r}")
+
+
+def check_sink_budget(n_sink: int, n_tokens: int, kept: int) -> None:
+    """Raise ``ValueError`` when a prefill of ``n_tokens`` compressed to ``kept`` tokens cannot hold ``n_sink`` sinks.
+
+    Keeping only part of the sinks would silently change the method, so the budget must cover them whenever the
+    layer is compressed at all (``kept < n_tokens``).
+    """
+    if kept < n_tokens and kept < n_sink:
+        raise ValueError(
+            f"n_sink={n_sink} exceeds the {kept} tokens kept out of {n_tokens}; accepted: n_sink <= {kept} for this "
+            "context (lower n_sink, lower compression_ratio or raise target_size)"
+        )

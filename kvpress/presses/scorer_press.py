@@ -51,7 +51,8 @@ class ScorerPress(BasePress):
         if k >= n:
             return keys, values
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        indices = scores.topk(k, dim=-1).indices
+        # Kept tokens stay in their original order, so later presses (windows, recent tokens) see a true suffix.
+        indices = scores.topk(k, dim=-1).indices.sort(dim=-1).values
         return gather_tokens(keys, indices), gather_tokens(values, indices)
 
 

@@ -1,0 +1,99 @@
+"""`ComposedPress`: several presses applied one after the other to each layer."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.presses.base_press import BasePress
+from kvpress.presses.capabilities import Capabilities
+
+
+@dataclass
+class ComposedPress(BasePress):
+    """Apply ``presses`` in turn to every layer: each press compresses the keys and values the previous one kept.
+
+    Every press receives the layer's input ``hidden_states`` and ``kwargs`` of the full context (``n`` tokens), so
+    presses that recompute queries (SnapKV's observation window) still score with the queries of the last context
+    tokens; since cached keys carry their RoPE rotation, query-key products stay exact on any subset of keys. A press
+    sees the previous press's output as its context; scorer presses keep tokens in their original order, so a later
+    press's "last tokens" are the most recent tokens the previous press kept.
+    Attention weights describe the full token set only: once a press has removed tokens, later presses receive
+    ``attentions=None``. Hence the accepted orders:
+
+    - a press that needs attention weights must be the first;
+    - a press that prunes key channels or keeps a different number of tokens per head must be the last (later presses
+      expect dense, full-width keys);
+    - a press that re-rotates positions cannot be composed (the original positions of a subset are lost between
+      presses); wrap a single scorer in it instead.
+
+    Args:
+        presses: the presses, applied first to last; all of the same phase.
+    """
+
+    presses: list[BasePress]
+
+    def __post_init__(self):
+        if not isinstance(self.presses, (list, tuple)) or not self.presses:
+            raise ValueError(f"presses must be a non-empty list of presses (BasePress), got {self.presses!r}")
+        last = len(self.presses) - 1
+        for i, press in enumerate(self.presses):
+            if not isinstance(press, BasePress):
+                raise ValueError(f"presses[{i}] must be a press (BasePress), got {type(press).__name__}")
+            caps = press.capabilities
+            name = type(press).__name__
+            if caps.needs_attention_weights and i > 0:
+                raise ValueError(
+                    f"presses[{i}] ({name}) needs attention weights, which only the first press receives; "
+                    "accepted: such a press at position 0"
+                )
+            if (caps.prunes_channels or caps.head_variable) and i < last:
+                raise ValueError(
+                    f"presses[{i}] ({name}) prunes key channels or keeps per-head lengths, which later presses cannot "
+                    f"read; accepted: such a press at the last position ({last})"
+                )
+            if caps.rerotates_positions and last > 0:
+                raise ValueError(
+                    f"presses[{i}] ({name}) re-rotates positions and cannot be composed with other presses; "
+                    "accepted: a re-rotating press on its own"
+                )
+        _ = self.capabilities  # merging raises when the presses act in different phases
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return functools.reduce(Capabilities.merge, (press.capabilities for press in self.presses))
+
+    @property
+    def compression_ratio(self) -> float:
+        """Fraction of tokens removed overall, ``1 - prod(1 - r_i)`` over the presses' ``compression_ratio``.
+
+        Presses without a ``compression_ratio`` count as 0 (budgets given as ``target_size`` are not reflected).
+        """
+        return 1.0 - math.prod(1.0 - getattr(press, "compression_ratio", 0.0) for press in self.presses)
+
+    def validate(self, model: nn.Module) -> None:
+        super().validate(model)
+        for press in self.presses:
+            press.validate(model)
+
+    def check_length(self, n_tokens: int) -> None:
+        # Later presses see fewer tokens; they are checked on what they receive, in `compress`.
+        self.presses[0].check_length(n_tokens)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        n = keys.shape[-2]
+        last = len(self.presses) - 1
+        for i, press in enumerate(self.presses):
+            if i > 0:
+                press.check_length(keys.shape[-2])
+            kv = press.compress(module, hidden_states, keys, values, attentions, kwargs)
+            if i == last:
+                return kv
+            # Validation keeps channel-pruning presses last, so an intermediate CompressedKV holds full-width keys.
+            keys, values = (kv.keys, kv.values) if isinstance(kv, CompressedKV) else kv
+            if keys.shape[-2] != n:
+                attentions = None

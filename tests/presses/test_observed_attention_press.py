@@ -1,0 +1,134 @@
+"""ObservedAttentionPress: column sums of the model's own eager attention weights, and the eager-only check."""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+from kvpress.presses.observed_attention_press import ObservedAttentionPress
+from kvpress.utils import attention_layers
+from tests.conftest import random_ids, tiny_model
+
+RATIOS = [0.0, 0.25, 0.5, 0.9]
+
+
+@functools.lru_cache(maxsize=None)
+def _llama(n_kv: int, n_q: int = 4):
+    """A tiny eager Llama with ``n_q`` query heads and ``n_kv`` kv heads (GQA ratio ``n_q // n_kv``)."""
+    torch.manual_seed(n_kv)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=n_q, num_key_value_heads=n_kv,
+        head_dim=16, vocab_size=128, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def _record(press) -> dict:
+    """Make ``press`` remember each layer's ``score`` inputs and output (patched on the instance only)."""
+    seen, score = {}, press.score
+
+    def recording(module, hidden_states, keys, values, attentions, kwargs):
+        out = score(module, hidden_states, keys, values, attentions, kwargs)
+        seen[module.layer_idx] = SimpleNamespace(keys=keys.clone(), values=values.clone(), scores=out.clone())
+        return out
+
+    press.score = recording
+    return seen
+
+
+def _prefill(model, press, ids, **kwargs):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        out = model.model(input_ids=ids, past_key_values=cache, **kwargs)
+    return cache, out
+
+
+def _full_layers(model) -> list[int]:
+    return [m.layer_idx for m in attention_layers(model) if not getattr(m, "sliding_window", None)]
+
+
+def _kept_positions(kept: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """Sorted positions ``(batch, heads, k)`` of the rows of ``kept`` inside ``full`` (each row found exactly once)."""
+    match = (kept[:, :, :, None] == full[:, :, None]).all(-1)
+    assert match.sum(-1).eq(1).all()
+    return match.float().argmax(-1).sort(-1).values
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cache_holds_exact_budget(arch, ratio, batch):
+    model = tiny_model(arch, "eager")
+    n = 37
+    cache, _ = _prefill(model, ObservedAttentionPress(ratio), random_ids(n, batch, seed=batch))
+    for i in _full_layers(model):
+        assert cache.layers[i].keys.shape[-2] == cache.layers[i].values.shape[-2] == round(n * (1 - ratio))
+
+
+def _check_against_attention_weights(model, ids, ratio):
+    n_q, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    batch, n = ids.shape
+    press = ObservedAttentionPress(ratio)
+    seen = _record(press)
+    cache, out = _prefill(model, press, ids, output_attentions=True)
+    assert sorted(seen) == _full_layers(model)
+    k = round(n * (1 - ratio))
+    for i, rec in seen.items():
+        # Reference: attention each key received from every query row, averaged over the query heads of its group.
+        weights = out.attentions[i].double()  # (batch, heads, n, n), the model's own eager softmax
+        ref = weights.sum(dim=2).view(batch, n_kv, n_q // n_kv, n).mean(dim=2)
+        torch.testing.assert_close(rec.scores.double(), ref, rtol=1e-5, atol=1e-6)
+        expected = ref.topk(k, dim=-1).indices.sort(-1).values
+        assert torch.equal(_kept_positions(cache.layers[i].keys, rec.keys), expected)
+
+
+@pytest.mark.parametrize("batch, n, ratio", [(1, 24, 0.5), (3, 31, 0.25)])
+def test_scores_are_column_sums_of_eager_attention(arch, batch, n, ratio):
+    _check_against_attention_weights(tiny_model(arch, "eager"), random_ids(n, batch, seed=n), ratio)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+def test_gqa_ratios(n_kv):
+    _check_against_attention_weights(_llama(n_kv), random_ids(29, 2, seed=n_kv), 0.6)
+
+
+def test_ratio_zero_is_identical_to_no_press(arch):
+    model = tiny_model(arch, "eager")
+    ids = random_ids(25, batch=2)
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.model(input_ids=ids, past_key_values=ref)
+    cache, _ = _prefill(model, ObservedAttentionPress(0.0), ids)
+    for a, b in zip(cache.layers, ref.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_declares_attention_weights():
+    assert ObservedAttentionPress().capabilities.needs_attention_weights
+
+
+def test_non_eager_model_rejected_before_any_tensor_then_generates_normally():
+    model = tiny_model("llama", "sdpa")
+    ids = random_ids(12)
+    with torch.no_grad():
+        before = model.generate(ids, max_new_tokens=6, do_sample=False)
+    hooks = sum(len(m._forward_hooks) for m in attention_layers(model))
+    entered = False
+    with pytest.raises(ValueError, match=r"attn_implementation='sdpa'.*accepted: 'eager'"):
+        with ObservedAttentionPress(0.5)(model):
+            entered = True
+    assert not entered
+    assert sum(len(m._forward_hooks) for m in attention_layers(model)) == hooks
+    with torch.no_grad():
+        after = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(before, after) and after.shape[1] > ids.shape[1]
+
+
+def test_missing_weights_in_score_raise():
+    module = attention_layers(tiny_model("llama", "eager"))[0]
+    keys = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="no attention weights from layer 0"):
+        ObservedAttentionPress(0.5).score(module, None, keys, keys, None, {})
