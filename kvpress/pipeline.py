@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, Pipeline
+from transformers import AutoModelForCausalLM, Cache, DynamicCache, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress.cache.attention import compressed_attention
@@ -31,8 +31,9 @@ class KVPressTextGenerationPipeline(Pipeline):
       cache is restored to the compressed context between questions, so answers equal those of separate calls.
     - ``query_aware=True`` compresses the context together with each question (one compression per question), as
       observation-window methods such as SnapKV were designed to be used.
-    - ``cache``: a transformers ``Cache`` to fill (default: a fresh ``DynamicCache``); after the call it holds the
-      compressed context, so its memory can be inspected.
+    - ``cache``: an empty transformers ``Cache`` to fill (default: a fresh ``DynamicCache``); after the call it holds
+      the compressed context (with ``query_aware=True``: the compressed context and last question), so its memory
+      can be inspected. A call rejected with ``ValueError`` leaves it empty.
 
     Returns ``{"answer": str}`` for ``question=`` (or no question) and ``{"answers": [str, ...]}`` for ``questions=``.
     """
@@ -66,8 +67,20 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError(f"press must be a kvpress press (a BasePress) or None, got {type(press).__name__}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if max_context_length is not None and (not isinstance(max_context_length, int) or max_context_length < 1):
+        if max_context_length is not None and (
+            isinstance(max_context_length, bool) or not isinstance(max_context_length, int) or max_context_length < 1
+        ):
             raise ValueError(f"max_context_length must be a positive int or None, got {max_context_length!r}")
+        if answer_prefix is not None and not isinstance(answer_prefix, str):
+            raise ValueError(f"answer_prefix must be a string or None, got {type(answer_prefix).__name__}")
+        if not isinstance(query_aware, bool):
+            raise ValueError(f"query_aware must be True or False, got {query_aware!r}")
+        if use_chat_template is not None and not isinstance(use_chat_template, bool):
+            raise ValueError(f"use_chat_template must be True, False or None (automatic), got {use_chat_template!r}")
+        if cache is not None and not isinstance(cache, Cache):
+            raise ValueError(
+                f"cache must be a transformers Cache (e.g. DynamicCache) or None, got {type(cache).__name__}"
+            )
         caps = press.capabilities if press is not None else Capabilities()
         if caps.phase != "prefill":
             raise ValueError(f"{type(press).__name__} is a decode-phase press; this pipeline runs prefill presses only")
@@ -166,12 +179,17 @@ class KVPressTextGenerationPipeline(Pipeline):
         return self.tokenizer.decode(generated, skip_special_tokens=True)
 
     def _forward(self, inputs, press=None, max_new_tokens=50, cache=None):
-        cache = cache if cache is not None else DynamicCache(config=self.model.config)
-        if cache.get_seq_length() > 0:
-            raise ValueError("cache must be empty: the pipeline prefills the context into it")
         device = self.model.device
         prompts = [p.to(device) for p in inputs["prompts"]]
         tails = [t.to(device) for t in inputs["tails"]]
+        if press is not None:
+            # Every check that can fail runs before the first forward, so a rejected call leaves a user cache empty.
+            press.validate(self.model)
+            for prompt in prompts:
+                press.check_length(prompt.shape[1])
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        if cache.get_seq_length() > 0:
+            raise ValueError("cache must be empty: the pipeline prefills the context into it")
         answers = []
         if len(prompts) == 1:  # one compressed context shared by every question
             position = self._prefill(prompts[0], cache, press)

@@ -1,0 +1,223 @@
+"""The "kv-press-text-generation" pipeline on tiny models.
+
+References are computed independently of the pipeline: ``model.generate`` on the whole tokenized prompt, or a press
+applied by hand followed by greedy decoding with the model's own attention (sdpa/eager, not the "kvpress" function).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from kvpress.pipeline import TASK, KVPressTextGenerationPipeline
+from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.snapkv_press import SnapKVPress
+from tests.fixtures_pipeline import (
+    chat_prompt,
+    eos_ids,
+    greedy_generate,
+    greedy_tokens,
+    random_text,
+    smollm2_tokenizer,
+    text_model,
+    text_pipeline,
+)
+
+# Questions start with a space so that tokenizing context and question apart or together gives the same ids.
+QUESTIONS = [" Where is the old river stone?", " Who rang the clock tower bell?", " What did the baker sell?"]
+PRESSES = {
+    "none": None,
+    "knorm": KnormPress(0.5),
+    "snapkv": SnapKVPress(0.5, window_size=4, kernel_size=3),
+}
+
+
+def _split(tokenizer, context: str, question: str, answer_prefix: str) -> tuple[str, str]:
+    """The whole prompt as (text up to the end of ``question``, the rest: template suffix and answer prefix)."""
+    full = chat_prompt(tokenizer, context, question, answer_prefix)
+    end = full.index(context + question) + len(context + question)
+    return full[:end], full[end:]
+
+
+def _manual_answer(model, tokenizer, prompt: str, tail: str, press, max_new_tokens: int):
+    """Prefill ``prompt`` under ``press`` (by hand), then greedy-decode after ``tail`` with the model's own attention.
+
+    Uniform compression leaves every full-attention layer with the same length, so the model's own causal masks
+    (sized from the cache) stay exact: this decoding does not use the "kvpress" attention function at all.
+    Returns ``(answer, cache after the prefill, report)``.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    cache = DynamicCache(config=model.config)
+    eos = eos_ids(model, tokenizer)
+    with torch.no_grad():
+        with press(model) as report:
+            model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        prefilled = [(layer.keys, layer.values) for layer in cache.layers]
+        position, new = ids.shape[1], tokenizer(tail, add_special_tokens=False, return_tensors="pt").input_ids
+        generated = []
+        for _ in range(max_new_tokens):
+            positions = torch.arange(position, position + new.shape[1])[None]
+            logits = model(input_ids=new, past_key_values=cache, position_ids=positions, use_cache=True).logits
+            position += new.shape[1]
+            token = int(logits[0, -1].argmax())
+            if token in eos:
+                break
+            generated.append(token)
+            new = torch.tensor([[token]])
+    return tokenizer.decode(generated, skip_special_tokens=True), prefilled, report
+
+
+def test_registered_by_import():
+    assert TASK in PIPELINE_REGISTRY.get_supported_tasks()
+    model, tok = text_model(), smollm2_tokenizer()
+    pipe = pipeline(TASK, model=model, tokenizer=tok)
+    assert isinstance(pipe, KVPressTextGenerationPipeline)
+    assert pipe.model is model and pipe.tokenizer is tok
+
+
+@pytest.mark.parametrize("answer_prefix", ["", " The answer is"])
+def test_no_press_equals_generate(arch, attn, answer_prefix):
+    model, tok = text_model(arch, attn), smollm2_tokenizer()
+    pipe = text_pipeline(arch, attn)
+    for seed, question in enumerate(QUESTIONS[:2]):
+        context = random_text(30 + 25 * seed, seed=seed)
+        ref = greedy_generate(model, tok, chat_prompt(tok, context, question, answer_prefix), max_new_tokens=10)
+        assert ref  # a random model does not stop at once; an empty answer would make the test vacuous
+        kwargs = dict(question=question, answer_prefix=answer_prefix, max_new_tokens=10)
+        assert pipe(context, **kwargs)["answer"] == ref
+        assert pipe(context, press=KnormPress(0.0), **kwargs)["answer"] == ref
+        assert pipe(context, press=KnormPress(0.0), query_aware=True, **kwargs)["answer"] == ref
+
+
+def test_plain_prompt_without_chat_template_equals_generate():
+    model, tok = text_model("qwen3"), smollm2_tokenizer()
+    pipe = text_pipeline("qwen3")
+    context, question = random_text(40, seed=5), QUESTIONS[2]
+    ref = greedy_generate(model, tok, tok.bos_token + context + question + "\n" + " Answer:", max_new_tokens=8)
+    got = pipe(context, question=question, answer_prefix=" Answer:", use_chat_template=False, max_new_tokens=8)
+    assert got["answer"] == ref
+
+
+def test_answer_prefix_is_fed_and_not_returned():
+    model, tok = text_model("mistral"), smollm2_tokenizer()
+    pipe = text_pipeline("mistral")
+    context, question, prefix = random_text(35, seed=6), QUESTIONS[0], " The old river stone is near the"
+    with_prefix = pipe(context, question=question, answer_prefix=prefix, max_new_tokens=6)["answer"]
+    assert with_prefix == greedy_generate(model, tok, chat_prompt(tok, context, question, prefix), 6)
+    # The prefix changes the continuation (it is fed) and is not echoed at the start of the answer.
+    assert with_prefix != pipe(context, question=question, max_new_tokens=6)["answer"]
+    assert not with_prefix.startswith(prefix.strip())
+
+
+@pytest.mark.parametrize("press", ["none", "knorm"])
+def test_max_new_tokens_respected(press):
+    model, tok = text_model("llama"), smollm2_tokenizer()
+    context, question = random_text(45, seed=7), QUESTIONS[1]
+    prompt, _ = _split(tok, context, "", "")
+    tail = chat_prompt(tok, context, question)[len(prompt) :]
+    pipe, answers = text_pipeline("llama"), []
+    for n in (1, 3, 7):
+        answers.append(pipe(context, question=question, press=PRESSES[press], max_new_tokens=n)["answer"])
+        if PRESSES[press] is None:
+            ref = greedy_generate(model, tok, chat_prompt(tok, context, question), n)
+        else:
+            ref = _manual_answer(model, tok, prompt, tail, PRESSES[press], n)[0]
+        assert answers[-1] == ref
+    assert answers[0] and len(answers[0]) < len(answers[1]) < len(answers[2])
+
+
+@pytest.mark.parametrize("press", ["none", "knorm"])
+def test_stops_at_eos(press):
+    """Declare the 4th greedy token an EOS id: the answer must end right before its first occurrence."""
+    model, tok = text_model("qwen2"), smollm2_tokenizer()
+    pipe = text_pipeline("qwen2")
+    context, question = random_text(30, seed=8), QUESTIONS[0]
+    prompt, tail = _split(tok, context, question, "")
+    if PRESSES[press] is None:
+        ids = tok(prompt + tail, add_special_tokens=False, return_tensors="pt").input_ids
+        tokens = greedy_tokens(model, tok, ids, max_new_tokens=10)
+    else:
+        full = pipe(context, question=question, press=PRESSES[press], max_new_tokens=10)["answer"]
+        tokens = tok(full, add_special_tokens=False).input_ids
+    stop = tokens[3]
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [original, stop]
+    try:
+        answer = pipe(context, question=question, press=PRESSES[press], max_new_tokens=10)["answer"]
+    finally:
+        model.generation_config.eos_token_id = original
+    assert answer == tok.decode(tokens[: tokens.index(stop)], skip_special_tokens=True)
+    assert len(answer) > 0
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+@pytest.mark.parametrize("press", ["none", "knorm", "snapkv"])
+def test_questions_equal_separate_calls(arch, press, query_aware):
+    pipe = text_pipeline(arch)
+    context = random_text(50, seed=9)
+    kwargs = dict(press=PRESSES[press], query_aware=query_aware, answer_prefix=" A:", max_new_tokens=6)
+    together = pipe(context, questions=QUESTIONS, **kwargs)
+    separate = [pipe(context, question=q, **kwargs)["answer"] for q in QUESTIONS]
+    assert together == {"answers": separate}
+
+
+@pytest.mark.parametrize("press", ["snapkv", "knorm"])
+def test_query_aware_equals_manual_compression(arch, attn, press):
+    model, tok = text_model(arch, attn), smollm2_tokenizer()
+    context, question, prefix = random_text(40, seed=10), QUESTIONS[1], " A:"
+    prompt, tail = _split(tok, context, question, prefix)
+    ref, _, report = _manual_answer(model, tok, prompt, tail, PRESSES[press], max_new_tokens=8)
+    n = report.original_lengths[report.compressed_layers[0]]
+    assert all(report.mean_kept(i) == round(n * 0.5) for i in report.compressed_layers)  # compression really happened
+    got = text_pipeline(arch, attn)(
+        context, question=question, answer_prefix=prefix, press=PRESSES[press], query_aware=True, max_new_tokens=8
+    )
+    assert got["answer"] == ref
+
+
+def test_compressed_context_without_question_equals_manual(arch):
+    """Not query-aware: the context alone is compressed, then question and answer are decoded after it."""
+    model, tok = text_model(arch), smollm2_tokenizer()
+    context, question = random_text(40, seed=11), QUESTIONS[2]
+    prompt, _ = _split(tok, context, "", "")
+    full = chat_prompt(tok, context, question)
+    ref, _, _ = _manual_answer(model, tok, prompt, full[len(prompt) :], PRESSES["knorm"], max_new_tokens=8)
+    got = text_pipeline(arch)(context, question=question, press=PRESSES["knorm"], max_new_tokens=8)
+    assert got["answer"] == ref
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+@pytest.mark.parametrize("press", ["knorm", "snapkv"])
+def test_user_cache_holds_the_compressed_context(arch, press, query_aware):
+    model, tok = text_model(arch), smollm2_tokenizer()
+    context = random_text(45, seed=12)
+    cache = DynamicCache(config=model.config)
+    text_pipeline(arch)(
+        context, questions=QUESTIONS[:2], press=PRESSES[press], query_aware=query_aware, cache=cache, max_new_tokens=4
+    )
+    # Reference: the press applied by hand to what the pipeline compresses (query-aware: context + last question).
+    prompt, tail = _split(tok, context, QUESTIONS[1] if query_aware else "", "")
+    _, ref, report = _manual_answer(model, tok, prompt, tail, PRESSES[press], max_new_tokens=1)
+    assert len(cache.layers) == len(ref) == model.config.num_hidden_layers
+    assert report.compressed_layers
+    for i, (layer, (keys, values)) in enumerate(zip(cache.layers, ref)):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+        if i in report.kept_lengths:
+            assert (report.kept_lengths[i] == layer.keys.shape[-2]).all()
+            assert layer.keys.shape[-2] == round(report.original_lengths[i] * 0.5)
+
+
+def test_max_context_length_truncates_the_context():
+    model, tok = text_model("phi3"), smollm2_tokenizer()
+    context, question = random_text(60, seed=13), QUESTIONS[0]
+    prompt, _ = _split(tok, context, "", "")
+    tail = chat_prompt(tok, context, question)[len(prompt) :]
+    encode = lambda text: tok(text, add_special_tokens=False, return_tensors="pt").input_ids  # noqa: E731
+    assert encode(prompt).shape[1] > 50
+    ids = torch.cat([encode(prompt)[:, :50], encode(tail)], dim=1)
+    ref = tok.decode(greedy_tokens(model, tok, ids, 8), skip_special_tokens=True)
+    got = text_pipeline("phi3")(context, question=question, max_context_length=50, max_new_tokens=8)["answer"]
+    assert got == ref
+    assert got != text_pipeline("phi3")(context, question=question, max_new_tokens=8)["answer"]
