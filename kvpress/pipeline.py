@@ -10,6 +10,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.layer_access import restore_cache, snapshot_cache
+from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
 
@@ -24,7 +25,7 @@ class KVPressTextGenerationPipeline(Pipeline):
     """Answer questions about a long context whose KV cache is compressed by a press.
 
     ``pipe(context, question=... | questions=[...], answer_prefix="", press=None, max_new_tokens=50,
-    max_context_length=None, cache=None, query_aware=False, use_chat_template=None)``
+    max_context_length=None, cache=None, query_aware=False, use_chat_template=None, cuda_graph=False)``
 
     - The context (with the chat template's prefix) is prefilled once, under the press; each question (with the
       template's suffix and ``answer_prefix``) is then answered by greedy decoding from the compressed cache, and the
@@ -35,8 +36,24 @@ class KVPressTextGenerationPipeline(Pipeline):
       the compressed context (with ``query_aware=True``: the compressed context and last question), so its memory
       can be inspected. A call rejected with ``ValueError`` leaves it empty.
 
-    Returns ``{"answer": str}`` for ``question=`` (or no question) and ``{"answers": [str, ...]}`` for ``questions=``.
+    - A press that keeps a different number of tokens per head (``capabilities.head_variable``, e.g. AdaKVPress)
+      gets a :class:`~kvpress.cache.VarlenCache` automatically, which stores exactly what each head keeps.
+    - ``pipe([context_1, context_2, ...], ...)`` answers a batch: each context is prefilled and compressed alone,
+      the compressed caches are stacked in one ``VarlenCache`` (no padding token enters it) and the questions are
+      decoded for all contexts together; ``questions`` may then be one list per context (same count for each).
+    - ``pipe(None, question=..., cache=VarlenCache.load(path))`` answers from a saved compressed context, skipping
+      the prefill.
+    - ``cuda_graph=True`` (CUDA and a ``VarlenCache`` only) decodes through a captured CUDA graph, removing the
+      Python overhead of the token-by-token loop.
+
+    Returns ``{"answer": str}`` for ``question=`` (or no question) and ``{"answers": [str, ...]}`` for ``questions=``;
+    a batch returns one such dict per context.
     """
+
+    def __call__(self, inputs=None, *args, **kwargs):
+        if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(c, str) for c in inputs):
+            return self._call_batch(list(inputs), **kwargs)
+        return super().__call__(inputs, *args, **kwargs)
 
     def _sanitize_parameters(
         self,
@@ -49,13 +66,16 @@ class KVPressTextGenerationPipeline(Pipeline):
         cache=None,
         query_aware: bool = False,
         use_chat_template: bool | None = None,
+        cuda_graph: bool = False,
         **kwargs,
     ):
         if kwargs:
             raise ValueError(
                 f"unknown pipeline argument(s) {sorted(kwargs)}; accepted: question, questions, answer_prefix, press, "
-                "max_new_tokens, max_context_length, cache, query_aware, use_chat_template"
+                "max_new_tokens, max_context_length, cache, query_aware, use_chat_template, cuda_graph"
             )
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         if question is not None and questions is not None:
             raise ValueError("give either question= or questions=, not both")
         single = questions is None
@@ -98,7 +118,14 @@ class KVPressTextGenerationPipeline(Pipeline):
             "query_aware": query_aware,
             "use_chat_template": use_chat_template,
         }
-        forward = {"press": press, "max_new_tokens": max_new_tokens, "cache": cache}
+        if caps.head_variable and cache is not None and not isinstance(cache, VarlenCache):
+            raise ValueError(
+                f"{type(press).__name__} keeps a different number of tokens per head, which "
+                f"{type(cache).__name__} cannot store; pass cache=None or a kvpress VarlenCache"
+            )
+        if cuda_graph and not (torch.cuda.is_available() and self.model.device.type == "cuda"):
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        forward = {"press": press, "max_new_tokens": max_new_tokens, "cache": cache, "cuda_graph": cuda_graph}
         return preprocess, forward, {"single": single}
 
     # ---- prompt ---------------------------------------------------------------------------------------------------
@@ -118,6 +145,11 @@ class KVPressTextGenerationPipeline(Pipeline):
         return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
     def preprocess(self, context, questions, answer_prefix, max_context_length, query_aware, use_chat_template):
+        if context is None:  # answer from a cache that already holds a compressed context
+            if query_aware:
+                raise ValueError("query_aware=True needs the context text (context=None resumes from a saved cache)")
+            _, after = self._split_template("", use_chat_template)
+            return {"prompts": [], "tails": [self._encode(q + after + answer_prefix) for q in questions]}
         if not isinstance(context, str):
             raise ValueError(f"context must be a string, got {type(context).__name__}")
         if not context.strip():
@@ -159,53 +191,195 @@ class KVPressTextGenerationPipeline(Pipeline):
             return int(max(v.max().item() for v in report.kept_lengths.values()))
         return input_ids.shape[1]
 
-    def _generate(self, tail_ids: torch.Tensor, cache, position: int, max_new_tokens: int) -> str:
-        """Greedy decoding of the answer that follows ``tail_ids``; stops at any EOS id."""
-        eos = self._eos_ids()
-        model = self.model
-        device = tail_ids.device
-        generated: list[int] = []
-        ids = tail_ids
-        with compressed_attention(model):
-            for _ in range(max_new_tokens):
-                positions = torch.arange(position, position + ids.shape[1], device=device)[None]
-                out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
-                position += ids.shape[1]
-                token = int(out.logits[0, -1].argmax())
-                if token in eos:
-                    break
-                generated.append(token)
-                ids = torch.tensor([[token]], device=device)
-        return self.tokenizer.decode(generated, skip_special_tokens=True)
+    def _make_cache(self, press: BasePress | None):
+        head_variable = press is not None and press.capabilities.head_variable
+        return VarlenCache(config=self.model.config) if head_variable else DynamicCache(config=self.model.config)
 
-    def _forward(self, inputs, press=None, max_new_tokens=50, cache=None):
-        device = self.model.device
-        prompts = [p.to(device) for p in inputs["prompts"]]
-        tails = [t.to(device) for t in inputs["tails"]]
+    def _generate(self, tails: list[torch.Tensor], cache, positions: list[int], max_new_tokens: int, cuda_graph: bool):
+        """Greedy answers of every sequence of ``cache`` (one ``(1, L_b)`` prompt tail each); stops at any EOS id.
+
+        Tails of different lengths are right-padded and the cache told each sequence's real count, so padding never
+        enters it. Returns the decoded answers, one per sequence.
+        """
+        eos = self._eos_ids()
+        model, device = self.model, tails[0].device
+        batch = len(tails)
+        lengths = [t.shape[1] for t in tails]
+        width = max(lengths)
+        ids = torch.full((batch, width), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
+        for b, t in enumerate(tails):
+            ids[b, : lengths[b]] = t[0]
+        start = torch.tensor(positions, device=device)
+        padded = min(lengths) != width
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finished = [False] * batch
+        with compressed_attention(model):
+            if padded:
+                cache.new_token_lengths = torch.tensor(lengths, dtype=torch.int32, device=device)
+            try:
+                out = model(
+                    input_ids=ids,
+                    past_key_values=cache,
+                    position_ids=start[:, None] + torch.arange(width, device=device),
+                    use_cache=True,
+                    logits_to_keep=0 if padded else 1,
+                )
+            finally:
+                if padded:
+                    cache.new_token_lengths = None
+            last = torch.tensor(lengths, device=device) - 1 if padded else torch.full((batch,), -1, device=device)
+            token = out.logits[torch.arange(batch, device=device), last].argmax(-1)
+            position = start + torch.tensor(lengths, device=device)
+            decoder = None
+            for step in range(max_new_tokens):
+                for b, tok in enumerate(token.tolist()):
+                    if not finished[b]:
+                        if tok in eos:
+                            finished[b] = True
+                        else:
+                            generated[b].append(tok)
+                if all(finished) or step == max_new_tokens - 1:
+                    break
+                if cuda_graph:
+                    decoder = decoder or self._graph_decoder(cache, max_new_tokens)
+                    rest = decoder.decode(token[:, None], position[:, None], max_new_tokens - 1 - step, list(eos))
+                    for b, row in enumerate(rest.tolist()):
+                        for tok in row:
+                            if finished[b]:
+                                break
+                            if tok in eos:
+                                finished[b] = True
+                            else:
+                                generated[b].append(tok)
+                    break
+                out = model(
+                    input_ids=token[:, None],
+                    past_key_values=cache,
+                    position_ids=position[:, None],
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                position = position + 1
+                token = out.logits[:, -1].argmax(-1)
+        return [self.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+
+    def _graph_decoder(self, cache, max_new_tokens: int):
+        from kvpress.cache.graph_decoder import GraphDecoder
+
+        if not isinstance(cache, VarlenCache):
+            raise ValueError("cuda_graph=True decodes from a VarlenCache; pass cache=VarlenCache(config=model.config)")
+        return GraphDecoder(self.model, cache, max_new_tokens)
+
+    def _check_press(self, press: BasePress | None, prompts: list[torch.Tensor]) -> None:
+        """Every check that can fail runs before the first forward, so a rejected call leaves a user cache empty."""
         if press is not None:
-            # Every check that can fail runs before the first forward, so a rejected call leaves a user cache empty.
             press.validate(self.model)
             for prompt in prompts:
                 press.check_length(prompt.shape[1])
-        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+
+    def _forward(self, inputs, press=None, max_new_tokens=50, cache=None, cuda_graph=False):
+        if "batch" in inputs:
+            return self._forward_batch(inputs["batch"], press, max_new_tokens, cuda_graph)
+        device = self.model.device
+        prompts = [p.to(device) for p in inputs["prompts"]]
+        tails = [t.to(device) for t in inputs["tails"]]
+        self._check_press(press, prompts)
+        if not prompts:  # resume: the cache already holds a compressed context
+            if cache is None or cache.get_seq_length() == 0 or getattr(cache, "next_positions", None) is None:
+                raise ValueError(
+                    "context=None answers from a saved compressed context: pass cache=VarlenCache.load(path) "
+                    "(a cache the pipeline filled, which records where the context ends)"
+                )
+            if len(cache.next_positions) != 1:
+                raise ValueError(f"the cache holds {len(cache.next_positions)} sequences; context=None takes one")
+            state = snapshot_cache(cache)
+            answers = []
+            for tail in tails:
+                answers += self._generate([tail], cache, cache.next_positions, max_new_tokens, cuda_graph)
+                restore_cache(cache, state)
+            return {"answers": answers}
+        cache = cache if cache is not None else self._make_cache(press)
         if cache.get_seq_length() > 0:
             raise ValueError("cache must be empty: the pipeline prefills the context into it")
         answers = []
         if len(prompts) == 1:  # one compressed context shared by every question
             position = self._prefill(prompts[0], cache, press)
+            if isinstance(cache, VarlenCache):
+                cache.next_positions = [position]
+                if cuda_graph:
+                    cache.compact()
             state = snapshot_cache(cache)
             for tail in tails:
-                answers.append(self._generate(tail, cache, position, max_new_tokens))
+                answers += self._generate([tail], cache, [position], max_new_tokens, cuda_graph)
                 restore_cache(cache, state)
         else:  # query-aware: one compression per question
             empty = snapshot_cache(cache)
             for prompt, tail in zip(prompts, tails):
                 restore_cache(cache, empty)
                 position = self._prefill(prompt, cache, press)
+                if cuda_graph and isinstance(cache, VarlenCache):
+                    cache.compact()
                 state = snapshot_cache(cache)
-                answers.append(self._generate(tail, cache, position, max_new_tokens))
+                answers += self._generate([tail], cache, [position], max_new_tokens, cuda_graph)
                 restore_cache(cache, state)
         return {"answers": answers}
+
+    # ---- batches --------------------------------------------------------------------------------------------------
+    def _batchable(self, press: BasePress | None) -> bool:
+        """Stacking needs every layer in ragged storage: no sliding-window layers, no channel-pruned keys."""
+        types = getattr(self.model.config.get_text_config(decoder=True), "layer_types", None) or []
+        if any(t != "full_attention" for t in types):
+            return False
+        return press is None or not press.capabilities.prunes_channels
+
+    def _call_batch(self, contexts: list[str], questions=None, **kwargs):
+        per_context = isinstance(questions, (list, tuple)) and questions and all(
+            isinstance(q, (list, tuple)) for q in questions
+        )
+        if per_context and len(questions) != len(contexts):
+            raise ValueError(f"questions has {len(questions)} lists for {len(contexts)} contexts; give one per context")
+        if per_context and len({len(q) for q in questions}) != 1:
+            raise ValueError("each context needs the same number of questions (they are decoded together)")
+        if kwargs.get("cache") is not None:
+            raise ValueError("cache= takes a single context; a batch builds its own VarlenCache")
+        if kwargs.get("query_aware"):
+            raise ValueError("query_aware=True compresses one prompt per question; pass the contexts one at a time")
+        shared = None if per_context else questions
+        pre, fwd, post = self._sanitize_parameters(questions=list(questions[0]) if per_context else shared, **kwargs)
+        fwd.pop("cache")
+        if not self._batchable(fwd["press"]):
+            # Sliding-window layers and channel-pruned keys stay dense: answer the contexts one after the other.
+            return [
+                self(c, questions=list(q) if per_context else shared, **kwargs)
+                for c, q in zip(contexts, questions if per_context else [None] * len(contexts))
+            ]
+        items = []
+        for i, context in enumerate(contexts):
+            item_pre = {**pre, "questions": list(questions[i])} if per_context else pre
+            items.append(self.preprocess(context, **item_pre))
+        outputs = self.forward({"batch": items}, **fwd)
+        return [self.postprocess({"answers": a}, **post) for a in outputs["batch_answers"]]
+
+    def _forward_batch(self, items, press, max_new_tokens, cuda_graph):
+        device = self.model.device
+        self._check_press(press, [item["prompts"][0] for item in items])
+        caches, positions = [], []
+        for item in items:
+            cache = VarlenCache(config=self.model.config)
+            positions.append(self._prefill(item["prompts"][0].to(device), cache, press))
+            cache.compact()
+            caches.append(cache)
+        cache = VarlenCache.concatenate(caches)
+        cache.next_positions = positions
+        del caches
+        state = snapshot_cache(cache)
+        answers: list[list[str]] = [[] for _ in items]
+        for j in range(len(items[0]["tails"])):
+            tails = [item["tails"][j].to(device) for item in items]
+            for b, answer in enumerate(self._generate(tails, cache, positions, max_new_tokens, cuda_graph)):
+                answers[b].append(answer)
+            restore_cache(cache, state)
+        return {"batch_answers": answers}
 
     def postprocess(self, outputs, single=True):
         if single:

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from kvpress.cache.varlen_layer import VarlenLayer, _prefix_sums
+from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.cache.varlen_layer import VarlenLayer
 
 FORMAT_VERSION = 1
 
@@ -31,6 +32,8 @@ class VarlenCache(DynamicCache):
         else:
             self.layer_class_to_replicate = VarlenLayer
         self.new_token_lengths: torch.Tensor | None = None
+        # Position of each sequence's next token (set by the pipeline after prefill; saved with the cache).
+        self.next_positions: list[int] | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.new_token_lengths is not None:
@@ -61,6 +64,43 @@ class VarlenCache(DynamicCache):
         b, h, n, _ = layer.keys.shape
         return torch.full((b, h), n, dtype=torch.long)
 
+    def compact(self) -> None:
+        """Move every dense full-attention layer into ragged storage, keeping all its tokens."""
+        for layer in self.layers:
+            if isinstance(layer, VarlenLayer) and not layer.ragged and layer.is_initialized and layer.keys is not None:
+                layer.replace(CompressedKV(layer.keys, layer.values))
+
+    @classmethod
+    def concatenate(cls, caches: list["VarlenCache"]) -> "VarlenCache":
+        """Stack single- or multi-sequence caches along the batch (every layer ragged, tails empty).
+
+        Each sequence keeps exactly its own tokens: no padding enters the result.
+        """
+        if not caches:
+            raise ValueError("caches must be a non-empty list of VarlenCache")
+        n_layers = len(caches[0].layers)
+        for c in caches:
+            if not isinstance(c, VarlenCache) or len(c.layers) != n_layers:
+                raise ValueError("caches must all be VarlenCache objects with the same number of layers")
+            c.compact()
+        out = cls()
+        out.layer_class_to_replicate = None
+        for i in range(n_layers):
+            parts = [c.layers[i] for c in caches]
+            if not all(isinstance(p, VarlenLayer) and p.ragged and p.tail_len == 0 for p in parts):
+                raise ValueError(f"layer {i}: only compressed layers with no tokens added after compression can be stacked")
+            seg_lens = torch.cat([p.seg_lens for p in parts])
+            head_dim = parts[0].head_dim
+            b_total, heads = seg_lens.shape
+            keys = torch.cat([p.seg_k for p in parts])
+            values = torch.cat([p.seg_v for p in parts])
+            layer = VarlenLayer()
+            layer.adopt(keys, values, seg_lens, head_dim)
+            out.layers.append(layer)
+        positions = [c.next_positions for c in caches]
+        out.next_positions = sum(positions, []) if all(p is not None for p in positions) else None
+        return out
+
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the cache to ``path`` (a safetensors file: storage, lengths, and the layout in its metadata)."""
@@ -84,7 +124,12 @@ class VarlenCache(DynamicCache):
                 layout.append({"kind": "dense", "sliding_window": getattr(layer, "sliding_window", None)})
             else:
                 layout.append({"kind": "empty", "sliding_window": getattr(layer, "sliding_window", None)})
-        meta = {"format": "kvpress.VarlenCache", "version": str(FORMAT_VERSION), "layout": json.dumps(layout)}
+        meta = {
+            "format": "kvpress.VarlenCache",
+            "version": str(FORMAT_VERSION),
+            "layout": json.dumps(layout),
+            "next_positions": json.dumps(self.next_positions),
+        }
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
 
     @classmethod
@@ -104,17 +149,15 @@ class VarlenCache(DynamicCache):
         for i, entry in enumerate(json.loads(meta["layout"])):
             if entry["kind"] == "ragged":
                 layer = VarlenLayer()
-                seg_lens = data[f"{i}.seg_lens"].to("cpu", torch.long)
-                layer.seg_k, layer.seg_v = data[f"{i}.seg_k"], data[f"{i}.seg_v"]
-                layer.seg_lens, layer.cu_seqlens = seg_lens, _prefix_sums(seg_lens).to(layer.seg_k.device)
-                layer.tail_k, layer.tail_v = data[f"{i}.tail_k"], data[f"{i}.tail_v"]
-                layer.tail_lens = data[f"{i}.tail_lens"].to(torch.int32)
+                layer.adopt(
+                    data[f"{i}.seg_k"], data[f"{i}.seg_v"], data[f"{i}.seg_lens"].to("cpu", torch.long), entry["head_dim"]
+                )
+                tail_k, tail_v = data[f"{i}.tail_k"], data[f"{i}.tail_v"]
+                layer.reserve(tail_k.shape[2])
+                layer.tail_k[:, :, : tail_k.shape[2]] = tail_k
+                layer.tail_v[:, :, : tail_v.shape[2]] = tail_v
+                layer.tail_lens.copy_(data[f"{i}.tail_lens"])
                 layer.tail_len = entry["tail_len"]
-                layer.batch_size, layer.num_heads = seg_lens.shape
-                layer.head_dim = entry["head_dim"]
-                layer.dtype, layer.device = layer.seg_k.dtype, layer.seg_k.device
-                layer.keys = layer.values = None
-                layer.is_initialized = layer.ragged = True
             else:
                 window = entry.get("sliding_window")
                 from transformers.cache_utils import DynamicSlidingWindowLayer
@@ -123,4 +166,5 @@ class VarlenCache(DynamicCache):
                 if entry["kind"] == "dense":
                     layer.update(data[f"{i}.keys"], data[f"{i}.values"])
             cache.layers.append(layer)
+        cache.next_positions = json.loads(meta.get("next_positions", "null"))
         return cache

@@ -9,6 +9,7 @@ from kvpress.cache.compressed_kv import CompressedKV
 from kvpress_kernels import append_tail, compact_segments, varlen_attention
 
 _MIN_TAIL = 16
+_SAVED_TAIL = "_snapshot_tail_rows"  # snapshot key of the tail rows valid when it was taken
 
 
 class VarlenLayer(DynamicLayer):
@@ -46,17 +47,26 @@ class VarlenLayer(DynamicLayer):
         if lengths.shape != (b, h) or bool((lengths < 0).any()) or bool((lengths > k).any()):
             raise ValueError(f"lengths must have shape {(b, h)} with entries in [0, {k}], got {tuple(lengths.shape)}")
         order = torch.arange(k, device=keys.device).expand(b, h, k)
-        self.seg_k, self.cu_seqlens = compact_segments(keys, order, lengths)
-        self.seg_v, _ = compact_segments(values, order, lengths)
-        self.seg_lens = lengths.to("cpu", torch.long)
-        self.dtype, self.device = keys.dtype, keys.device
-        self.batch_size, self.num_heads, self.head_dim = b, h, d
-        self.tail_k = keys.new_empty(b, h, 0, d)
-        self.tail_v = values.new_empty(b, h, 0, values.shape[-1])
-        self.tail_lens = torch.zeros(b, dtype=torch.int32, device=keys.device)
+        seg_k, _ = compact_segments(keys, order, lengths)
+        seg_v, _ = compact_segments(values, order, lengths)
+        self.adopt(seg_k, seg_v, lengths.to("cpu", torch.long), d)
+
+    def adopt(self, seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.Tensor, head_dim: int) -> None:
+        """Take ragged storage as is: ``seg_k, seg_v`` ``(N, head_dim)`` rows for ``seg_lens`` ``(batch, kv_heads)``."""
+        b, h = seg_lens.shape
+        if int(seg_lens.sum()) != seg_k.shape[0] or seg_v.shape[0] != seg_k.shape[0]:
+            raise ValueError(f"seg_lens sum to {int(seg_lens.sum())} rows but seg_k has {seg_k.shape[0]}")
+        self.seg_k, self.seg_v = seg_k, seg_v
+        self.seg_lens = seg_lens.to("cpu", torch.long)
+        self.cu_seqlens = _prefix_sums(self.seg_lens).to(seg_k.device)
+        self.dtype, self.device = seg_k.dtype, seg_k.device
+        self.batch_size, self.num_heads, self.head_dim = b, h, head_dim
+        self.tail_k = seg_k.new_empty(b, h, 0, head_dim)
+        self.tail_v = seg_v.new_empty(b, h, 0, seg_v.shape[-1])
+        self.tail_lens = torch.zeros(b, dtype=torch.int32, device=seg_k.device)
         self.tail_len = 0  # host mirror of max(tail_lens): no device sync on the decode path
         self.keys = self.values = None
-        self.ragged = True
+        self.is_initialized = self.ragged = True
 
     def reserve(self, n_tokens: int) -> None:
         """Make room for ``n_tokens`` more tail tokens per sequence (one allocation instead of several doublings)."""
@@ -130,13 +140,20 @@ class VarlenLayer(DynamicLayer):
         state = dict(vars(self))
         if self.ragged:
             state["tail_lens"] = self.tail_lens.clone()  # appended to in place
+            # The tail buffer stays shared with the live layer, and appends after a crop overwrite its valid rows in
+            # place: keep a private copy of them (the tail only; the ragged context is never written).
+            n = self.tail_len
+            state[_SAVED_TAIL] = (self.tail_k[:, :, :n].clone(), self.tail_v[:, :, :n].clone())
         return state
 
     def restore(self, state: dict) -> None:
         vars(self).clear()
-        vars(self).update(state)
+        vars(self).update({name: value for name, value in state.items() if name != _SAVED_TAIL})
         if self.ragged:
             self.tail_lens = state["tail_lens"].clone()
+            rows_k, rows_v = state[_SAVED_TAIL]
+            self.tail_k[:, :, : rows_k.shape[2]] = rows_k  # same buffer, rows as they were at the snapshot
+            self.tail_v[:, :, : rows_v.shape[2]] = rows_v
 
     def crop(self, tokens_to_remove: int) -> None:
         if not self.ragged:
