@@ -24,6 +24,15 @@ with ``check=False`` on the decode hot path (``append_tail``, ``varlen_attention
 
 from .append import append_tail, reference_append_tail
 from .compaction import compact_segments, reference_compact_segments
+from .quantization import (
+    QuantizedTensor,
+    dequantize,
+    quantize_keys,
+    quantize_values,
+    reference_dequantize,
+    reference_quantize_keys,
+    reference_quantize_values,
+)
 from .varlen_attention import AttentionConfig, reference_varlen_attention, varlen_attention
 
 __all__ = [
@@ -34,4 +43,11 @@ __all__ = [
     "reference_compact_segments",
     "reference_varlen_attention",
     "varlen_attention",
+    "QuantizedTensor",
+    "dequantize",
+    "quantize_keys",
+    "quantize_values",
+    "reference_dequantize",
+    "reference_quantize_keys",
+    "reference_quantize_values",
 ]

@@ -24,7 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_KERNEL_MODULES = ("compaction", "append", "varlen_attention")
+_KERNEL_MODULES = ("compaction", "append", "varlen_attention", "quantization")
 
 
 def _reload_if_compiled() -> None:
