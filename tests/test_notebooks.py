@@ -1,0 +1,63 @@
+"""The quick-start notebook runs top to bottom and shows what it claims: answers, cache sizes, a plot."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from kvpress.needle import PASSKEY_ANSWER
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+def _text(cell) -> str:
+    """Everything a code cell printed or returned as text."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("execute_result", "display_data"):
+            parts.append(out.get("data", {}).get("text/plain", ""))
+    return "".join(parts)
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert not [out for cell in code for out in cell.get("outputs", []) if out.output_type == "error"]
+
+    # The comparison table: one row per press, "| name | cache MiB | share of no press | passkey | answer".
+    table = next(_text(cell) for cell in code if "cache MiB" in _text(cell))
+    rows = {}
+    for line in table.splitlines()[2:]:
+        name, mib, share, found, answer = (field.strip() for field in line.strip("| ").split(" | ", 4))
+        rows[name] = (float(mib), float(share.rstrip("%")) / 100, found, answer)
+    assert set(rows) == {"no press", "Knorm 0.5", "SnapKV 0.5", "StreamingLLM 0.5", "SnapKV 0.5 + Knorm 0.5"}
+
+    # The uncompressed model and query-aware SnapKV both read the passkey back.
+    for name in ("no press", "SnapKV 0.5"):
+        assert rows[name][2] == "yes" and PASSKEY_ANSWER in rows[name][3]
+    # Memory: a ratio of 0.5 halves the cache, the composition keeps a quarter (query-aware rows also hold the
+    # ~20 question tokens, hence the tolerance). The no-press cache is 30 layers x 2 x 3 kv heads x 64 x 4 bytes
+    # per token for the ~2000 context tokens.
+    no_press = rows["no press"][0]
+    assert 2000 * 30 * 2 * 3 * 64 * 4 / 2**20 <= no_press <= 2100 * 30 * 2 * 3 * 64 * 4 / 2**20
+    for name, expected in [("Knorm 0.5", 0.5), ("StreamingLLM 0.5", 0.5), ("SnapKV 0.5", 0.5)]:
+        assert rows[name][0] / no_press == pytest.approx(expected, abs=0.01)
+    assert rows["SnapKV 0.5 + Knorm 0.5"][0] / no_press == pytest.approx(0.25, abs=0.01)
+    for mib, share, _, _ in rows.values():
+        assert share == pytest.approx(mib / no_press, abs=0.001)
+
+    # The bar plot was drawn, and the report of the hand-attached press matches its budget.
+    assert any("image/png" in out.get("data", {}) for cell in code for out in cell.get("outputs", []))
+    report = _text(code[-1])
+    removed = float(re.search(r"([\d.]+)% of tokens removed", report).group(1))
+    assert removed == pytest.approx(50.0, abs=0.1)
+    kept, total = map(int, re.search(r"keeps (\d+) of (\d+) tokens", report).groups())
+    assert kept == round(total * 0.5)
