@@ -61,3 +61,29 @@ def test_quickstart_notebook_runs(tmp_path):
     assert removed == pytest.approx(50.0, abs=0.1)
     kept, total = map(int, re.search(r"keeps (\d+) of (\d+) tokens", report).groups())
     assert kept == round(total * 0.5)
+
+
+SPEED_NOTEBOOK = NOTEBOOK.parent / "speed_and_memory.ipynb"
+
+
+def test_speed_and_memory_notebook_plots_the_saved_results(tmp_path):
+    """Runs on CPU from the saved GPU results (its rerun cell only acts on a CUDA machine when asked)."""
+    import json
+
+    nb = nbformat.read(SPEED_NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert not [out for cell in code for out in cell.get("outputs", []) if out.output_type == "error"]
+    saved = json.loads((NOTEBOOK.parents[1] / "benchmarks" / "results" / "speed_memory_h100.json").read_text())
+    table = next(_text(cell) for cell in code if "ms/token" in _text(cell))
+    rows = [line.split() for line in table.splitlines()[2:] if line.strip()]
+    assert len(rows) == len(saved["results"])
+    for row, result in zip(rows, saved["results"]):
+        assert int(row[0]) == result["context"] and int(row[1]) == result["batch"]
+        # Printed with one or two decimals: equal up to that rounding.
+        assert float(row[-2]) == pytest.approx(result["decode_ms_median"], abs=0.051)
+        if result.get("decode_ms_graph_median") is not None:
+            assert float(row[-1]) == pytest.approx(result["decode_ms_graph_median"], abs=0.051)
+        assert float(row[-5]) == pytest.approx(result["kv_gib"], abs=0.0051)
+    pngs = [out for cell in code for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+    assert len(pngs) == 2  # batch-1 curves and the batch-4 bars
