@@ -7,17 +7,12 @@ import torch
 from transformers import DynamicCache
 
 from kvpress.presses.streaming_llm_press import StreamingLLMPress
-from kvpress.utils import attention_layers
 from tests.conftest import random_ids, tiny_model
+from tests.presses.press_harness import full_layers as _full_layers
+from tests.presses.press_harness import kept_positions as _kept_positions
+from tests.presses.press_harness import prefill as _prefill
 
 RATIOS = [0.0, 0.25, 0.5, 0.9]
-
-
-def _prefill(model, press, ids) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), press(model):
-        model.model(input_ids=ids, past_key_values=cache)
-    return cache
 
 
 def _dense(model, ids) -> DynamicCache:
@@ -25,17 +20,6 @@ def _dense(model, ids) -> DynamicCache:
     with torch.no_grad():
         model.model(input_ids=ids, past_key_values=cache)
     return cache
-
-
-def _full_layers(model) -> list[int]:
-    return [m.layer_idx for m in attention_layers(model) if not getattr(m, "sliding_window", None)]
-
-
-def _kept_positions(kept: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """Sorted positions ``(batch, heads, k)`` of the rows of ``kept`` inside ``full`` (each row found exactly once)."""
-    match = (kept[:, :, :, None] == full[:, :, None]).all(-1)
-    assert match.sum(-1).eq(1).all()
-    return match.float().argmax(-1).sort(-1).values
 
 
 @pytest.mark.parametrize("ratio", RATIOS)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from kvpress.presses.tova_press import TOVAPress
-from kvpress.utils import attention_layers
 from tests.conftest import random_ids, tiny_model
+from tests.presses.press_harness import full_layers as _full_layers
+from tests.presses.press_harness import kept_positions as _kept_positions
+from tests.presses.press_harness import prefill as _prefill
+from tests.presses.press_harness import record_scores as _record
 
 RATIOS = [0.0, 0.25, 0.5, 0.9]
 
@@ -25,37 +27,6 @@ def _llama(n_kv: int, attn: str, n_q: int = 4):
         head_dim=16, vocab_size=128, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
-
-
-def _record(press) -> dict:
-    """Make ``press`` remember each layer's ``score`` inputs and output (patched on the instance only)."""
-    seen, score = {}, press.score
-
-    def recording(module, hidden_states, keys, values, attentions, kwargs):
-        out = score(module, hidden_states, keys, values, attentions, kwargs)
-        seen[module.layer_idx] = SimpleNamespace(keys=keys.clone(), values=values.clone(), scores=out.clone())
-        return out
-
-    press.score = recording
-    return seen
-
-
-def _prefill(model, press, ids) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), press(model):
-        model.model(input_ids=ids, past_key_values=cache)
-    return cache
-
-
-def _full_layers(model) -> list[int]:
-    return [m.layer_idx for m in attention_layers(model) if not getattr(m, "sliding_window", None)]
-
-
-def _kept_positions(kept: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """Sorted positions ``(batch, heads, k)`` of the rows of ``kept`` inside ``full`` (each row found exactly once)."""
-    match = (kept[:, :, :, None] == full[:, :, None]).all(-1)
-    assert match.sum(-1).eq(1).all()
-    return match.float().argmax(-1).sort(-1).values
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
