@@ -8,8 +8,6 @@ with no host sync; tokens are read back at the end (or every ``check_every`` ste
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.cache.layer_access import layer_memory_bytes
 from kvpress.cache.varlen_layer import VarlenLayer
 
 FORMAT_VERSION = 1
@@ -42,13 +43,7 @@ class VarlenCache(DynamicCache):
 
     def memory_bytes(self) -> int:
         """Bytes of key/value storage allocated over all layers (ragged context, tails, int32 metadata)."""
-        total = 0
-        for layer in self.layers:
-            if hasattr(layer, "memory_bytes"):
-                total += layer.memory_bytes()
-            else:
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
-        return total
+        return layer_memory_bytes(self)
 
     def reserve(self, n_tokens: int) -> None:
         """Reserve tail room for ``n_tokens`` more tokens per sequence in every compressed layer."""
@@ -160,8 +155,6 @@ class VarlenCache(DynamicCache):
                 layer.tail_len = entry["tail_len"]
             else:
                 window = entry.get("sliding_window")
-                from transformers.cache_utils import DynamicSlidingWindowLayer
-
                 layer = DynamicSlidingWindowLayer(sliding_window=window) if window else VarlenLayer()
                 if entry["kind"] == "dense":
                     layer.update(data[f"{i}.keys"], data[f"{i}.values"])

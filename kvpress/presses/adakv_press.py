@@ -9,7 +9,6 @@ import torch
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
-from kvpress.presses.budget import check_ratio
 from kvpress.presses.scorer_press import ScorerPress, gather_tokens
 
 
