@@ -65,10 +65,23 @@ class Benchmark:
         """Largest context (tokens) this configuration asks for, or ``None`` when the benchmark truncates to fit."""
         return None
 
-    def examples(self, tokenizer, seed: int) -> list[Example]:
-        """Every example of the run, in a deterministic order."""
+    def examples(self, tokenizer, seed: int, max_context_tokens: int | None = None) -> list[Example]:
+        """Every example of the run, in a deterministic order.
+
+        ``max_context_tokens``: the run's context budget (the config's ``max_context_length``, else the model's
+        window minus the generation length). Benchmarks that truncate (LongBench) cut contexts to it; generated
+        benchmarks size contexts from their own options and were checked against it through
+        :meth:`max_context_tokens`.
+        """
         raise NotImplementedError
 
     def score(self, task: str, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         """Metrics (name -> value in [0, 100]) of ``predictions[i]`` answering ``examples[i]``, all of ``task``."""
         raise NotImplementedError
+
+    def plot(self, records: list[dict], out_dir) -> list:
+        """Benchmark-specific figures (e.g. the needle heatmap) written under ``out_dir``; returns their paths.
+
+        ``records``: the rows of one run's ``predictions.jsonl`` (``Example.to_dict()`` plus ``prediction``).
+        """
+        return []
