@@ -250,13 +250,25 @@ def _batches(examples: list[Example], size: int, max_new_tokens: int | None):
     """Consecutive examples sharing the answer prefix and generation length (one pipeline call each)."""
     batch: list[Example] = []
     for example in examples:
-        key = (example.answer_prefix, max_new_tokens or example.max_new_tokens)
-        if batch and (len(batch) == size or key != (batch[0].answer_prefix, max_new_tokens or batch[0].max_new_tokens)):
+        key = _call_key(example, max_new_tokens)
+        if batch and (len(batch) == size or key != _call_key(batch[0], max_new_tokens)):
             yield batch
             batch = []
         batch.append(example)
     if batch:
         yield batch
+
+
+def _call_key(example: Example, max_new_tokens: int | None) -> tuple:
+    """What one pipeline call must share: answer prefix, generation length and prompt format."""
+    return example.answer_prefix, max_new_tokens or example.max_new_tokens, example.meta.get("chat_template")
+
+
+def _chat_template(example: Example, config: EvalConfig) -> bool | None:
+    """The config's choice, else the benchmark's: LongBench's few-shot and code datasets are prompted without it."""
+    if config.use_chat_template is not None:
+        return config.use_chat_template
+    return False if example.meta.get("chat_template") is False else None
 
 
 def answer(pipe, batch: list[Example], press, config: EvalConfig) -> list[str]:
@@ -267,7 +279,7 @@ def answer(pipe, batch: list[Example], press, config: EvalConfig) -> list[str]:
         "max_new_tokens": config.max_new_tokens or batch[0].max_new_tokens,
         "max_context_length": config.max_context_length,
         "query_aware": config.query_aware,
-        "use_chat_template": config.use_chat_template,
+        "use_chat_template": _chat_template(batch[0], config),
         "cuda_graph": config.cuda_graph,
     }
     if config.kv_quantization is not None:

@@ -123,16 +123,15 @@ class RulerBenchmark(Benchmark):
         from .dataset import load_ruler_dataset  # its reader dependencies load only when a data set is used
 
         opts = self.options
-        rows = load_ruler_dataset(opts.dataset, opts.tasks, opts.lengths)
-        examples, seen = [], {}
-        for row in rows:
-            if row["index"] >= opts.n_examples:
-                continue
-            position = seen.get(row["task"], 0)
-            seen[row["task"]] = position + 1
-            # Loaded rows carry their budget in n_tokens only when the source has no token counts of its own.
-            length = opts.lengths[0] if len(opts.lengths) == 1 else row.get("n_tokens")
-            examples.append(_example(f"{row['task']}/{position}", row, length if length in opts.lengths else None))
+        examples = []
+        for length in opts.lengths:  # one load per length: rows know their budget from the call, not a column
+            seen: dict[str, int] = {}
+            for row in load_ruler_dataset(opts.dataset, opts.tasks, [length]):
+                if row["index"] >= opts.n_examples:
+                    continue
+                position = seen.get(row["task"], 0)
+                seen[row["task"]] = position + 1
+                examples.append(_example(f"{row['task']}/{length}/{position}", row, length))
         return examples
 
     def score(self, task: str, predictions: list[str], examples: list[Example]) -> dict[str, float]:
