@@ -14,6 +14,9 @@ Public functions run the Triton kernel for CUDA tensors (or on CPU when ``KVPRES
 
 - ``compact_segments``: dense (B, Hkv, S, D) + kept indices -> flat (N, D) + cu_seqlens.
 - ``append_tail``: write (B, Hkv, Q, D) new tokens into the tail in place, O(new tokens).
+- ``quantize_segments`` / ``append_segment_groups`` / ``dequantize_segments``: ragged segments stored as packed
+  2/4/8-bit groups (``QuantizedSegments``; keys per channel, values per token).
+- ``quantized_varlen_attention``: ``varlen_attention`` over ``QuantizedSegments``, dequantized on the fly in-kernel.
 - ``varlen_attention``: queries (B, Hq, Q, D), the newest tail tokens, over segment ++ causal tail; GQA in-kernel,
   split-K for long segments. ``AttentionConfig`` overrides its launch heuristics (tests, tuning).
 
@@ -33,21 +36,29 @@ from .quantization import (
     reference_quantize_keys,
     reference_quantize_values,
 )
+from .quantized_attention import quantized_varlen_attention, reference_quantized_varlen_attention
+from .quantized_segments import QuantizedSegments, append_segment_groups, dequantize_segments, quantize_segments
 from .varlen_attention import AttentionConfig, reference_varlen_attention, varlen_attention
 
 __all__ = [
     "AttentionConfig",
+    "QuantizedSegments",
+    "QuantizedTensor",
+    "append_segment_groups",
     "append_tail",
     "compact_segments",
+    "dequantize",
+    "dequantize_segments",
+    "quantize_keys",
+    "quantize_segments",
+    "quantize_values",
+    "quantized_varlen_attention",
     "reference_append_tail",
     "reference_compact_segments",
-    "reference_varlen_attention",
-    "varlen_attention",
-    "QuantizedTensor",
-    "dequantize",
-    "quantize_keys",
-    "quantize_values",
     "reference_dequantize",
     "reference_quantize_keys",
     "reference_quantize_values",
+    "reference_quantized_varlen_attention",
+    "reference_varlen_attention",
+    "varlen_attention",
 ]

@@ -49,24 +49,19 @@ _DEFAULT_CONFIG = AttentionConfig()
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _validate(q, seg_k, seg_v, cu_seqlens, tail_k, tail_v, tail_lens, scale, q_lens):
+def validate_queries_and_tail(q, tail_k, tail_v, tail_lens, scale, q_lens) -> None:
+    """Checks shared by every ragged attention: q, the dense tail, tail_lens, q_lens and scale."""
     check_tensor(q, "q", ndim=4, dtypes=_FLOAT_DTYPES)
     dev, dt = q.device, q.dtype
-    B, Hq, Q, D = q.shape
-    check_tensor(seg_k, "seg_k", ndim=2, dtypes=(dt,), device=dev)
-    check_tensor(seg_v, "seg_v", ndim=2, dtypes=(dt,), device=dev)
+    B, Hq, _, D = q.shape
     check_tensor(tail_k, "tail_k", ndim=4, dtypes=(dt,), device=dev)
     check_tensor(tail_v, "tail_v", ndim=4, dtypes=(dt,), device=dev)
-    check_tensor(cu_seqlens, "cu_seqlens", ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
     check_tensor(tail_lens, "tail_lens", ndim=1, dtypes=INT_DTYPES, device=dev)
     Hkv = tail_k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q has {Hq} heads, which is not a multiple of the {Hkv} kv heads of tail_k")
-    check_shape(seg_k, "seg_k", (None, D))
-    check_shape(seg_v, "seg_v", tuple(seg_k.shape))
     check_shape(tail_k, "tail_k", (B, Hkv, None, D))
     check_shape(tail_v, "tail_v", tuple(tail_k.shape))
-    check_shape(cu_seqlens, "cu_seqlens", (B * Hkv + 1,))
     check_shape(tail_lens, "tail_lens", (B,))
     if q_lens is not None:
         check_tensor(q_lens, "q_lens", ndim=1, dtypes=INT_DTYPES, device=dev)
@@ -75,26 +70,46 @@ def _validate(q, seg_k, seg_v, cu_seqlens, tail_k, tail_v, tail_lens, scale, q_l
         raise ValueError(f"scale must be a finite Python float, got {scale!r}")
 
 
+def _validate(q, seg_k, seg_v, cu_seqlens, tail_k, tail_v, tail_lens, scale, q_lens):
+    check_tensor(q, "q", ndim=4, dtypes=_FLOAT_DTYPES)
+    dev, dt = q.device, q.dtype
+    B, D = q.shape[0], q.shape[3]
+    check_tensor(seg_k, "seg_k", ndim=2, dtypes=(dt,), device=dev)
+    check_tensor(seg_v, "seg_v", ndim=2, dtypes=(dt,), device=dev)
+    check_tensor(cu_seqlens, "cu_seqlens", ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
+    validate_queries_and_tail(q, tail_k, tail_v, tail_lens, scale, q_lens)
+    check_shape(seg_k, "seg_k", (None, D))
+    check_shape(seg_v, "seg_v", tuple(seg_k.shape))
+    check_shape(cu_seqlens, "cu_seqlens", (B * tail_k.shape[1] + 1,))
+
+
+def tail_value_flags(q, tail_k, tail_lens, q_lens) -> list:
+    """(flag, message) pairs for the data checks of q_lens and tail_lens; flags are 0-d bool tensors (no sync)."""
+    Q, cap = q.shape[2], tail_k.shape[2]
+    n_q = q_lens if q_lens is not None else torch.full_like(tail_lens, Q)
+    return [
+        (((n_q < 0) | (n_q > Q)).any(), f"q_lens must lie in [0, {Q}] (Q = q.shape[2])"),
+        (((tail_lens < 0) | (tail_lens > cap)).any(), f"tail_lens must lie in [0, {cap}] (tail_k.shape[2])"),
+        ((tail_lens < n_q).any(), ("tail_lens[b] must be >= the number of valid queries of sequence b (queries "
+                                   "are the last tail entries, appended before attention)")),
+    ]  # fmt: skip
+
+
+def raise_flags(checks: list) -> None:
+    """One host sync for all (flag, message) pairs; raise ValueError with the first message whose flag is set."""
+    flags = torch.stack([f for f, _ in checks]).tolist()
+    for flag, (_, message) in zip(flags, checks):
+        if flag:
+            raise ValueError(message)
+
+
 def _check_values(q, seg_k, cu_seqlens, tail_k, tail_lens, q_lens):
     """Data checks, one host sync: cu_seqlens is a valid prefix sum over seg_k rows, lengths fit."""
-    N, Q, cap = seg_k.shape[0], q.shape[2], tail_k.shape[2]
-    n_q = q_lens if q_lens is not None else torch.full_like(tail_lens, Q)
+    N = seg_k.shape[0]
     cu = cu_seqlens.long()
-    flags = torch.stack([
-        (cu[0] != 0) | (cu[-1] != N) | (cu[1:] < cu[:-1]).any(),
-        ((n_q < 0) | (n_q > Q)).any(),
-        ((tail_lens < 0) | (tail_lens > cap)).any(),
-        (tail_lens < n_q).any(),
-    ]).tolist()  # fmt: skip
-    if flags[0]:
-        raise ValueError(f"cu_seqlens must be non-decreasing prefix sums from 0 to seg_k.shape[0] = {N}")
-    if flags[1]:
-        raise ValueError(f"q_lens must lie in [0, {Q}] (Q = q.shape[2])")
-    if flags[2]:
-        raise ValueError(f"tail_lens must lie in [0, {cap}] (tail_k.shape[2])")
-    if flags[3]:
-        raise ValueError("tail_lens[b] must be >= the number of valid queries of sequence b (queries are the last "
-                         "tail entries, appended before attention)")
+    raise_flags([((cu[0] != 0) | (cu[-1] != N) | (cu[1:] < cu[:-1]).any(),
+                  f"cu_seqlens must be non-decreasing prefix sums from 0 to seg_k.shape[0] = {N}")]
+                + tail_value_flags(q, tail_k, tail_lens, q_lens))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,11 +175,13 @@ if triton is not None:
 
     @triton.jit
     def _split_plan(cu_ptr, tail_lens_ptr, q_lens_ptr, NUM_SEG, HKV, Q, CHUNK,
-                    HAS_QLENS: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
-        """Vectors over segments: split counts and the global index of each segment's first split."""
+                    SEG_UNIT: tl.constexpr, HAS_QLENS: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+        """Vectors over segments: split counts and the global index of each segment's first split.
+
+        Segment s holds (cu[s + 1] - cu[s]) * SEG_UNIT key slots (SEG_UNIT > 1: cu counts groups of slots)."""
         s = tl.arange(0, BLOCK_S)
         s_ok = s < NUM_SEG
-        seg_len = tl.load(cu_ptr + s + 1, mask=s_ok, other=0) - tl.load(cu_ptr + s, mask=s_ok, other=0)
+        seg_len = (tl.load(cu_ptr + s + 1, mask=s_ok, other=0) - tl.load(cu_ptr + s, mask=s_ok, other=0)) * SEG_UNIT
         tail_len = tl.load(tail_lens_ptr + s // HKV, mask=s_ok, other=0)
         if HAS_QLENS:
             n_q = tl.load(q_lens_ptr + s // HKV, mask=s_ok, other=0)
@@ -176,6 +193,35 @@ if triton is not None:
         n_splits = tl.where(s_ok, n_splits, 0)
         first = tl.cumsum(n_splits, 0) - n_splits
         return s, n_splits, first
+
+    @triton.jit
+    def _locate_split(pid, cu_ptr, tail_lens_ptr, q_lens_ptr, NUM_SEG, HKV, Q, CHUNK,
+                      SEG_UNIT: tl.constexpr, HAS_QLENS: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+        """(found, segment, split index inside the segment) of split program `pid`; found is 0 past the end."""
+        s_idx, n_splits, first = _split_plan(cu_ptr, tail_lens_ptr, q_lens_ptr, NUM_SEG, HKV, Q, CHUNK,
+                                             SEG_UNIT, HAS_QLENS, BLOCK_S)  # fmt: skip
+        mine = (first <= pid) & (pid < first + n_splits)
+        found = tl.sum(mine.to(tl.int32), 0)
+        seg = tl.sum(tl.where(mine, s_idx, 0), 0)
+        split = pid - tl.sum(tl.where(mine, first, 0), 0)
+        return found, seg, split
+
+    @triton.jit
+    def _load_queries(q_ptr, q_b, q_h, q_q, q_d, b, h, n_q, tail_len, mb, D,
+                      G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        """Query rows mb * BLOCK_M + [0, BLOCK_M) of kv head h: row r is query token r // G of head h * G + r % G.
+
+        Returns (q tile, r, query token, query head, row valid, causal tail end per row, d, d valid)."""
+        r = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        qi = r // G
+        qh = h * G + r % G
+        row_ok = qi < n_q  # padding queries (and rows past G * Q) see nothing and produce 0
+        tail_end = tail_len - n_q + qi + 1  # causal: exclusive end of the tail visible to query qi
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q_off = b.to(tl.int64) * q_b + qh.to(tl.int64) * q_h + qi.to(tl.int64) * q_q
+        q = tl.load(q_ptr + q_off[:, None] + d[None, :] * q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        return q, r, qi, qh, row_ok, tail_end, d, d_ok
 
     @triton.jit
     def _online_step(qk, v, m_i, l_i, acc, IEEE_DOT: tl.constexpr):
@@ -201,6 +247,40 @@ if triton is not None:
             return tl.dot(q, tl.trans(k))
 
     @triton.jit
+    def _attend_tail(q, qk_scale, tk_base, tv_base, tk_t, tk_d, tv_t, tv_d, t_lo, t_hi, row_ok, tail_end, d, d_ok,
+                     m_i, l_i, acc, IEEE_DOT: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+        """Online softmax over tail positions [t_lo, t_hi) of one (sequence, kv head), causally masked per row."""
+        n = tl.arange(0, BLOCK_N)
+        for t0 in range(t_lo, t_hi, BLOCK_N):
+            cols = t0 + n
+            c_ok = cols < t_hi
+            kv_mask = c_ok[:, None] & d_ok[None, :]
+            k = tl.load(tk_base + cols[:, None] * tk_t + d[None, :] * tk_d, mask=kv_mask, other=0.0)
+            v = tl.load(tv_base + cols[:, None] * tv_t + d[None, :] * tv_d, mask=kv_mask, other=0.0)
+            qk = _qk(q, k, IEEE_DOT) * qk_scale
+            visible = row_ok[:, None] & c_ok[None, :] & (cols[None, :] < tail_end[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+            m_i, l_i, acc = _online_step(qk, v, m_i, l_i, acc, IEEE_DOT)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _write_split(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, o_b, o_h, o_q, o_d, pid, b, r, qi, qh, d, d_ok,
+                     m_i, l_i, acc, Q, G: tl.constexpr, DIRECT: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        """Store a split's result: the normalised output (DIRECT, one split per segment) or its (m, l, acc)."""
+        r_ok = r < G * Q
+        if DIRECT:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_off = b.to(tl.int64) * o_b + qh.to(tl.int64) * o_h + qi.to(tl.int64) * o_q
+            tl.store(out_ptr + o_off[:, None] + d[None, :] * o_d, out.to(out_ptr.dtype.element_ty),
+                     mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
+        else:
+            GQ = G * Q
+            p_row = pid.to(tl.int64) * GQ + r
+            tl.store(part_m_ptr + p_row, m_i, mask=r_ok)
+            tl.store(part_l_ptr + p_row, l_i, mask=r_ok)
+            tl.store(part_acc_ptr + p_row[:, None] * BLOCK_D + d[None, :], acc, mask=r_ok[:, None])
+
+    @triton.jit
     def _attn_split_kernel(
         q_ptr, sk_ptr, sv_ptr, cu_ptr, tk_ptr, tv_ptr, tail_lens_ptr, q_lens_ptr,
         out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -212,13 +292,10 @@ if triton is not None:
     ):  # fmt: skip
         pid = tl.program_id(0)
         mb = tl.program_id(1)
-        s_idx, n_splits, first = _split_plan(cu_ptr, tail_lens_ptr, q_lens_ptr, NUM_SEG, HKV, Q, CHUNK,
-                                             HAS_QLENS, BLOCK_S)  # fmt: skip
-        mine = (first <= pid) & (pid < first + n_splits)
-        if tl.sum(mine.to(tl.int32), 0) == 0:
+        found, seg, split = _locate_split(pid, cu_ptr, tail_lens_ptr, q_lens_ptr, NUM_SEG, HKV, Q, CHUNK, 1,
+                                          HAS_QLENS, BLOCK_S)  # fmt: skip
+        if found == 0:
             return  # grid is an upper bound on the number of splits
-        seg = tl.sum(tl.where(mine, s_idx, 0), 0)
-        split = pid - tl.sum(tl.where(mine, first, 0), 0)
         b = seg // HKV
         h = seg % HKV
         seg_start = tl.load(cu_ptr + seg)
@@ -228,17 +305,8 @@ if triton is not None:
             n_q = tl.load(q_lens_ptr + b)
         else:
             n_q = Q
-
-        r = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        qi = r // G
-        qh = h * G + r % G
-        row_ok = qi < n_q  # padding queries (and rows past G * Q) see nothing and produce 0
-        tail_end = tail_len - n_q + qi + 1  # causal: exclusive end of the tail visible to query qi
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        b64 = b.to(tl.int64)
-        q_off = b64 * q_b + qh.to(tl.int64) * q_h + qi.to(tl.int64) * q_q
-        q = tl.load(q_ptr + q_off[:, None] + d[None, :] * q_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q, r, qi, qh, row_ok, tail_end, d, d_ok = _load_queries(q_ptr, q_b, q_h, q_q, q_d, b, h, n_q, tail_len, mb,
+                                                                D, G, BLOCK_M, BLOCK_D)  # fmt: skip
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -262,40 +330,20 @@ if triton is not None:
             m_i, l_i, acc = _online_step(qk, v, m_i, l_i, acc, IEEE_DOT)
 
         # Tail part: tail positions [max(k_lo, seg_len), k_hi) - seg_len, causally masked per query row.
-        t_lo = tl.maximum(k_lo, seg_len) - seg_len
-        t_hi = k_hi - seg_len
-        tk_base = tk_ptr + b64 * tk_b + h.to(tl.int64) * tk_h
-        tv_base = tv_ptr + b64 * tv_b + h.to(tl.int64) * tv_h
-        for t0 in range(t_lo, t_hi, BLOCK_N):
-            cols = t0 + n
-            c_ok = cols < t_hi
-            kv_mask = c_ok[:, None] & d_ok[None, :]
-            k = tl.load(tk_base + cols[:, None] * tk_t + d[None, :] * tk_d, mask=kv_mask, other=0.0)
-            v = tl.load(tv_base + cols[:, None] * tv_t + d[None, :] * tv_d, mask=kv_mask, other=0.0)
-            qk = _qk(q, k, IEEE_DOT) * qk_scale
-            visible = row_ok[:, None] & c_ok[None, :] & (cols[None, :] < tail_end[:, None])
-            qk = tl.where(visible, qk, float("-inf"))
-            m_i, l_i, acc = _online_step(qk, v, m_i, l_i, acc, IEEE_DOT)
-
-        r_ok = r < G * Q
-        if DIRECT:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            o_off = b64 * o_b + qh.to(tl.int64) * o_h + qi.to(tl.int64) * o_q
-            tl.store(out_ptr + o_off[:, None] + d[None, :] * o_d, out.to(out_ptr.dtype.element_ty),
-                     mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
-        else:
-            GQ = G * Q
-            p_row = pid.to(tl.int64) * GQ + r
-            tl.store(part_m_ptr + p_row, m_i, mask=r_ok)
-            tl.store(part_l_ptr + p_row, l_i, mask=r_ok)
-            tl.store(part_acc_ptr + p_row[:, None] * BLOCK_D + d[None, :], acc, mask=r_ok[:, None])
+        b64 = b.to(tl.int64)
+        m_i, l_i, acc = _attend_tail(q, qk_scale, tk_ptr + b64 * tk_b + h.to(tl.int64) * tk_h,
+                                     tv_ptr + b64 * tv_b + h.to(tl.int64) * tv_h, tk_t, tk_d, tv_t, tv_d,
+                                     tl.maximum(k_lo, seg_len) - seg_len, k_hi - seg_len, row_ok, tail_end, d, d_ok,
+                                     m_i, l_i, acc, IEEE_DOT, BLOCK_N)  # fmt: skip
+        _write_split(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, o_b, o_h, o_q, o_d, pid, b, r, qi, qh, d, d_ok,
+                     m_i, l_i, acc, Q, G, DIRECT, BLOCK_D)
 
     @triton.jit
     def _attn_combine_kernel(
         cu_ptr, tail_lens_ptr, q_lens_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
         o_b, o_h, o_q, o_d,
         NUM_SEG, HKV, Q, D, CHUNK,
-        G: tl.constexpr, HAS_QLENS: tl.constexpr,
+        G: tl.constexpr, SEG_UNIT: tl.constexpr, HAS_QLENS: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # Program (segment, block of BLOCK_R query rows): log-sum-exp merge of the segment's split partials,
@@ -303,7 +351,7 @@ if triton is not None:
         seg = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         s_idx, n_splits, first = _split_plan(cu_ptr, tail_lens_ptr, q_lens_ptr, NUM_SEG, HKV, Q, CHUNK,
-                                             HAS_QLENS, BLOCK_S)  # fmt: skip
+                                             SEG_UNIT, HAS_QLENS, BLOCK_S)  # fmt: skip
         own = s_idx == seg
         n_sp = tl.sum(tl.where(own, n_splits, 0), 0)
         p0 = tl.sum(tl.where(own, first, 0), 0)
@@ -435,27 +483,40 @@ def varlen_attention(
     # fp32 inputs: exact fp32 dots instead of TF32. bf16 on the CPU interpreter: its tl.dot multiplies the raw
     # bf16 bit patterns (triton 3.9), so upcast the (exactly representable) operands and multiply in fp32 there.
     ieee = q.dtype == torch.float32 or (not q.is_cuda and q.dtype == torch.bfloat16)
-    if p["direct"]:
-        part_acc = part_m = part_l = out  # unused
-    else:
-        rows = p["n_programs"] * G * Q
-        part = torch.empty(rows * (p["block_d"] + 2), dtype=torch.float32, device=q.device)  # one allocation
-        part_acc, part_m, part_l = part[: rows * p["block_d"]], part[-2 * rows : -rows], part[-rows:]
+    parts = alloc_partials(p, Q, out)
     _attn_split_kernel[(p["n_programs"], p["row_blocks"])](
         q, seg_k, seg_v, cu_seqlens, tail_k, tail_v, tail_lens, q_lens_arg,
-        out, part_acc, part_m, part_l,
+        out, *parts,
         *q.stride(), *seg_k.stride(), *seg_v.stride(), *tail_k.stride(), *tail_v.stride(), *out.stride(),
         p["num_seg"], tail_k.shape[1], Q, D, p["chunk"], float(scale) * _LOG2E,
         G=G, HAS_QLENS=has_qlens, DIRECT=p["direct"], IEEE_DOT=ieee,
         BLOCK_S=p["block_s"], BLOCK_M=p["block_m"], BLOCK_N=p["block_n"], BLOCK_D=p["block_d"],
         num_warps=p["num_warps"], num_stages=p["num_stages"],
     )  # fmt: skip
-    if not p["direct"]:
-        _attn_combine_kernel[p["combine_grid"]](
-            cu_seqlens, tail_lens, q_lens_arg, out, part_acc, part_m, part_l,
-            *out.stride(),
-            p["num_seg"], tail_k.shape[1], Q, D, p["chunk"],
-            G=G, HAS_QLENS=has_qlens, BLOCK_S=p["block_s"], BLOCK_P=p["block_p"], BLOCK_R=p["block_r"],
-            BLOCK_D=p["block_d"], num_warps=4,
-        )  # fmt: skip
+    combine_splits(p, cu_seqlens, 1, tail_lens, q_lens_arg, has_qlens, out, parts)
     return out
+
+
+def alloc_partials(p: dict, Q: int, out: torch.Tensor) -> tuple:
+    """(acc, m, l) float32 buffers for the split partials (one allocation); `out` stands in when unused (direct)."""
+    if p["direct"]:
+        return out, out, out
+    rows = p["n_programs"] * p["G"] * Q
+    part = torch.empty(rows * (p["block_d"] + 2), dtype=torch.float32, device=out.device)
+    return part[: rows * p["block_d"]], part[-2 * rows : -rows], part[-rows:]
+
+
+def combine_splits(p: dict, cu, seg_unit: int, tail_lens, q_lens_arg, has_qlens: bool, out, parts) -> None:
+    """Merge the split partials into `out` (B, Hq, Q, D) unless the split kernel wrote it directly.
+
+    cu: the (S + 1,) prefix sums the split plan was built from, counting units of `seg_unit` key slots."""
+    if p["direct"]:
+        return
+    Q, D = out.shape[2], out.shape[3]
+    _attn_combine_kernel[p["combine_grid"]](
+        cu, tail_lens, q_lens_arg, out, *parts,
+        *out.stride(),
+        p["num_seg"], p["num_seg"] // out.shape[0], Q, D, p["chunk"],
+        G=p["G"], SEG_UNIT=seg_unit, HAS_QLENS=has_qlens, BLOCK_S=p["block_s"], BLOCK_P=p["block_p"],
+        BLOCK_R=p["block_r"], BLOCK_D=p["block_d"], num_warps=4,
+    )  # fmt: skip

@@ -24,7 +24,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_KERNEL_MODULES = ("compaction", "append", "varlen_attention", "quantization")
+_KERNEL_MODULES = ("compaction", "append", "varlen_attention", "quantization", "quantized_segments",
+                   "quantized_attention")
 
 
 def _reload_if_compiled() -> None:
