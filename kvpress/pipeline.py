@@ -10,6 +10,8 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.layer_access import restore_cache, snapshot_cache
+from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress.cache.quantized_cache import QuantizedCache, model_head_dim
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
@@ -25,7 +27,8 @@ class KVPressTextGenerationPipeline(Pipeline):
     """Answer questions about a long context whose KV cache is compressed by a press.
 
     ``pipe(context, question=... | questions=[...], answer_prefix="", press=None, max_new_tokens=50,
-    max_context_length=None, cache=None, query_aware=False, use_chat_template=None, cuda_graph=False)``
+    max_context_length=None, cache=None, query_aware=False, use_chat_template=None, cuda_graph=False,
+    kv_quantization=None)``
 
     - The context (with the chat template's prefix) is prefilled once, under the press; each question (with the
       template's suffix and ``answer_prefix``) is then answered by greedy decoding from the compressed cache, and the
@@ -45,6 +48,11 @@ class KVPressTextGenerationPipeline(Pipeline):
       the prefill.
     - ``cuda_graph=True`` (CUDA and a ``VarlenCache`` only) decodes through a captured CUDA graph, removing the
       Python overhead of the token-by-token loop.
+    - ``kv_quantization``: a :class:`~kvpress.cache.QuantizationConfig` (or a dict of its fields) stores the cache
+      quantized: the pipeline builds a :class:`~kvpress.cache.QuantizedCache` (single contexts, batches,
+      query-aware) and quantizes every layer after the prefill, compressed by the press or not. A press with a
+      ``quantization`` attribute (a memory-budget press) supplies it when ``kv_quantization`` is None. Not combined
+      with ``cache=`` (pass a ``QuantizedCache`` there instead) nor with channel-pruning presses.
 
     Returns ``{"answer": str}`` for ``question=`` (or no question) and ``{"answers": [str, ...]}`` for ``questions=``;
     a batch returns one such dict per context.
@@ -67,15 +75,17 @@ class KVPressTextGenerationPipeline(Pipeline):
         query_aware: bool = False,
         use_chat_template: bool | None = None,
         cuda_graph: bool = False,
+        kv_quantization: QuantizationConfig | dict | None = None,
         **kwargs,
     ):
         if kwargs:
             raise ValueError(
                 f"unknown pipeline argument(s) {sorted(kwargs)}; accepted: question, questions, answer_prefix, press, "
-                "max_new_tokens, max_context_length, cache, query_aware, use_chat_template, cuda_graph"
+                "max_new_tokens, max_context_length, cache, query_aware, use_chat_template, cuda_graph, "
+                "kv_quantization"
             )
         if not isinstance(cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")  # noqa: TRY004
         if question is not None and questions is not None:
             raise ValueError("give either question= or questions=, not both")
         single = questions is None
@@ -94,7 +104,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         if answer_prefix is not None and not isinstance(answer_prefix, str):
             raise ValueError(f"answer_prefix must be a string or None, got {type(answer_prefix).__name__}")
         if not isinstance(query_aware, bool):
-            raise ValueError(f"query_aware must be True or False, got {query_aware!r}")
+            raise ValueError(f"query_aware must be True or False, got {query_aware!r}")  # noqa: TRY004
         if use_chat_template is not None and not isinstance(use_chat_template, bool):
             raise ValueError(f"use_chat_template must be True, False or None (automatic), got {use_chat_template!r}")
         if cache is not None and not isinstance(cache, Cache):
@@ -105,7 +115,9 @@ class KVPressTextGenerationPipeline(Pipeline):
         if caps.phase != "prefill":
             raise ValueError(f"{type(press).__name__} is a decode-phase press; this pipeline runs prefill presses only")
         if caps.needs_question and not query_aware:
-            raise ValueError(f"{type(press).__name__} needs the question in the compressed prompt: pass query_aware=True")
+            raise ValueError(
+                f"{type(press).__name__} needs the question in the compressed prompt: pass query_aware=True"
+            )
         if use_chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(
                 "use_chat_template=True but the tokenizer has no chat template; pass use_chat_template=False "
@@ -125,8 +137,50 @@ class KVPressTextGenerationPipeline(Pipeline):
             )
         if cuda_graph and not (torch.cuda.is_available() and self.model.device.type == "cuda"):
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        forward = {"press": press, "max_new_tokens": max_new_tokens, "cache": cache, "cuda_graph": cuda_graph}
+        quantization = self._quantization(press, cache, kv_quantization)
+        forward = {
+            "press": press,
+            "max_new_tokens": max_new_tokens,
+            "cache": cache,
+            "cuda_graph": cuda_graph,
+            "quantization": quantization,
+        }
         return preprocess, forward, {"single": single}
+
+    def _quantization(self, press, cache, kv_quantization) -> QuantizationConfig | None:
+        """The config the pipeline's cache is quantized with, or None; every conflict raises before the model runs."""
+        if kv_quantization is not None:
+            kv_quantization = QuantizationConfig.coerce(kv_quantization, "kv_quantization")
+            if cache is not None:
+                raise ValueError(
+                    "give either cache= or kv_quantization=, not both: kv_quantization makes the pipeline build a "
+                    "QuantizedCache; to fill your own, pass cache=QuantizedCache(config=model.config, quantization=...)"
+                )
+        from_press = getattr(press, "quantization", None)
+        if isinstance(from_press, QuantizationConfig):
+            if kv_quantization is not None and kv_quantization != from_press:
+                raise ValueError(
+                    f"kv_quantization={kv_quantization!r} differs from the quantization {type(press).__name__} plans "
+                    f"its budget with ({from_press!r}); pass kv_quantization=None (or the same config)"
+                )
+            if cache is not None and not (isinstance(cache, QuantizedCache) and cache.quantization == from_press):
+                raise ValueError(
+                    f"{type(press).__name__} plans its budget for a cache quantized with {from_press!r}; pass "
+                    "cache=None or a QuantizedCache with that quantization"
+                )
+            kv_quantization = from_press
+        if kv_quantization is None:
+            return None
+        if press is not None and press.capabilities.prunes_channels:
+            raise ValueError(
+                f"{type(press).__name__} prunes key channels, which a quantized cache cannot store; "
+                "pass kv_quantization=None or a press that keeps every key channel"
+            )
+        try:
+            kv_quantization.check_head_dim(model_head_dim(self.model.config))
+        except ValueError as err:
+            raise ValueError(f"kv_quantization: {err}") from None
+        return kv_quantization
 
     # ---- prompt ---------------------------------------------------------------------------------------------------
     def _split_template(self, context: str, use_chat_template: bool | None) -> tuple[str, str]:
@@ -151,7 +205,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             _, after = self._split_template("", use_chat_template)
             return {"prompts": [], "tails": [self._encode(q + after + answer_prefix) for q in questions]}
         if not isinstance(context, str):
-            raise ValueError(f"context must be a string, got {type(context).__name__}")
+            raise ValueError(f"context must be a string, got {type(context).__name__}")  # noqa: TRY004
         if not context.strip():
             raise ValueError("context is empty: give the text whose KV cache should be compressed")
         before, after = self._split_template(context, use_chat_template)
@@ -191,7 +245,9 @@ class KVPressTextGenerationPipeline(Pipeline):
             return int(max(v.max().item() for v in report.kept_lengths.values()))
         return input_ids.shape[1]
 
-    def _make_cache(self, press: BasePress | None):
+    def _make_cache(self, press: BasePress | None, quantization: QuantizationConfig | None = None):
+        if quantization is not None:
+            return QuantizedCache(config=self.model.config, quantization=quantization)
         head_variable = press is not None and press.capabilities.head_variable
         return VarlenCache(config=self.model.config) if head_variable else DynamicCache(config=self.model.config)
 
@@ -267,7 +323,9 @@ class KVPressTextGenerationPipeline(Pipeline):
         from kvpress.cache.graph_decoder import GraphDecoder
 
         if not isinstance(cache, VarlenCache):
-            raise ValueError("cuda_graph=True decodes from a VarlenCache; pass cache=VarlenCache(config=model.config)")
+            raise ValueError(  # noqa: TRY004
+                "cuda_graph=True decodes from a VarlenCache; pass cache=VarlenCache(config=model.config)"
+            )
         return GraphDecoder(self.model, cache, max_new_tokens)
 
     def _check_press(self, press: BasePress | None, prompts: list[torch.Tensor]) -> None:
@@ -277,9 +335,9 @@ class KVPressTextGenerationPipeline(Pipeline):
             for prompt in prompts:
                 press.check_length(prompt.shape[1])
 
-    def _forward(self, inputs, press=None, max_new_tokens=50, cache=None, cuda_graph=False):
+    def _forward(self, inputs, press=None, max_new_tokens=50, cache=None, cuda_graph=False, quantization=None):
         if "batch" in inputs:
-            return self._forward_batch(inputs["batch"], press, max_new_tokens, cuda_graph)
+            return self._forward_batch(inputs["batch"], press, max_new_tokens, cuda_graph, quantization)
         device = self.model.device
         prompts = [p.to(device) for p in inputs["prompts"]]
         tails = [t.to(device) for t in inputs["tails"]]
@@ -298,7 +356,9 @@ class KVPressTextGenerationPipeline(Pipeline):
                 answers += self._generate([tail], cache, cache.next_positions, max_new_tokens, cuda_graph)
                 restore_cache(cache, state)
             return {"answers": answers}
-        cache = cache if cache is not None else self._make_cache(press)
+        cache = cache if cache is not None else self._make_cache(press, quantization)
+        # Quantized caches store the prefilled context quantized even where no press compressed it.
+        compact = cuda_graph or isinstance(cache, QuantizedCache)
         if cache.get_seq_length() > 0:
             raise ValueError("cache must be empty: the pipeline prefills the context into it")
         answers = []
@@ -306,7 +366,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             position = self._prefill(prompts[0], cache, press)
             if isinstance(cache, VarlenCache):
                 cache.next_positions = [position]
-                if cuda_graph:
+                if compact:
                     cache.compact()
             state = snapshot_cache(cache)
             for tail in tails:
@@ -317,7 +377,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             for prompt, tail in zip(prompts, tails):
                 restore_cache(cache, empty)
                 position = self._prefill(prompt, cache, press)
-                if cuda_graph and isinstance(cache, VarlenCache):
+                if compact and isinstance(cache, VarlenCache):
                     cache.compact()
                 state = snapshot_cache(cache)
                 answers += self._generate([tail], cache, [position], max_new_tokens, cuda_graph)
@@ -360,16 +420,17 @@ class KVPressTextGenerationPipeline(Pipeline):
         outputs = self.forward({"batch": items}, **fwd)
         return [self.postprocess({"answers": a}, **post) for a in outputs["batch_answers"]]
 
-    def _forward_batch(self, items, press, max_new_tokens, cuda_graph):
+    def _forward_batch(self, items, press, max_new_tokens, cuda_graph, quantization=None):
         device = self.model.device
         self._check_press(press, [item["prompts"][0] for item in items])
         caches, positions = [], []
+        kind = VarlenCache if quantization is None else QuantizedCache
         for item in items:
-            cache = VarlenCache(config=self.model.config)
+            cache = kind(config=self.model.config, **({} if quantization is None else {"quantization": quantization}))
             positions.append(self._prefill(item["prompts"][0].to(device), cache, press))
             cache.compact()
             caches.append(cache)
-        cache = VarlenCache.concatenate(caches)
+        cache = kind.concatenate(caches)
         cache.next_positions = positions
         del caches
         state = snapshot_cache(cache)

@@ -4,6 +4,9 @@ from kvpress.cache.attention import ATTENTION_NAME, compressed_attention, kvpres
 from kvpress.cache.channel_pruned_layer import ChannelPrunedLayer
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.layer_access import layer_memory_bytes, read_layer, restore_cache, snapshot_cache, write_layer
+from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress.cache.quantized_cache import QuantizedCache
+from kvpress.cache.quantized_layer import QuantizedVarlenLayer
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
 
@@ -11,6 +14,9 @@ __all__ = [
     "ATTENTION_NAME",
     "ChannelPrunedLayer",
     "CompressedKV",
+    "QuantizationConfig",
+    "QuantizedCache",
+    "QuantizedVarlenLayer",
     "VarlenCache",
     "VarlenLayer",
     "compressed_attention",

@@ -74,7 +74,8 @@ class GraphDecoder:
 
     The graph holds the addresses of the cache's buffers: anything that reallocates them (growing past the reserved
     capacity, :func:`restore_cache`, ``batch_select_indices``) makes the decoder stale, and its calls raise
-    ``ValueError``; build a new one then. Eager forwards in between are fine (``tail_lens`` is updated in place).
+    ``ValueError``; build a new one then. Eager forwards in between are fine (``tail_lens`` is updated in place),
+    unless one makes a quantized layer flush its full-precision tail into new segments: the next call then raises.
     """
 
     def __init__(self, model: nn.Module, cache: VarlenCache, max_new_tokens: int, warmup_steps: int = 3):
@@ -206,6 +207,8 @@ class GraphDecoder:
         return tuple(
             (id(layer), getattr(layer, "ragged", False))
             + tuple(t.data_ptr() if isinstance(t, torch.Tensor) else None for t in map(layer.__dict__.get, names))
+            # Quantized layers: a flush replaces the segments (the graph would read freed storage).
+            + (_segments_address(layer.__dict__.get("segs")),)
             for layer in self.cache.layers
         )
 
@@ -213,3 +216,8 @@ class GraphDecoder:
         # In-place updates of inference tensors are only allowed in inference mode, and of ordinary ones outside it
         # they stay ordinary: follow how the cache was built.
         return torch.inference_mode() if self.cache.layers[0].tail_lens.is_inference() else torch.no_grad()
+
+
+def _segments_address(segs) -> int | None:
+    """Address of a quantized layer's packed keys (``None`` for layers without quantized segments)."""
+    return segs.k_packed.data_ptr() if segs is not None else None

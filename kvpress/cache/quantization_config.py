@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 BITS = (2, 4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -53,13 +53,35 @@ class QuantizationConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check_residual(self) -> "QuantizationConfig":
+    def _check_residual(self) -> QuantizationConfig:
         if self.residual_length < self.group_size or self.residual_length % self.group_size:
             raise ValueError(
                 f"residual_length must be a positive multiple of group_size={self.group_size}, "
                 f"got {self.residual_length}"
             )
         return self
+
+    @classmethod
+    def coerce(cls, value: QuantizationConfig | dict, name: str = "quantization") -> QuantizationConfig:
+        """``value`` as a config: a ``QuantizationConfig`` as is, a dict validated field by field.
+
+        Raises a plain ``ValueError`` naming ``name`` and every problem (unknown keys, bad bits or group size).
+        """
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(  # noqa: TRY004  (bad input is a ValueError throughout the library)
+                f"{name} must be a QuantizationConfig or a dict of its fields (bits, group_size, residual_length, "
+                f"layer_bits), got {type(value).__name__}"
+            )
+        try:
+            return cls(**value)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
+                for e in err.errors()
+            )
+            raise ValueError(f"{name} is not a valid QuantizationConfig: {problems}") from None
 
     def bits_for(self, layer_idx: int) -> int:
         """Code width of layer ``layer_idx``."""

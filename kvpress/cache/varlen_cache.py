@@ -66,7 +66,7 @@ class VarlenCache(DynamicCache):
                 layer.replace(CompressedKV(layer.keys, layer.values))
 
     @classmethod
-    def concatenate(cls, caches: list["VarlenCache"]) -> "VarlenCache":
+    def concatenate(cls, caches: list[VarlenCache]) -> VarlenCache:
         """Stack single- or multi-sequence caches along the batch (every layer ragged, tails empty).
 
         Each sequence keeps exactly its own tokens: no padding enters the result.
@@ -83,81 +83,111 @@ class VarlenCache(DynamicCache):
         for i in range(n_layers):
             parts = [c.layers[i] for c in caches]
             if not all(isinstance(p, VarlenLayer) and p.ragged and p.tail_len == 0 for p in parts):
-                raise ValueError(f"layer {i}: only compressed layers with no tokens added after compression can be stacked")
+                raise ValueError(
+                    f"layer {i}: only compressed layers with no tokens added after compression can be stacked"
+                )
             seg_lens = torch.cat([p.seg_lens for p in parts])
             head_dim = parts[0].head_dim
-            b_total, heads = seg_lens.shape
             keys = torch.cat([p.seg_k for p in parts])
             values = torch.cat([p.seg_v for p in parts])
             layer = VarlenLayer()
             layer.adopt(keys, values, seg_lens, head_dim)
             out.layers.append(layer)
         positions = [c.next_positions for c in caches]
-        out.next_positions = sum(positions, []) if all(p is not None for p in positions) else None
+        out.next_positions = [x for p in positions for x in p] if all(p is not None for p in positions) else None
         return out
 
     # ---- persistence -----------------------------------------------------------------------------------------
+    _FORMAT = "kvpress.VarlenCache"
+
     def save(self, path: str | Path) -> None:
         """Write the cache to ``path`` (a safetensors file: storage, lengths, and the layout in its metadata)."""
         tensors, layout = {}, []
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, VarlenLayer) and layer.ragged:
-                n = layer.tail_len
-                tensors.update(
-                    {
-                        f"{i}.seg_k": layer.seg_k,
-                        f"{i}.seg_v": layer.seg_v,
-                        f"{i}.seg_lens": layer.seg_lens,
-                        f"{i}.tail_k": layer.tail_k[:, :, :n].contiguous(),
-                        f"{i}.tail_v": layer.tail_v[:, :, :n].contiguous(),
-                        f"{i}.tail_lens": layer.tail_lens,
-                    }
-                )
-                layout.append({"kind": "ragged", "tail_len": n, "head_dim": layer.head_dim})
-            elif layer.is_initialized and layer.keys is not None and layer.keys.numel():
-                tensors.update({f"{i}.keys": layer.keys.contiguous(), f"{i}.values": layer.values.contiguous()})
-                layout.append({"kind": "dense", "sliding_window": getattr(layer, "sliding_window", None)})
-            else:
-                layout.append({"kind": "empty", "sliding_window": getattr(layer, "sliding_window", None)})
+            entry, layer_tensors = self._save_layer(layer)
+            tensors.update({f"{i}.{name}": t for name, t in layer_tensors.items()})
+            layout.append(entry)
         meta = {
-            "format": "kvpress.VarlenCache",
+            "format": self._FORMAT,
             "version": str(FORMAT_VERSION),
             "layout": json.dumps(layout),
             "next_positions": json.dumps(self.next_positions),
+            **self._save_metadata(),
         }
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
 
+    def _save_metadata(self) -> dict[str, str]:
+        """Extra file metadata of subclasses (read back by :meth:`_empty_for_load`)."""
+        return {}
+
+    def _save_layer(self, layer) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(layout entry, tensors by name)`` of one layer."""
+        if isinstance(layer, VarlenLayer) and layer.ragged:
+            n = layer.tail_len
+            tensors = {
+                "seg_k": layer.seg_k,
+                "seg_v": layer.seg_v,
+                "seg_lens": layer.seg_lens,
+                "tail_k": layer.tail_k[:, :, :n].contiguous(),
+                "tail_v": layer.tail_v[:, :, :n].contiguous(),
+                "tail_lens": layer.tail_lens,
+            }
+            return {"kind": "ragged", "tail_len": n, "head_dim": layer.head_dim}, tensors
+        window = getattr(layer, "sliding_window", None)
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            tensors = {"keys": layer.keys.contiguous(), "values": layer.values.contiguous()}
+            return {"kind": "dense", "sliding_window": window}, tensors
+        return {"kind": "empty", "sliding_window": window}, {}
+
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "VarlenCache":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VarlenCache:
         """Read a cache written by :meth:`save`, placing its tensors on ``device``."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if meta.get("format") != "kvpress.VarlenCache":
-            raise ValueError(f"{path} is not a kvpress VarlenCache file (metadata format={meta.get('format')!r})")
+        name = cls.__name__
+        if meta.get("format") != cls._FORMAT:
+            raise ValueError(f"{path} is not a kvpress {name} file (metadata format={meta.get('format')!r})")
         if meta.get("version") != str(FORMAT_VERSION):
-            raise ValueError(f"unsupported VarlenCache file version {meta.get('version')!r}; accepted: {FORMAT_VERSION}")
+            raise ValueError(f"unsupported {name} file version {meta.get('version')!r}; accepted: {FORMAT_VERSION}")
         data = load_file(str(path), device=str(device))
-        cache = cls()
+        cache = cls._empty_for_load(meta)
         cache.layer_class_to_replicate = None
         for i, entry in enumerate(json.loads(meta["layout"])):
-            if entry["kind"] == "ragged":
-                layer = VarlenLayer()
-                layer.adopt(
-                    data[f"{i}.seg_k"], data[f"{i}.seg_v"], data[f"{i}.seg_lens"].to("cpu", torch.long), entry["head_dim"]
-                )
-                tail_k, tail_v = data[f"{i}.tail_k"], data[f"{i}.tail_v"]
-                layer.reserve(tail_k.shape[2])
-                layer.tail_k[:, :, : tail_k.shape[2]] = tail_k
-                layer.tail_v[:, :, : tail_v.shape[2]] = tail_v
-                layer.tail_lens.copy_(data[f"{i}.tail_lens"])
-                layer.tail_len = entry["tail_len"]
-            else:
-                window = entry.get("sliding_window")
-                layer = DynamicSlidingWindowLayer(sliding_window=window) if window else VarlenLayer()
-                if entry["kind"] == "dense":
-                    layer.update(data[f"{i}.keys"], data[f"{i}.values"])
-            cache.layers.append(layer)
+            prefix = f"{i}."
+            tensors = {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
+            cache.layers.append(cache._load_layer(i, entry, tensors))
         cache.next_positions = json.loads(meta.get("next_positions", "null"))
         return cache
+
+    @classmethod
+    def _empty_for_load(cls, meta: dict[str, str]) -> VarlenCache:
+        """An empty cache of this class for :meth:`load` (``meta``: the file's metadata)."""
+        return cls()
+
+    def _dense_layer(self, layer_idx: int):
+        """A fresh layer for the full-attention layer ``layer_idx`` (dense until compressed)."""
+        return VarlenLayer()
+
+    def _load_layer(self, layer_idx: int, entry: dict, data: dict[str, torch.Tensor]):
+        """One layer rebuilt from its layout ``entry`` and its tensors ``data`` (names without the layer prefix)."""
+        if entry["kind"] == "ragged":
+            layer = VarlenLayer()
+            layer.adopt(data["seg_k"], data["seg_v"], data["seg_lens"].to("cpu", torch.long), entry["head_dim"])
+            self._load_tail(layer, entry, data)
+            return layer
+        window = entry.get("sliding_window")
+        layer = DynamicSlidingWindowLayer(sliding_window=window) if window else self._dense_layer(layer_idx)
+        if entry["kind"] == "dense":
+            layer.update(data["keys"], data["values"])
+        return layer
+
+    @staticmethod
+    def _load_tail(layer: VarlenLayer, entry: dict, data: dict[str, torch.Tensor]) -> None:
+        tail_k, tail_v = data["tail_k"], data["tail_v"]
+        layer.reserve(tail_k.shape[2])
+        layer.tail_k[:, :, : tail_k.shape[2]] = tail_k
+        layer.tail_v[:, :, : tail_v.shape[2]] = tail_v
+        layer.tail_lens.copy_(data["tail_lens"])
+        layer.tail_len = entry["tail_len"]

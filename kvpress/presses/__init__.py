@@ -8,6 +8,7 @@ from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.memory_budget_press import MemoryBudgetPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
@@ -30,6 +31,7 @@ __all__ = [
     "ExpectedAttentionPress",
     "KeyRerotationPress",
     "KnormPress",
+    "MemoryBudgetPress",
     "ObservedAttentionPress",
     "PerLayerCompressionPress",
     "PyramidKVPress",

@@ -1,0 +1,141 @@
+"""`QuantizedCache`: a head-variable cache whose full-attention layers store their context in packed low-bit groups."""
+
+from __future__ import annotations
+
+import torch
+from kvpress_kernels import QuantizedSegments
+
+from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress.cache.quantized_layer import QuantizedVarlenLayer, concat_segments
+from kvpress.cache.varlen_cache import VarlenCache
+from kvpress.cache.varlen_layer import VarlenLayer
+
+_SEGMENT_FIELDS = (
+    "k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "cu_groups", "ctx_len", "ctx_groups"
+)  # fmt: skip
+
+
+class QuantizedCache(VarlenCache):
+    """A :class:`VarlenCache` of :class:`QuantizedVarlenLayer`\\ s: pruning and quantization stack.
+
+    ``QuantizedCache(config=model.config, quantization=QuantizationConfig(bits=4, group_size=64))``: full-attention
+    layer ``i`` stores ``quantization.bits_for(i)``-bit codes; sliding-window layers stay dense. Prefill runs with
+    the model's own attention; a press compressing a layer (uniformly or per head) quantizes what it keeps, and
+    :meth:`compact` quantizes layers no press touched. Tokens added later stay in full precision until
+    ``residual_length`` of them have accumulated (see :class:`QuantizedVarlenLayer`).
+
+    ``quantization`` may also be a dict of :class:`QuantizationConfig` fields; ``None`` takes its defaults.
+    """
+
+    _FORMAT = "kvpress.QuantizedCache"
+
+    def __init__(self, config=None, quantization: QuantizationConfig | dict | None = None, **kwargs):
+        quantization = QuantizationConfig() if quantization is None else quantization
+        self.quantization = QuantizationConfig.coerce(quantization, "quantization")
+        if config is not None:
+            self.quantization.check_head_dim(model_head_dim(config))
+        super().__init__(config=config, **kwargs)
+        if self.layers:
+            self.layers = [
+                self._dense_layer(i) if type(layer) is VarlenLayer else layer for i, layer in enumerate(self.layers)
+            ]
+        else:
+            self.layer_class_to_replicate = self._next_layer
+
+    def _dense_layer(self, layer_idx: int) -> QuantizedVarlenLayer:
+        q = self.quantization
+        return QuantizedVarlenLayer(q.bits_for(layer_idx), q.group_size, q.residual_length)
+
+    def _next_layer(self) -> QuantizedVarlenLayer:
+        # transformers appends lazily created layers in order, so the next one's index is the current count.
+        return self._dense_layer(len(self.layers))
+
+    def compact(self) -> None:
+        """Quantize every dense full-attention layer, keeping all its tokens."""
+        super().compact()  # a QuantizedVarlenLayer's replace quantizes
+
+    @classmethod
+    def concatenate(cls, caches: list[QuantizedCache]) -> QuantizedCache:
+        """Stack single- or multi-sequence caches along the batch (every layer quantized, tails empty).
+
+        The caches must share their :class:`QuantizationConfig`; each sequence keeps exactly its own tokens.
+        """
+        if not caches:
+            raise ValueError("caches must be a non-empty list of QuantizedCache")
+        n_layers, quantization = len(caches[0].layers), getattr(caches[0], "quantization", None)
+        for c in caches:
+            if not isinstance(c, QuantizedCache) or len(c.layers) != n_layers or c.quantization != quantization:
+                raise ValueError(
+                    "caches must all be QuantizedCache objects with the same number of layers and the same quantization"
+                )
+            c.compact()
+        out = cls(quantization=quantization)
+        out.layer_class_to_replicate = None
+        for i in range(n_layers):
+            parts = [c.layers[i] for c in caches]
+            if not all(isinstance(p, QuantizedVarlenLayer) and p.ragged and p.tail_len == 0 for p in parts):
+                raise ValueError(
+                    f"layer {i}: only quantized layers with no tokens added after compression can be stacked"
+                )
+            layer = out._dense_layer(i)
+            layer.adopt_quantized(concat_segments([p.segs for p in parts]), torch.cat([p.seg_lens for p in parts]))
+            out.layers.append(layer)
+        positions = [c.next_positions for c in caches]
+        out.next_positions = [x for p in positions for x in p] if all(p is not None for p in positions) else None
+        return out
+
+    # ---- persistence (VarlenCache.save / load call these) ----------------------------------------------------
+    def _save_metadata(self) -> dict[str, str]:
+        return {"quantization": self.quantization.model_dump_json()}
+
+    @classmethod
+    def _empty_for_load(cls, meta: dict[str, str]) -> QuantizedCache:
+        return cls(quantization=QuantizationConfig.model_validate_json(meta["quantization"]))
+
+    def _save_layer(self, layer) -> tuple[dict, dict[str, torch.Tensor]]:
+        if not (isinstance(layer, QuantizedVarlenLayer) and layer.ragged):
+            return super()._save_layer(layer)
+        n = layer.tail_len
+        segs = layer.segs
+        tensors = {f"segs.{name}": getattr(segs, name) for name in _SEGMENT_FIELDS}
+        tensors.update(
+            {
+                "seg_lens": layer.seg_lens,
+                "tail_k": layer.tail_k[:, :, :n].contiguous(),
+                "tail_v": layer.tail_v[:, :, :n].contiguous(),
+                "tail_lens": layer.tail_lens,
+            }
+        )
+        entry = {
+            "kind": "quantized",
+            "tail_len": n,
+            "tail_spread": layer.tail_spread,
+            "head_dim": segs.head_dim,
+            "bits": segs.bits,
+            "group_size": segs.group_size,
+            "dtype": str(segs.dtype).removeprefix("torch."),
+        }
+        return entry, tensors
+
+    def _load_layer(self, layer_idx: int, entry: dict, data: dict[str, torch.Tensor]):
+        if entry["kind"] != "quantized":
+            return super()._load_layer(layer_idx, entry, data)
+        q = self.quantization
+        layer = QuantizedVarlenLayer(entry["bits"], entry["group_size"], q.residual_length)
+        segs = QuantizedSegments(
+            **{name: data[f"segs.{name}"] for name in _SEGMENT_FIELDS},
+            bits=entry["bits"], group_size=entry["group_size"], head_dim=entry["head_dim"],
+            dtype=getattr(torch, entry["dtype"]),
+        )  # fmt: skip
+        layer.adopt_quantized(segs, data["seg_lens"].to("cpu", torch.long))
+        self._load_tail(layer, entry, data)
+        layer.tail_spread = entry["tail_spread"]
+        return layer
+
+
+def model_head_dim(config) -> int:
+    """Head dimension of a transformers model config (its text decoder's)."""
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None)
+    return int(head_dim) if head_dim else text.hidden_size // text.num_attention_heads
+

@@ -1,0 +1,230 @@
+"""`QuantizedVarlenLayer`: a ragged (per-head length) layer whose context is stored as packed low-bit groups."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from kvpress_kernels import QuantizedSegments, append_segment_groups, quantize_segments, quantized_varlen_attention
+from kvpress_kernels.quantization import words_per_group
+
+from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress.cache.varlen_layer import VarlenLayer, VarlenView
+
+
+class QuantizedVarlenLayer(VarlenLayer):
+    """Head-variable storage of one layer with the context quantized (KIVI layout: keys per channel, values per token).
+
+    Dense during prefill, as :class:`VarlenLayer`. When a press compresses the layer (:meth:`replace`), or when a
+    later forward reaches it still dense, its tokens are stored as :class:`~kvpress_kernels.QuantizedSegments`
+    (``bits``-bit codes, one scale and zero per group of ``group_size``). A uniform press gives every head the same
+    length; a head-variable one (AdaKV) different ones: the layout is the same.
+
+    Tokens added afterwards go to the full-precision tail exactly as in :class:`VarlenLayer` (appended in place). At
+    the start of an ``update``, once every sequence's tail holds at least ``residual_length`` tokens, the oldest
+    complete groups of the tail are quantized and appended to the segments, and the rest of the tail moves to its
+    front. This is skipped while a CUDA graph is captured: replays only grow the tail, the next eager update flushes.
+
+    Extra state (compressed layer): ``segs`` (the quantized context and flushed groups), ``seg_lens``
+    ``(batch, kv_heads)`` cpu long valid quantized tokens per head, ``tail_spread`` (host int: ``tail_len`` minus
+    the shortest sequence's tail, so the flush test needs no device sync).
+    """
+
+    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128, **kwargs):
+        self.quantization = QuantizationConfig.coerce(
+            {"bits": bits, "group_size": group_size, "residual_length": residual_length}, "QuantizedVarlenLayer"
+        )
+        super().__init__(**kwargs)
+        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self.segs: QuantizedSegments | None = None
+        self.tail_spread = 0
+
+    # ---- compaction ------------------------------------------------------------------------------------------
+    def replace(self, kv: CompressedKV) -> None:
+        """Quantize the kept tokens of ``kv`` (``lengths[b, h]`` valid rows per head) into ragged segments."""
+        if kv.key_channels is not None:
+            raise ValueError(
+                "a quantized cache layer stores whole keys; channel-pruned keys (e.g. ThinKPress) cannot be quantized: "
+                "drop the quantization or use a press that keeps every key channel"
+            )
+        self.quantization.check_head_dim(kv.keys.shape[-1])
+        super().replace(kv)  # validates the lengths, packs the rows and hands them to adopt
+
+    def adopt(self, seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.Tensor, head_dim: int) -> None:
+        """Quantize ragged rows: ``seg_k, seg_v`` ``(N, head_dim)`` for ``seg_lens`` ``(batch, kv_heads)``."""
+        if int(seg_lens.sum()) != seg_k.shape[0] or seg_v.shape[0] != seg_k.shape[0]:
+            raise ValueError(f"seg_lens sum to {int(seg_lens.sum())} rows but seg_k has {seg_k.shape[0]}")
+        self.quantization.check_head_dim(head_dim)
+        flat = seg_lens.reshape(-1).to(seg_k.device, torch.long)
+        segs = quantize_segments(seg_k, seg_v, flat, self.bits, self.group_size)
+        self.adopt_quantized(segs, seg_lens)
+
+    def adopt_quantized(self, segs: QuantizedSegments, seg_lens: torch.Tensor) -> None:
+        """Take quantized storage as is; ``seg_lens`` ``(batch, kv_heads)``: valid tokens of each segment."""
+        b, h = seg_lens.shape
+        if segs.cu_groups.shape[0] != b * h + 1:
+            raise ValueError(f"segs holds {segs.cu_groups.shape[0] - 1} segments, seg_lens {b * h}")
+        if (segs.bits, segs.group_size) != (self.bits, self.group_size):
+            raise ValueError(
+                f"segs has bits={segs.bits}, group_size={segs.group_size}; this layer takes bits={self.bits}, "
+                f"group_size={self.group_size}"
+            )
+        device, d = segs.k_packed.device, segs.head_dim
+        self.segs = segs
+        self.seg_lens = seg_lens.to("cpu", torch.long)
+        self.seg_k = self.seg_v = self.cu_seqlens = None  # full-precision context storage of VarlenLayer: unused
+        self.dtype, self.device = segs.dtype, device
+        self.batch_size, self.num_heads, self.head_dim = b, h, d
+        self.tail_k = torch.zeros(b, h, 0, d, dtype=segs.dtype, device=device)
+        self.tail_v = torch.zeros(b, h, 0, d, dtype=segs.dtype, device=device)
+        self.tail_lens = torch.zeros(b, dtype=torch.int32, device=device)
+        self.tail_len = self.tail_spread = 0
+        self.keys = self.values = None
+        self.is_initialized = self.ragged = True
+
+    # ---- transformers layer API -------------------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.ragged:
+            if not (self.is_initialized and self.keys is not None and self.keys.numel()):
+                return super().update(key_states, value_states, *args, **kwargs)  # prefill: dense
+            # A forward after an uncompressed prefill: store that context quantized before appending to the tail.
+            self.replace(CompressedKV(self.keys, self.values))
+        elif not _capturing(self.tail_k):
+            self.flush()
+        q_lens = kwargs.get("new_token_lengths")
+        super().update(key_states, value_states, *args, **kwargs)
+        if q_lens is not None:  # right-padded new tokens: sequences' tails now differ
+            self.tail_spread = self.tail_len - int(self.tail_lens.min())
+        view = QuantizedView(self, q_lens)
+        return view, view
+
+    def flush(self) -> int:
+        """Quantize the tail's oldest complete groups if every sequence's tail holds ``residual_length`` tokens.
+
+        Returns the tokens moved per sequence (a multiple of ``group_size``; 0 when nothing was due).
+        """
+        if not self.ragged:
+            return 0
+        ready = self.tail_len - self.tail_spread  # tail tokens every sequence holds
+        if ready < self.residual_length:
+            return 0
+        n = ready // self.group_size * self.group_size
+        b, h, d = self.batch_size, self.num_heads, self.head_dim
+        new_k = self.tail_k[:, :, :n].reshape(b * h, n, d)
+        new_v = self.tail_v[:, :, :n].reshape(b * h, n, d)
+        # A new segments object: snapshots keep referring to the old one, which is never written.
+        self.segs = append_segment_groups(self.segs, new_k, new_v)
+        rest = self.tail_len - n
+        # In place (same buffer): captured graphs and snapshots hold this tensor; clone as the ranges overlap.
+        self.tail_k[:, :, :rest] = self.tail_k[:, :, n : self.tail_len].clone()
+        self.tail_v[:, :, :rest] = self.tail_v[:, :, n : self.tail_len].clone()
+        self.tail_lens.sub_(n)
+        self.tail_len = rest
+        self.seg_lens = self.seg_lens + n
+        return n
+
+    def memory_bytes(self) -> int:
+        """Bytes allocated: packed codes, scales, zeros and int32 metadata of ``segs``, tail capacity, tail lengths."""
+        if not self.ragged:
+            return super().memory_bytes()
+        tensors = (self.tail_k, self.tail_v, self.tail_lens)
+        return self.segs.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens; only full-precision tail tokens can be removed."""
+        if not self.ragged:
+            return super().crop(tokens_to_remove)
+        if tokens_to_remove > 0 or -tokens_to_remove > self.tail_len:
+            raise ValueError(
+                f"crop removes tokens of the full-precision tail only: a negative count of at most {self.tail_len} "
+                f"(quantized groups cannot be cropped), got {tokens_to_remove}"
+            )
+        shortest = self.tail_len - self.tail_spread
+        super().crop(tokens_to_remove)
+        self.tail_spread = self.tail_len - max(shortest + tokens_to_remove, 0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.ragged:
+            return super().batch_select_indices(indices)
+        indices = torch.as_tensor(indices, device="cpu", dtype=torch.long)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
+            raise ValueError(f"batch indices must be in [0, {self.batch_size}), got {indices.tolist()}")
+        segments = (indices[:, None] * self.num_heads + torch.arange(self.num_heads)).flatten()
+        self.segs = select_segments(self.segs, segments)
+        self.seg_lens = self.seg_lens[indices]
+        dev_idx = indices.to(self.tail_k.device)
+        self.tail_k, self.tail_v = self.tail_k[dev_idx], self.tail_v[dev_idx]
+        self.tail_lens = self.tail_lens[dev_idx]
+        self.batch_size = len(indices)
+        self.tail_spread = self.tail_len - int(self.tail_lens.min()) if len(indices) else 0
+
+
+class QuantizedView(VarlenView):
+    """What :meth:`QuantizedVarlenLayer.update` hands to the attention function."""
+
+    def attend(self, query: torch.Tensor, scaling: float | None = None, sliding_window: int | None = None):
+        """``query`` ``(batch, heads, q_len, head_dim)`` -> ``(batch, q_len, heads, head_dim)``."""
+        if sliding_window:
+            raise ValueError("QuantizedVarlenLayer holds full-attention layers only; sliding-window layers stay dense")
+        layer = self.layer
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = quantized_varlen_attention(
+            query, layer.segs, layer.tail_k, layer.tail_v, layer.tail_lens, scale, self.q_lens, check=False
+        )
+        return out.transpose(1, 2).contiguous()
+
+
+def _capturing(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _prefix_sums(counts: torch.Tensor, device) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device=device, dtype=torch.int32)
+
+
+def select_segments(segs: QuantizedSegments, segments: torch.Tensor) -> QuantizedSegments:
+    """The segments numbered ``segments`` (cpu long, in that order) of ``segs``, as new storage."""
+    cu = segs.cu_groups.to("cpu", torch.long)
+    segments = segments.to("cpu", torch.long)
+    groups = torch.cat(
+        [torch.arange(int(cu[s]), int(cu[s + 1])) for s in segments.tolist()] + [torch.zeros(0, dtype=torch.long)]
+    )
+    w, g = words_per_group(segs.bits, segs.group_size), segs.group_size
+    device = segs.k_packed.device
+    k_rows = (groups[:, None] * w + torch.arange(w)).flatten().to(device)
+    v_rows = (groups[:, None] * g + torch.arange(g)).flatten().to(device)
+    groups, dev_segments = groups.to(device), segments.to(device)
+    return dataclasses.replace(
+        segs,
+        k_packed=segs.k_packed[k_rows],
+        k_scale=segs.k_scale[groups],
+        k_zero=segs.k_zero[groups],
+        v_packed=segs.v_packed[v_rows],
+        v_scale=segs.v_scale[v_rows],
+        v_zero=segs.v_zero[v_rows],
+        cu_groups=_prefix_sums((cu[1:] - cu[:-1])[segments], device),
+        ctx_len=segs.ctx_len[dev_segments],
+        ctx_groups=segs.ctx_groups[dev_segments],
+    )
+
+
+def concat_segments(parts: list[QuantizedSegments]) -> QuantizedSegments:
+    """The segments of every part, in order, as one storage (all parts share bits, group size, head dim, dtype)."""
+    first = parts[0]
+    for p in parts:
+        if (p.bits, p.group_size, p.head_dim, p.dtype) != (first.bits, first.group_size, first.head_dim, first.dtype):
+            raise ValueError(
+                "quantized layers to stack must share bits, group_size, head_dim and dtype; got "
+                f"{(p.bits, p.group_size, p.head_dim, p.dtype)} and "
+                f"{(first.bits, first.group_size, first.head_dim, first.dtype)}"
+            )
+    counts = torch.cat([(p.cu_groups[1:] - p.cu_groups[:-1]).to("cpu", torch.long) for p in parts])
+    return dataclasses.replace(
+        first,
+        **{name: torch.cat([getattr(p, name) for p in parts]) for name in _GROUP_FIELDS},
+        cu_groups=_prefix_sums(counts, first.cu_groups.device),
+    )
+
+
+_GROUP_FIELDS = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "ctx_len", "ctx_groups")
