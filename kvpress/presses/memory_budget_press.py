@@ -88,16 +88,8 @@ class MemoryBudgetPress(BasePress):
         nbytes = self.budget_bytes
         if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1):
             raise ValueError(f"budget_bytes must be a positive int (bytes per sequence), got {nbytes!r}")
-        if isinstance(self.quantization, dict):
-            try:
-                self.quantization = QuantizationConfig(**self.quantization)
-            except ValueError as error:
-                raise ValueError(_field_errors("quantization", error)) from None
-        if self.quantization is not None and not isinstance(self.quantization, QuantizationConfig):
-            raise ValueError(
-                "quantization must be a QuantizationConfig, a dict of its fields (bits, group_size, residual_length, "
-                f"layer_bits) or None, got {type(self.quantization).__name__}"
-            )
+        if self.quantization is not None:
+            self.quantization = QuantizationConfig.coerce(self.quantization, "quantization")
 
     # ---- the plan -------------------------------------------------------------------------------------------------
     def token_bytes(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> float:
@@ -258,15 +250,3 @@ def _geometry(config) -> tuple[int, int, list[int]]:
 def _describe(press) -> str:
     inner = getattr(press, "press", None)
     return f"{type(press).__name__}({type(inner).__name__})" if inner is not None else type(press).__name__
-
-
-def _field_errors(name: str, error: ValueError) -> str:
-    """One line per invalid field of a pydantic validation error, prefixed with ``name`` (e.g. ``quantization.bits``)."""
-    details = getattr(error, "errors", None)
-    if details is None:
-        return f"{name}: {error}"
-    lines = []
-    for item in details():
-        where = ".".join([name, *map(str, item["loc"])])
-        lines.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
-    return "; ".join(lines)
