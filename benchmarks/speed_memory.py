@@ -80,15 +80,19 @@ GRAPH_CHECK_STEPS = 16  # greedy tokens compared between the eager loop and the 
 
 def run_one(
     model, n_ctx: int, batch: int, name: str, make_press, varlen: bool, steps: int, warmup: int,
-    cuda_graph: bool = False,
+    cuda_graph: bool = False, make_cache=None,
 ) -> dict:  # fmt: skip
+    """Prefill ``n_ctx`` random tokens under the press, then time decode steps. ``make_cache(config)`` overrides the
+    cache (default: VarlenCache when ``varlen``, else DynamicCache); ``varlen`` selects the kvpress decode path."""
     device = model.device
     torch.cuda.empty_cache()
     weights = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size, (batch, n_ctx), generator=g).to(device)
-    cache = VarlenCache(config=model.config) if varlen else DynamicCache(config=model.config)
+    if make_cache is None:
+        make_cache = VarlenCache if varlen else DynamicCache
+    cache = make_cache(config=model.config)
     press = make_press() if make_press else None
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -101,7 +105,8 @@ def run_one(
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - start
     del ids
-    kv_bytes = cache.memory_bytes() if varlen else layer_memory_bytes(cache)
+    kv_bytes = layer_memory_bytes(cache)
+    held_after_prefill = torch.cuda.memory_allocated() - weights  # whatever the cache holds, in any layout
     peak_prefill = torch.cuda.max_memory_allocated() - weights
     full_bytes = 2 * batch * n_ctx * model.config.num_hidden_layers * model.config.num_key_value_heads * 128 * 2
     if varlen:
@@ -130,6 +135,7 @@ def run_one(
         "kv_bytes": kv_bytes,
         "kv_gib": round(kv_bytes / GIB, 3),
         "kv_fraction_of_full": round(kv_bytes / full_bytes, 4),
+        "allocated_after_prefill_gib": round(held_after_prefill / GIB, 3),
         "peak_over_weights_prefill_gib": round(peak_prefill / GIB, 2),
         "peak_over_weights_total_gib": round(peak_total / GIB, 2),
         "decode_ms_median": round(statistics.median(times), 2),
