@@ -10,12 +10,16 @@ bf16: reference_varlen_attention), then times it: CUDA events around one call, L
 the host enqueues (launch overhead excluded), median of --iters; plus CUDA-graph replay. Effective bandwidth = bytes
 the kernel must read (packed codes + scales + zeros + int32 metadata, or bf16 K/V; plus the visible tail) / time.
 
-    python benchmarks/kernels/quantized_decode_bandwidth.py [--sweep] [--out PATH]
+    python benchmarks/kernels/quantized_decode_bandwidth.py [--sweep] [--out PATH] [--compare FILE]
     python benchmarks/kernels/quantized_decode_bandwidth.py --smoke     # tiny sizes, CPU (Triton interpreter)
+
+--compare FILE times another version of kernels/quantized_attention.py (e.g. ``git show
+HEAD~1:kernels/quantized_attention.py > /tmp/old.py``) on the same inputs, loaded as a module of kvpress_kernels.
 """
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -105,8 +109,17 @@ def max_err(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def bench_case(context, layout, bits_list, group_size, device, gen, run, config=None):
-    """Rows for the bf16 cache and each bit width on one context layout."""
+def load_compare(path: Path):
+    """A quantized_attention.py version as module kvpress_kernels._compare (its relative imports resolve)."""
+    spec = importlib.util.spec_from_file_location(f"{kk.__name__}._compare", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_case(context, layout, bits_list, group_size, device, gen, run, config=None, compare=None):
+    """Rows for the bf16 cache and each bit width on one context layout (plus the --compare kernel's time)."""
     args, lens = make_context(context, layout, device, gen)
     q, seg_k, seg_v, _, tail_k, tail_v, tail_lens, scale = args
     tail_bytes = HKV * int(tail_lens[0]) * D * 2 * tail_k.element_size()
@@ -129,17 +142,33 @@ def bench_case(context, layout, bits_list, group_size, device, gen, run, config=
         out = kk.quantized_varlen_attention(*qargs, config=config)
         err = max_err(out, kk.reference_quantized_varlen_attention(*qargs))
         err_full = max_err(out, ref)  # quantization error itself (vs the bf16 cache), informative
-        del out
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         us, graph_us = run(lambda: kk.quantized_varlen_attention(*qargs, check=False, config=config))  # noqa: B023
         nbytes = segs.nbytes() + tail_bytes
         graph_speedup = bf16["graph_us"] / graph_us if graph_us and bf16["graph_us"] else None
-        rows.append({**case, "cache": f"int{bits}", "bits": bits, "group_size": group_size, "bytes_read": nbytes,
-                     "kernel_us": us, "graph_us": graph_us, "gbs": nbytes / (us * 1e-6) / 1e9,
-                     "speedup_vs_bf16": bf16["kernel_us"] / us, "graph_speedup_vs_bf16": graph_speedup,
-                     "max_abs_err_vs_reference": err, "max_abs_err_vs_bf16_cache": err_full,
-                     "correct": err < MAX_ERR})  # fmt: skip
+        row = {
+            **case,
+            "cache": f"int{bits}",
+            "bits": bits,
+            "group_size": group_size,
+            "bytes_read": nbytes,
+            "kernel_us": us,
+            "graph_us": graph_us,
+            "gbs": nbytes / (us * 1e-6) / 1e9,
+            "speedup_vs_bf16": bf16["kernel_us"] / us,
+            "graph_speedup_vs_bf16": graph_speedup,
+            "max_abs_err_vs_reference": err,
+            "max_abs_err_vs_bf16_cache": err_full,
+            "correct": err < MAX_ERR,
+        }
+        if compare is not None:
+            old = compare.quantized_varlen_attention
+            row["compare_max_abs_diff"] = max_err(old(*qargs), out)  # the other version at its own defaults
+            row["compare_kernel_us"], _ = run(lambda: old(*qargs, check=False))  # noqa: B023
+            row["speedup_vs_compare"] = row["compare_kernel_us"] / us
+        del out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
     return rows
 
 
@@ -153,7 +182,7 @@ def sweep(device, gen, run, group_size, bits=4, context=131072):
         cases.append((layout, (q, segs, tail_k, tail_v, tail_lens, scale)))
         del seg_k, seg_v, args
     rows = []
-    for bn, nw, ns in ((32, 4, 2), (64, 4, 1), (64, 4, 2), (64, 8, 2), (128, 4, 1), (128, 4, 2), (128, 8, 2)):
+    for bn, nw, ns in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3)):
         for pps in (2, 4):
             cfg = kk.AttentionConfig(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps)
             row = {"config": dataclasses.asdict(cfg)}
@@ -178,6 +207,10 @@ def main():
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--contexts", type=int, nargs="+", help="tokens per kv head (default 32k 128k; smoke: tiny)")
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations (4-bit, 128k)")
+    parser.add_argument("--compare", type=Path, help="another quantized_attention.py to time on the same inputs")
+    parser.add_argument("--block-n", type=int, help="quantized kernel: key slots per tile (default: its own)")
+    parser.add_argument("--num-warps", type=int, help="quantized kernel: warps per program (default: its own)")
+    parser.add_argument("--num-stages", type=int, help="quantized kernel: pipeline stages (default: its own)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU through the Triton interpreter")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -199,27 +232,31 @@ def main():
     run = timer(device, iters, warmup, flush)
     gen = torch.Generator(device=device).manual_seed(0)
 
+    compare = load_compare(args.compare) if args.compare else None
+    config = kk.AttentionConfig(block_n=args.block_n, num_warps=args.num_warps, num_stages=args.num_stages)
     sweep_rows = sweep(device, gen, run, args.group_size) if args.sweep and not args.smoke else None
     results = []
     for context in contexts:
         for layout in ("uniform", "variable"):
-            results += bench_case(context, layout, args.bits, args.group_size, device, gen, run)
+            results += bench_case(context, layout, args.bits, args.group_size, device, gen, run, config, compare)
 
     print(f"\n{'context':>8} {'layout':>9} {'cache':>6} {'MB read':>8} {'kernel us':>10} {'GB/s':>7} {'vs bf16':>8} "
-          f"{'graph us':>9} {'err/ref':>8} {'err/bf16':>9}")  # fmt: skip
+          f"{'graph us':>9} {'err/ref':>8} {'err/bf16':>9} {'compare us':>11}")  # fmt: skip
     for r in results:
         graph = f"{r['graph_us']:9.1f}" if r["graph_us"] is not None else f"{'-':>9}"
         speed = f"{r['speedup_vs_bf16']:7.2f}x" if "speedup_vs_bf16" in r else f"{'-':>8}"
         full = f"{r['max_abs_err_vs_bf16_cache']:9.1e}" if "max_abs_err_vs_bf16_cache" in r else f"{'-':>9}"
         print(f"{r['context_per_head']:>8} {r['layout']:>9} {r['cache']:>6} {r['bytes_read'] / 1e6:8.2f} "
               f"{r['kernel_us']:10.1f} {r['gbs']:7.1f} {speed} {graph} "
-              f"{r['max_abs_err_vs_reference']:8.1e} {full}")  # fmt: skip
+              f"{r['max_abs_err_vs_reference']:8.1e} {full} {r.get('compare_kernel_us') or 0:11.1f}")  # fmt: skip
     bad = [r for r in results if not r["correct"]]
     report = dict(
         **info, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         shape={"batch": 1, "kv_heads": HKV, "group": G, "head_dim": D, "dtype": str(DTYPE), "q_len": 1,
                "tail": TAIL, "tail_capacity": TAIL_CAP, "quant_group_size": args.group_size},
-        smoke=args.smoke, iters=iters, all_correct=not bad, results=results, sweep=sweep_rows,
+        smoke=args.smoke, iters=iters, all_correct=not bad, config=dataclasses.asdict(config),
+        compare=str(args.compare) if args.compare else None,
+        results=results, sweep=sweep_rows,
     )  # fmt: skip
     for path in outs:
         path.parent.mkdir(parents=True, exist_ok=True)

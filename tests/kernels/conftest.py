@@ -6,7 +6,7 @@ when ``triton.language`` is imported. ``tests/conftest.py`` imports ``kvpress`` 
 ``kvpress_kernels`` - before this file runs, so setting ``TRITON_INTERPRET`` here would come too late. When that
 happened, this file re-executes ``triton.language.standard`` and our kernel modules once (``importlib.reload``
 re-runs a module in its existing namespace, so functions that other packages imported from it pick up the
-interpreted kernels) and rebinds the ``triton.language`` names that came from ``standard``. On a CPU-only machine
+interpreted kernels; its classes are put back, so they keep their identity) and rebinds the ``triton.language`` names that came from ``standard``. On a CPU-only machine
 nothing is ever compiled, so no compiled Triton code is affected. If the session's first import of triton already
 saw ``TRITON_INTERPRET=1`` (e.g. it is exported in the shell), nothing is reloaded.
 
@@ -43,7 +43,12 @@ def _reload_if_compiled() -> None:
     kernels = sys.modules.get("kvpress_kernels.compaction")
     if kernels is not None and not isinstance(kernels._compact_kernel, InterpretedFunction):
         for name in _KERNEL_MODULES:
-            importlib.reload(sys.modules[f"kvpress_kernels.{name}"])
+            module = sys.modules[f"kvpress_kernels.{name}"]
+            classes = {k: v for k, v in vars(module).items() if isinstance(v, type) and v.__module__ == module.__name__}
+            importlib.reload(module)
+            # Keep the classes (e.g. QuantizedSegments) that other packages already imported: a reload would make
+            # new ones, and objects built by those packages would then fail isinstance checks in the kernels.
+            vars(module).update(classes)
         importlib.reload(sys.modules["kvpress_kernels"])
 
 

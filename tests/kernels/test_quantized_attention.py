@@ -290,3 +290,19 @@ def test_bad_config_and_usable_after_errors():
         quantized_varlen_attention(*args, config=AttentionConfig(block_n=8))
     out = quantized_varlen_attention(*args)
     torch.testing.assert_close(out, reference_quantized_varlen_attention(*args), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype, bits, GS", [(torch.float32, 2, 32), (torch.bfloat16, 4, 16), (torch.float16, 8, 32), (torch.bfloat16, 8, 16)]
+)
+def test_head_dim_not_a_power_of_two(dtype, bits, GS):
+    """D = 96: channel tiles padded to 128 and 3 or 6 value groups, each owning one replica of the query rows (the
+    codes enter the dot products as 2**MANT + c, or converted exactly for float32 and 8-bit bfloat16)."""
+    _check((21 + bits, 2, 1, 4, 96, dtype, bits, GS, [70, 5], [1], [3, 6], 2, [2, 1]), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_rows_over_several_row_blocks(dtype):
+    """G * Q = 32 rows times D / group_size = 4 replicas exceed one program's rows: each split runs several row
+    blocks; key tiles of 32 slots hold two scale groups, and split_tokens is re-aligned to them."""
+    _check((7, 1, 2, 8, 64, dtype, 4, 16, [45, 130], [1], [9], 4, None), AttentionConfig(split_tokens=40, block_n=32))

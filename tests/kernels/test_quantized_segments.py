@@ -52,9 +52,11 @@ def assert_storage_equal(actual, expected):
 
 
 def assert_within_bound(out, x, scale_per_element, dtype, what):
-    """|dequantized - x| <= scale / 2 (exact arithmetic) plus the final rounding to dtype (half an ulp of out)."""
+    """|dequantized - x| <= scale / 2 (exact arithmetic) plus rounding: to dtype (an ulp of out) and in the float32
+    ``q * scale + zero`` itself (an ulp of each of its terms, which are at most |x| + scale apart from out)."""
     ulp = torch.finfo(dtype).eps * out.double().abs()
-    bound = scale_per_element.double() / 2 + ulp + 1e-30
+    fp32 = torch.finfo(torch.float32).eps * (out.double().abs() + x.double().abs() + scale_per_element.double())
+    bound = scale_per_element.double() / 2 + ulp + 2 * fp32 + 1e-30
     err = (out.double() - x.double()).abs()
     assert (err <= bound).all(), f"{what}: max excess {(err - bound).max().item()}"
 
