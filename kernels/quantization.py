@@ -12,11 +12,15 @@ the storage dtype, so the codes never clamp and every element satisfies ``|x - (
 (exact arithmetic with the stored scale; the returned tensor then rounds that value to the input dtype). Constant
 groups (``max == min``) are reproduced exactly.
 
-Packing: 32 // bits codes per int32 word (16 / 8 / 4 for 2 / 4 / 8 bits). Every group starts a new word and fills
-``ceil(G * bits / 32)`` words, so a group can be written or read without touching its neighbours (appending a key
-group later never rewrites old words); code ``i`` of a group sits in word ``i // (32 // bits)`` of the group, at bits
-``(i % (32 // bits)) * bits`` upward. Packed shapes: keys ``(B, H, T // G * W, D)``, values ``(B, H, T, D // G * W)``
-with ``W = ceil(G * bits / 32)`` words per group; scale/zero: keys ``(B, H, T // G, D)``, values ``(B, H, T, D // G)``.
+Packing: ``P = 32 // bits`` codes per int32 word (16 / 8 / 4 for 2 / 4 / 8 bits), packed along the axis the groups
+do *not* span: keys along channels, values along tokens. Element ``c`` of that axis sits in word ``c // P`` at bits
+``(c % P) * bits`` upward; a partial last word is padded with zero codes. Packed shapes: keys ``(B, H, T, ceil(D / P))``,
+values ``(B, H, ceil(T / P), D)``; scale/zero: keys ``(B, H, T // G, D)``, values ``(B, H, T, D // G)``.
+
+Why across groups: attention reduces over channels (``q . k``) and over tokens (``p @ v``), and a matrix-multiply
+fragment holds a few consecutive elements of the reduction axis per thread. Packed along that axis, a thread's words
+unpack exactly into its own fragment, with no exchange through shared memory (kernels/quantized_attention.py). Key
+groups (whole token rows) and value tokens (whole words of ``P`` tokens) are appended without rewriting old words.
 
 ``quantize_keys``/``quantize_values``/``dequantize`` run the Triton kernels for CUDA tensors (or on CPU when
 ``KVPRESS_FORCE_TRITON=1`` together with ``TRITON_INTERPRET=1``) and the torch references otherwise; both compute in
@@ -45,7 +49,8 @@ KEY_AXIS, VALUE_AXIS = 2, 3  # tokens (per-channel keys), channels (per-token va
 
 
 def words_per_group(bits: int, group_size: int) -> int:
-    """int32 words holding one group's codes: ceil(group_size * bits / 32)."""
+    """int32 words spanned by ``group_size`` codes along the packing axis: ceil(group_size * bits / 32) (the word rows
+    of a group of ``group_size`` value tokens)."""
     return -(-group_size * bits // 32)
 
 
@@ -54,7 +59,8 @@ class QuantizedTensor:
     """A (B, H, T, D) tensor stored as packed codes plus per-group scale and zero (layout: module docstring).
 
     Attributes:
-        packed: int32 words; (B, H, T // G * W, D) for ``axis=2``, (B, H, T, D // G * W) for ``axis=3``.
+        packed: int32 words, P = 32 // bits codes each; (B, H, T, ceil(D / P)) for ``axis=2``, (B, H, ceil(T / P), D)
+            for ``axis=3``.
         scale, zero: per-group parameters in ``dtype``; (B, H, T // G, D) for ``axis=2``, (B, H, T, D // G) for
             ``axis=3``.
         bits: code width, one of 2, 4, 8.
@@ -109,11 +115,11 @@ def _check_params(bits, group_size) -> None:
 
 
 def _storage_shapes(shape, bits, group_size, axis):
-    """(packed shape, scale/zero shape) for a tensor of `shape` grouped along `axis`."""
-    n_groups = shape[axis] // group_size
+    """(packed shape, scale/zero shape) for a tensor of `shape` grouped along `axis`, packed along the other one."""
     packed, params = list(shape), list(shape)
-    packed[axis] = n_groups * words_per_group(bits, group_size)
-    params[axis] = n_groups
+    other = VALUE_AXIS + KEY_AXIS - axis
+    packed[other] = words_per_group(bits, shape[other])
+    params[axis] = shape[axis] // group_size
     return tuple(packed), tuple(params)
 
 
@@ -154,12 +160,12 @@ def _round_up_to(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _reference_quantize(x: torch.Tensor, bits: int, group_size: int, axis: int) -> QuantizedTensor:
-    B, H, T, D = x.shape
+    B, H = x.shape[:2]
     g = _grouped(x, axis)  # (R, N, C)
     R, N, C = g.shape
     levels = (1 << bits) - 1
     per_word = 32 // bits
-    wpg = words_per_group(bits, group_size)
+    cw = words_per_group(bits, C)
     xf = g.float().reshape(R, N // group_size, group_size, C)
     mn, mx = xf.amin(dim=2), xf.amax(dim=2)  # (R, groups, C)
     # Divide by a tensor: a scalar divisor may become a multiplication by its reciprocal (not correctly rounded).
@@ -169,13 +175,12 @@ def _reference_quantize(x: torch.Tensor, bits: int, group_size: int, axis: int) 
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.floor((xf - zero.float()[:, :, None]) / safe + 0.5).clamp(0, levels)
     codes = torch.where(s > 0, codes, torch.zeros_like(codes)).to(torch.int64)
-    # Pad each group to whole words with zero codes, then OR the codes of a word into its bit fields.
-    codes = torch.nn.functional.pad(codes, (0, 0, 0, wpg * per_word - group_size))
-    codes = codes.reshape(R, N // group_size, wpg, per_word, C)
-    shifts = (torch.arange(per_word, device=x.device, dtype=torch.int64) * bits).view(1, 1, 1, per_word, 1)
-    words = (codes << shifts).sum(dim=3)  # < 2**32, disjoint bit fields
+    # Pad the packing axis to whole words with zero codes, then OR the codes of a word into its bit fields.
+    codes = torch.nn.functional.pad(codes.reshape(R, N, C), (0, cw * per_word - C))
+    shifts = (torch.arange(per_word, device=x.device, dtype=torch.int64) * bits).view(1, 1, 1, per_word)
+    words = (codes.reshape(R, N, cw, per_word) << shifts).sum(dim=3)  # < 2**32, disjoint bit fields
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # reinterpret as signed int32
-    words = words.reshape(B, H, N // group_size * wpg, C)
+    words = words.reshape(B, H, N, cw)
     scale, zero = scale.reshape(B, H, N // group_size, C), zero.reshape(B, H, N // group_size, C)
     if axis == VALUE_AXIS:
         words, scale, zero = (t.transpose(2, 3).contiguous() for t in (words, scale, zero))
@@ -199,13 +204,14 @@ def reference_dequantize(qt: QuantizedTensor) -> torch.Tensor:
     """Torch reference of `dequantize` (same argument, same result)."""
     _validate_quantized(qt)
     G, bits, axis = qt.group_size, qt.bits, qt.axis
-    per_word, wpg = 32 // bits, words_per_group(qt.bits, G)
-    words = _grouped(qt.packed, axis).to(torch.int64) & 0xFFFFFFFF  # (R, groups * wpg, C), unsigned
-    R, _, C = words.shape
-    n_groups = qt.shape[axis] // G
-    shifts = (torch.arange(per_word, device=words.device, dtype=torch.int64) * bits).view(1, 1, 1, per_word, 1)
-    codes = (words.reshape(R, n_groups, wpg, 1, C) >> shifts) & ((1 << bits) - 1)
-    codes = codes.reshape(R, n_groups, wpg * per_word, C)[:, :, :G]
+    per_word = 32 // bits
+    words = _grouped(qt.packed, axis).to(torch.int64) & 0xFFFFFFFF  # (R, N, words along C), unsigned
+    R, N, cw = words.shape
+    C = qt.shape[VALUE_AXIS + KEY_AXIS - axis]
+    n_groups = N // G
+    shifts = (torch.arange(per_word, device=words.device, dtype=torch.int64) * bits).view(1, 1, 1, per_word)
+    codes = (words[..., None] >> shifts) & ((1 << bits) - 1)
+    codes = codes.reshape(R, n_groups, G, cw * per_word)[..., :C]
     s = _grouped(qt.scale, axis).float()[:, :, None]
     z = _grouped(qt.zero, axis).float()[:, :, None]
     # Two separately rounded float32 operations (no fused multiply-add), as in the kernel.
@@ -238,24 +244,24 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, z_ptr,
         x_r, x_n, x_c, w_r, w_n, w_c, s_r, s_n, s_c,
         n_groups, C,
-        GROUP: tl.constexpr, BITS: tl.constexpr, WPG: tl.constexpr, PER_WORD: tl.constexpr,
-        BLOCK_C: tl.constexpr, OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, NARROW: tl.constexpr,
-        BF16: tl.constexpr,
+        GROUP: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr, BLOCK_W: tl.constexpr,
+        OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, NARROW: tl.constexpr, BF16: tl.constexpr,
     ):  # fmt: skip
-        # Program (row r * n_groups + group, column block): quantize BLOCK_C columns of one group and pack them.
-        # The group is loaded as a (WPG words, PER_WORD codes, BLOCK_C) tile so packing is a reduction over axis 1.
+        # Program (row r * n_groups + group, word block): quantize the group's BLOCK_W * PER_WORD columns and pack
+        # them. The tile is (GROUP, BLOCK_W words, PER_WORD codes): min/max reduce axis 0, packing reduces axis 2.
         pid = tl.program_id(0)
         r = (pid // n_groups).to(tl.int64)
         grp = (pid % n_groups).to(tl.int64)
-        w = tl.arange(0, WPG)[:, None, None]
-        j = tl.arange(0, PER_WORD)[None, :, None]
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c3 = c[None, None, :]
-        i = w * PER_WORD + j  # position inside the group
-        mask = (i < GROUP) & (c3 < C)
-        x = tl.load(x_ptr + r * x_r + (grp * GROUP + i) * x_n + c3 * x_c, mask=mask, other=0.0).to(tl.float32)
-        mn = tl.min(tl.min(tl.where(mask, x, float("inf")), axis=1), axis=0)  # (BLOCK_C,)
-        mx = tl.max(tl.max(tl.where(mask, x, float("-inf")), axis=1), axis=0)
+        i = tl.arange(0, GROUP)[:, None, None]
+        wc = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        j = tl.arange(0, PER_WORD)
+        c = wc[:, None] * PER_WORD + j[None, :]  # (BLOCK_W, PER_WORD) column of each code
+        cmask = c < C
+        mask = cmask[None, :, :]
+        x = tl.load(x_ptr + r * x_r + (grp * GROUP + i) * x_n + c[None, :, :] * x_c, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        mn = tl.min(tl.where(mask, x, float("inf")), axis=0)  # (BLOCK_W, PER_WORD)
+        mx = tl.max(tl.where(mask, x, float("-inf")), axis=0)
         s = tl.div_rn(mx - mn, ((1 << BITS) - 1) * 1.0)
         if NARROW:  # round the stored scale up, so no code clamps and the error stays within scale / 2
             n = _narrow(s, OUT_DTYPE, BF16)
@@ -264,55 +270,56 @@ if triton is not None:
         else:
             n = s.to(OUT_DTYPE)
         z = mn.to(OUT_DTYPE)
-        cmask = c < C
         tl.store(s_ptr + r * s_r + grp * s_n + c * s_c, n, mask=cmask)
         tl.store(z_ptr + r * s_r + grp * s_n + c * s_c, z, mask=cmask)
-        sf = n.to(tl.float32)[None, None, :]
-        zf = z.to(tl.float32)[None, None, :]
+        sf = n.to(tl.float32)[None, :, :]
+        zf = z.to(tl.float32)[None, :, :]
         t = tl.div_rn(x - zf, tl.where(sf > 0, sf, 1.0))
         q = tl.minimum(tl.maximum(tl.floor(t + 0.5), 0.0), ((1 << BITS) - 1) * 1.0)
         q = tl.where(mask & (sf > 0), q, 0.0).to(tl.uint32)
-        words = tl.sum(q << (j.to(tl.uint32) * BITS), axis=1).to(tl.uint32)  # disjoint bit fields: sum == OR
-        w2 = tl.arange(0, WPG)[:, None]
-        tl.store(w_ptr + r * w_r + (grp * WPG + w2) * w_n + c[None, :] * w_c, words.to(tl.int32, bitcast=True),
-                 mask=cmask[None, :])  # fmt: skip
+        words = tl.sum(q << (j.to(tl.uint32) * BITS)[None, None, :], axis=2).to(tl.uint32)  # disjoint: sum == OR
+        i2 = tl.arange(0, GROUP)[:, None]
+        tl.store(w_ptr + r * w_r + (grp * GROUP + i2) * w_n + wc[None, :] * w_c, words.to(tl.int32, bitcast=True),
+                 mask=(wc * PER_WORD < C)[None, :])  # fmt: skip
 
     @triton.jit
     def _dequantize_kernel(
         w_ptr, s_ptr, z_ptr, o_ptr,
         w_r, w_n, w_c, s_r, s_n, s_c, o_r, o_n, o_c,
         n_groups, C,
-        GROUP: tl.constexpr, BITS: tl.constexpr, WPG: tl.constexpr, PER_WORD: tl.constexpr,
-        BLOCK_C: tl.constexpr, OUT_DTYPE: tl.constexpr, BF16: tl.constexpr,
+        GROUP: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr, BLOCK_W: tl.constexpr,
+        OUT_DTYPE: tl.constexpr, BF16: tl.constexpr,
     ):  # fmt: skip
-        # Program (row r * n_groups + group, column block): unpack one group's words and rescale.
+        # Program (row r * n_groups + group, word block): unpack the group's words and rescale.
         pid = tl.program_id(0)
         r = (pid // n_groups).to(tl.int64)
         grp = (pid % n_groups).to(tl.int64)
-        w = tl.arange(0, WPG)[:, None, None]
-        j = tl.arange(0, PER_WORD)[None, :, None]
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c3 = c[None, None, :]
+        i = tl.arange(0, GROUP)[:, None]
+        wc = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        j = tl.arange(0, PER_WORD)
+        c = wc[:, None] * PER_WORD + j[None, :]  # (BLOCK_W, PER_WORD)
         cmask = c < C
-        words = tl.load(w_ptr + r * w_r + (grp * WPG + w) * w_n + c3 * w_c, mask=c3 < C, other=0)
-        codes = (words.to(tl.uint32, bitcast=True) >> (j.to(tl.uint32) * BITS)) & ((1 << BITS) - 1)
+        words = tl.load(w_ptr + r * w_r + (grp * GROUP + i) * w_n + wc[None, :] * w_c,
+                        mask=(wc * PER_WORD < C)[None, :], other=0)  # fmt: skip
+        codes = (words.to(tl.uint32, bitcast=True)[:, :, None] >> (j.to(tl.uint32) * BITS)[None, None, :])
+        codes = codes & ((1 << BITS) - 1)
         s = tl.load(s_ptr + r * s_r + grp * s_n + c * s_c, mask=cmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + r * s_r + grp * s_n + c * s_c, mask=cmask, other=0.0)
-        out = codes.to(tl.float32) * s[None, None, :] + z.to(tl.float32)[None, None, :]
-        i = w * PER_WORD + j
-        o = o_ptr + r * o_r + (grp * GROUP + i) * o_n + c3 * o_c
-        tl.store(o, _narrow(out, OUT_DTYPE, BF16), mask=(i < GROUP) & (c3 < C))
+        out = codes.to(tl.float32) * s[None, :, :] + z.to(tl.float32)[None, :, :]
+        o = o_ptr + r * o_r + (grp * GROUP + i[:, :, None]) * o_n + c[None, :, :] * o_c
+        tl.store(o, _narrow(out, OUT_DTYPE, BF16), mask=cmask[None, :, :])
 
 
-def _block_c(C: int, tile_rows: int) -> int:
-    return max(1, min(next_pow2(C), 4096 // tile_rows))
+def _block_w(C: int, bits: int, group_size: int) -> int:
+    """Words per program: the packing axis' words, capped at ~4096 codes per tile."""
+    per_word = 32 // bits
+    return max(1, min(next_pow2(words_per_group(bits, C)), 4096 // (group_size * per_word)))
 
 
 def _quantize(x: torch.Tensor, bits: int, group_size: int, axis: int) -> QuantizedTensor:
     if not use_triton(x):
         return _reference_quantize(x, bits, group_size, axis)
     ensure_launchable(_quantize_kernel, x)
-    per_word, wpg = 32 // bits, words_per_group(bits, group_size)
     packed_shape, param_shape = _storage_shapes(tuple(x.shape), bits, group_size, axis)
     packed = torch.empty(packed_shape, dtype=torch.int32, device=x.device)
     scale = torch.empty(param_shape, dtype=x.dtype, device=x.device)
@@ -321,13 +328,13 @@ def _quantize(x: torch.Tensor, bits: int, group_size: int, axis: int) -> Quantiz
     R, N, C = gx.shape
     n_groups = N // group_size
     if gx.numel() > 0:
-        block_c = _block_c(C, wpg * per_word)
-        grid = (R * n_groups, triton.cdiv(C, block_c))
+        block_w = _block_w(C, bits, group_size)
+        grid = (R * n_groups, triton.cdiv(words_per_group(bits, C), block_w))
         _quantize_kernel[grid](
             gx, gw, gs, _grouped(zero, axis),
             *gx.stride(), *gw.stride(), *gs.stride(),
             n_groups, C,
-            GROUP=group_size, BITS=bits, WPG=wpg, PER_WORD=per_word, BLOCK_C=block_c,
+            GROUP=group_size, BITS=bits, PER_WORD=32 // bits, BLOCK_W=block_w,
             OUT_DTYPE=_TL_DTYPES[x.dtype], BITS_DTYPE=tl.int16 if x.dtype != torch.float32 else tl.int32,
             NARROW=x.dtype != torch.float32, BF16=x.dtype == torch.bfloat16,
         )  # fmt: skip
@@ -343,8 +350,8 @@ def quantize_keys(k: torch.Tensor, bits: int, group_size: int) -> QuantizedTenso
         group_size: tokens per group, a positive power of two.
 
     Returns:
-        QuantizedTensor with ``axis=2``: packed (B, H, T // G * W, D) int32 (W = ceil(G * bits / 32) words per
-        group), scale/zero (B, H, T // G, D) in k's dtype.
+        QuantizedTensor with ``axis=2``: packed (B, H, T, ceil(D * bits / 32)) int32 (codes packed along
+        channels), scale/zero (B, H, T // G, D) in k's dtype.
 
     Raises:
         ValueError: bits not in {2, 4, 8}, bad group_size, or k not a 4-d float16/bfloat16/float32 tensor.
@@ -362,8 +369,8 @@ def quantize_values(v: torch.Tensor, bits: int, group_size: int) -> QuantizedTen
         group_size: channels per group, a positive power of two.
 
     Returns:
-        QuantizedTensor with ``axis=3``: packed (B, H, T, D // G * W) int32 (W = ceil(G * bits / 32) words per
-        group), scale/zero (B, H, T, D // G) in v's dtype.
+        QuantizedTensor with ``axis=3``: packed (B, H, ceil(T * bits / 32), D) int32 (codes packed along tokens),
+        scale/zero (B, H, T, D // G) in v's dtype.
 
     Raises:
         ValueError: bits not in {2, 4, 8}, bad group_size, or v not a 4-d float16/bfloat16/float32 tensor.
@@ -386,19 +393,18 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
         return reference_dequantize(qt)
     ensure_launchable(_dequantize_kernel, qt.packed)
     G, bits, axis = qt.group_size, qt.bits, qt.axis
-    per_word, wpg = 32 // bits, words_per_group(bits, G)
     out = torch.empty(qt.shape, dtype=qt.dtype, device=qt.packed.device)
     gw, gs, go = _grouped(qt.packed, axis), _grouped(qt.scale, axis), _grouped(out, axis)
     R, N, C = go.shape
     n_groups = N // G
     if go.numel() > 0:
-        block_c = _block_c(C, wpg * per_word)
-        grid = (R * n_groups, triton.cdiv(C, block_c))
+        block_w = _block_w(C, bits, G)
+        grid = (R * n_groups, triton.cdiv(words_per_group(bits, C), block_w))
         _dequantize_kernel[grid](
             gw, gs, _grouped(qt.zero, axis), go,
             *gw.stride(), *gs.stride(), *go.stride(),
             n_groups, C,
-            GROUP=G, BITS=bits, WPG=wpg, PER_WORD=per_word, BLOCK_C=block_c,
+            GROUP=G, BITS=bits, PER_WORD=32 // bits, BLOCK_W=block_w,
             OUT_DTYPE=_TL_DTYPES[qt.dtype], BF16=qt.dtype == torch.bfloat16,
             enable_fp_fusion=False,  # q * scale + zero rounded twice, exactly like the reference
         )  # fmt: skip

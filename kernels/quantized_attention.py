@@ -14,12 +14,15 @@ operand of each dot product, which then runs on the raw codes ``c``:
   copies; decode fills a few of the 16 rows a dot product needs anyway), replica g folds the scales of group g into
   its softmax weights and owns the output channels of group g; ``p @ z_g`` is a per-row sum.
 
-Codes become dot operands without int-to-float conversions: OR'ed into the mantissa of ``2**MANT`` (bfloat16 128.0,
-float16 1024.0, up to 7 / 10 bits) a code c is the number ``2**MANT + c`` exactly, and the offset
-``2**MANT * sum(operand)`` is subtracted together with the zero term. Two codes are unpacked per 32-bit operation
-(the low and high halves of a packed word hold codes j and j + PER_WORD / 2), so inside each word the tile's tokens
-(keys) and channels (values) run in a fixed permuted order (`_slot`), which value rows, masks, tail values and output
-columns follow. float32 (and 8-bit codes with bfloat16) converts codes exactly instead.
+Codes are packed along the axis each dot product reduces (keys along channels, values along tokens;
+kernels/quantization.py), so a thread's words unpack into the consecutive reduction elements its matrix-multiply
+fragment holds, without an exchange through shared memory. Codes become dot operands without int-to-float
+conversions: OR'ed into the mantissa of ``2**MANT`` (bfloat16 128.0, float16 1024.0, up to 7 / 10 bits) a code c is
+the number ``2**MANT + c`` exactly, and the offset ``2**MANT * sum(operand)`` is subtracted together with the zero
+term. Two codes are unpacked per 32-bit operation (the low and high halves of a packed word hold codes j and
+j + PER_WORD / 2), so inside each word the key channels and the value tokens run in a fixed permuted order (`_slot`):
+q, key scales and tail keys are read in that channel order, key columns, masks and value scales in that token order.
+float32 (and 8-bit codes with bfloat16) converts codes exactly instead.
 
 Rounding: the scaled operands ``q * s_g`` and ``p * s_g`` are rounded once to the model dtype (where dequantizing
 would round k and v), products accumulate in float32. No full-precision copy of the context exists at any point; the
@@ -50,20 +53,22 @@ __all__ = ["quantized_varlen_attention", "reference_quantized_varlen_attention"]
 
 # Split boundaries fall on whole packed words: 16 tokens fill a word of 2-bit codes (the most per word).
 _SPLIT_ALIGN = 16
-# Launch defaults where the caller's AttentionConfig leaves None. Empty: varlen_attention's heuristic (128-slot tiles,
-# 4 warps, 2 stages for bf16 decode) was the fastest of the configurations timed on the H100 (64-slot tiles with 2
-# or 3 stages, 8 warps; benchmarks/kernels/results/quantized_decode_bandwidth_h100.json, "sweep").
-_DEFAULTS = {}
+# Decode (one query token) launch defaults where the caller's AttentionConfig leaves None: 64-slot tiles and 2 warps
+# (the rest as varlen_attention: 2 stages, about 4 programs per SM) were the fastest of the configurations timed on
+# the H100 from 16k to 128k tokens per head (benchmarks/kernels/results/quantized_decode_bandwidth_h100.json, "sweep"
+# and "sweep_graph"): two warps replicate the scaled-query operand less, and smaller programs keep more of them
+# resident to hide the unpacking latency. Question blocks (several query tokens) keep varlen_attention's heuristic.
+_DECODE_DEFAULTS = {"block_n": 64, "num_warps": 2}
 # (bit pattern of 2**MANT, 2**MANT, MANT) per 16-bit dtype: codes of up to MANT bits OR'ed into the mantissa.
 _MAGIC = {torch.bfloat16: (0x4300, 128.0, 7), torch.float16: (0x6400, 1024.0, 10)}
 
 
-def _with_defaults(config: AttentionConfig | None) -> AttentionConfig:
-    """The caller's overrides, tuned defaults for the rest; split_tokens rounded up to whole words."""
+def _with_defaults(config: AttentionConfig | None, decode: bool) -> AttentionConfig:
+    """The caller's overrides, tuned defaults for the rest (decode only); split_tokens rounded up to whole words."""
     config = config or _DEFAULT_CONFIG
     if config.block_n is not None and (config.block_n < 16 or config.block_n & (config.block_n - 1)):
         raise ValueError(f"config.block_n must be a power of two >= 16 for quantized segments, got {config.block_n}")
-    filled = {k: v for k, v in _DEFAULTS.items() if getattr(config, k) is None}
+    filled = {k: v for k, v in _DECODE_DEFAULTS.items() if decode and getattr(config, k) is None}
     if config.split_tokens is not None:
         filled["split_tokens"] = -(-max(1, int(config.split_tokens)) // _SPLIT_ALIGN) * _SPLIT_ALIGN
     return dataclasses.replace(config, **filled) if filled else config
@@ -197,7 +202,7 @@ if triton is not None:
     def _quantized_split_kernel(
         q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, cg_ptr, cl_ptr, cgr_ptr,
         tk_ptr, tv_ptr, tail_lens_ptr, q_lens_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-        q_b, q_h, q_q, q_d, kp_n, kp_d, ks_n, ks_d, vp_n, vp_w, vs_n, vs_g,
+        q_b, q_h, q_q, q_d, kp_n, kp_w, ks_n, ks_d, vp_n, vp_d, vs_n, vs_g,
         tk_b, tk_h, tk_t, tk_d, tv_b, tv_h, tv_t, tv_d, o_b, o_h, o_q, o_d,
         NUM_SEG, HKV, Q, D, CHUNK, qk_scale, code_or,
         G: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, HAS_QLENS: tl.constexpr, DIRECT: tl.constexpr,
@@ -206,9 +211,9 @@ if triton is not None:
         BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         PW: tl.constexpr = 32 // BITS
-        W: tl.constexpr = GS // PW  # key words per group (GS * BITS is a multiple of 32)
-        BW: tl.constexpr = BLOCK_N // PW  # key word rows per tile
-        BLOCK_DW: tl.constexpr = BLOCK_D // PW  # value words per token (padded)
+        W: tl.constexpr = GS // PW  # value word rows per group (GS * BITS is a multiple of 32)
+        BW: tl.constexpr = BLOCK_N // PW  # value word rows per tile
+        BLOCK_DW: tl.constexpr = BLOCK_D // PW  # key words per token (padded)
         KT: tl.constexpr = min(GS, BLOCK_N)  # key slots of one tile sharing a scale group
 
         pid = tl.program_id(0)
@@ -239,19 +244,17 @@ if triton is not None:
         r_out = (rep < REPS) & (qr < G * Q)  # rows that write (padding queries write 0)
         row_ok = r_out & (qi < n_q)
         tail_end = tail_len - n_q + qi + 1  # causal: exclusive end of the tail visible to query qi
-        dq = tl.arange(0, BLOCK_D)  # channel of q, keys and key-tile rows
-        dv = _slot(dq, PW, PAIR)  # channel of value-tile / accumulator column
+        dq = tl.arange(0, BLOCK_D)  # channel of value tiles and accumulator columns
+        dk = _slot(dq, PW, PAIR)  # channel of q, key scales and key-tile row dq (the unpacked order of key words)
         dw = tl.arange(0, BLOCK_DW)
         if EVEN_D:  # compile-time all-true masks keep loads vectorised
             dq_ok = dq < BLOCK_D
-            dv_ok = dv < BLOCK_D
             dw_ok = dw < BLOCK_DW
         else:
             dq_ok = dq < D
-            dv_ok = dv < D
             dw_ok = dw < D // PW
         q_off = b64 * q_b + qh.to(tl.int64) * q_h + qi.to(tl.int64) * q_q
-        q = tl.load(q_ptr + q_off[:, None] + dq[None, :] * q_d, mask=row_ok[:, None] & dq_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + q_off[:, None] + dk[None, :] * q_d, mask=row_ok[:, None] & dq_ok[None, :], other=0.0)
         qf = q.to(tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -263,22 +266,24 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + CHUNK, n_slots + tail_len)
         seg_hi = tl.minimum(k_hi, n_slots)  # a multiple of PW: n_slots and CHUNK are
         n = tl.arange(0, BLOCK_N)
-        tok = _slot(n, PW, PAIR)  # token (offset in the tile) of tile column n
+        tok = _slot(n, PW, PAIR)  # token (offset in the tile) of key-tile column / value-tile row n
         wi = tl.arange(0, BW)
         grp_i = tl.arange(0, BLOCK_M // ROWS)
         for n0 in range(k_lo, seg_hi, BLOCK_N):
-            # Keys: word row w holds tokens n0 + w * PW + [0, PW) of every channel; unpacked to a (D, BLOCK_N) tile.
-            tok_w = n0 + wi * PW
-            words = tl.load(kp_ptr + (g_start * W + tok_w // PW)[:, None] * kp_n + dq[None, :] * kp_d,
-                            mask=(tok_w < seg_hi)[:, None] & dq_ok[None, :], other=0)  # fmt: skip
-            k_codes = _unpack_cols(words, code_or, BITS, PAIR, DT)
+            # Keys: one row of D / PW words per token slot, gathered in tile order and unpacked to a (D, BLOCK_N)
+            # tile whose row dq holds channel dk[dq].
+            cols = n0 + tok
+            c_ok = cols < seg_hi
+            words = tl.load(kp_ptr + (g_start * GS + cols)[:, None] * kp_n + dw[None, :] * kp_w,
+                            mask=c_ok[:, None] & dw_ok[None, :], other=0)  # fmt: skip
+            k_codes = tl.trans(_unpack_rows(words, code_or, BITS, PAIR, DT))
             for j in tl.static_range(BLOCK_N // KT):
                 # Scale group of tile columns [j * KT, (j + 1) * KT): q . k = (q * s) . c + q . z - OFF * sum(q * s).
                 t0 = n0 + j * KT
                 grp = g_start + t0 // GS
                 g_ok = dq_ok & (t0 + 0 * dq < seg_hi)  # a tensor compare (the interpreter rejects bool & scalar)
-                k_s = tl.load(ks_ptr + grp * ks_n + dq * ks_d, mask=g_ok, other=0.0).to(tl.float32)
-                k_z = tl.load(kz_ptr + grp * ks_n + dq * ks_d, mask=g_ok, other=0.0).to(tl.float32)
+                k_s = tl.load(ks_ptr + grp * ks_n + dk * ks_d, mask=g_ok, other=0.0).to(tl.float32)
+                k_z = tl.load(kz_ptr + grp * ks_n + dk * ks_d, mask=g_ok, other=0.0).to(tl.float32)
                 qs = _narrow(qf * k_s[None, :], DT, EXACT_BF16)
                 corr = tl.sum(qf * k_z[None, :] - OFF * qs.to(tl.float32), 1)
                 part = _mm(qs, k_codes, IEEE_DOT) + corr[:, None]
@@ -286,17 +291,17 @@ if triton is not None:
                     qk = part
                 else:
                     qk = tl.where((n // KT == j)[None, :], part, qk)
-            cols = n0 + tok
-            c_ok = cols < seg_hi
             visible = c_ok & ((cols < ctx_len) | (cols >= gap_end))  # the gap is padding, not context
             qk = tl.where(row_ok[:, None] & visible[None, :], qk * qk_scale, float("-inf"))
             p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i)
 
-            # Values: token row n of the (BLOCK_N, D) tile holds the codes of token n0 + tok[n].
+            # Values: word row w holds tokens n0 + w * PW + [0, PW) of every channel; unpacked to a (BLOCK_N, D)
+            # tile whose row n holds token n0 + tok[n], matching the key columns.
             v_row = g_start * GS + cols
-            words = tl.load(vp_ptr + v_row[:, None] * vp_n + dw[None, :] * vp_w, mask=c_ok[:, None] & dw_ok[None, :],
-                            other=0)  # fmt: skip
-            v_codes = _unpack_rows(words, code_or, BITS, PAIR, DT)
+            tok_w = n0 + wi * PW
+            words = tl.load(vp_ptr + (g_start * W + tok_w // PW)[:, None] * vp_n + dq[None, :] * vp_d,
+                            mask=(tok_w < seg_hi)[:, None] & dq_ok[None, :], other=0)  # fmt: skip
+            v_codes = tl.trans(_unpack_cols(words, code_or, BITS, PAIR, DT))
             # Scale and zero of (value group of the row, token), loaded once per group and spread over its rows.
             sz = grp_i[:, None] * vs_g + v_row[None, :] * vs_n
             sz_ok = (grp_i < REPS)[:, None] & c_ok[None, :]
@@ -306,8 +311,8 @@ if triton is not None:
             acc = acc * alpha[:, None] + _mm(ps, v_codes, IEEE_DOT)
             zacc = zacc * alpha + tl.sum(p * v_z - OFF * ps.to(tl.float32), 1)
 
-        # Tail part: tail positions [max(k_lo, n_slots), k_hi) - n_slots, causally masked per query row; values are
-        # read in accumulator column order.
+        # Tail part: tail positions [max(k_lo, n_slots), k_hi) - n_slots, causally masked per query row; keys are
+        # read in q's channel order.
         h64 = h.to(tl.int64)
         tk_base = tk_ptr + b64 * tk_b + h64 * tk_h
         tv_base = tv_ptr + b64 * tv_b + h64 * tv_h
@@ -315,9 +320,9 @@ if triton is not None:
         for t0 in range(tl.maximum(k_lo, n_slots) - n_slots, t_hi, BLOCK_N):
             cols = t0 + n
             c_ok = cols < t_hi
-            k = tl.load(tk_base + cols[:, None] * tk_t + dq[None, :] * tk_d, mask=c_ok[:, None] & dq_ok[None, :],
+            k = tl.load(tk_base + cols[:, None] * tk_t + dk[None, :] * tk_d, mask=c_ok[:, None] & dq_ok[None, :],
                         other=0.0)  # fmt: skip
-            v = tl.load(tv_base + cols[:, None] * tv_t + dv[None, :] * tv_d, mask=c_ok[:, None] & dv_ok[None, :],
+            v = tl.load(tv_base + cols[:, None] * tv_t + dq[None, :] * tv_d, mask=c_ok[:, None] & dq_ok[None, :],
                         other=0.0)  # fmt: skip
             qk = _mm(q, tl.trans(k), IEEE_DOT) * qk_scale
             visible = row_ok[:, None] & c_ok[None, :] & (cols[None, :] < tail_end[:, None])
@@ -328,18 +333,18 @@ if triton is not None:
         # Replica g writes the channels of value group g: the normalised output (DIRECT, one split per segment) or
         # the split's unnormalised (m, l, acc) for the merge.
         acc = acc + zacc[:, None]
-        own = r_out[:, None] & ((dv // GS)[None, :] == rep[:, None])
+        own = r_out[:, None] & ((dq // GS)[None, :] == rep[:, None])
         if DIRECT:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             o_off = b64 * o_b + qh.to(tl.int64) * o_h + qi.to(tl.int64) * o_q
-            tl.store(out_ptr + o_off[:, None] + dv[None, :] * o_d, out.to(out_ptr.dtype.element_ty),
-                     mask=own & dv_ok[None, :])  # fmt: skip
+            tl.store(out_ptr + o_off[:, None] + dq[None, :] * o_d, out.to(out_ptr.dtype.element_ty),
+                     mask=own & dq_ok[None, :])  # fmt: skip
         else:
             p_row = pid.to(tl.int64) * (G * Q) + qr
             first = r_out & (rep == 0)
             tl.store(part_m_ptr + p_row, m_i, mask=first)
             tl.store(part_l_ptr + p_row, l_i, mask=first)
-            tl.store(part_acc_ptr + p_row[:, None] * BLOCK_D + dv[None, :], acc, mask=own)
+            tl.store(part_acc_ptr + p_row[:, None] * BLOCK_D + dq[None, :], acc, mask=own)
 
 
 def _code_format(dtype: torch.dtype, bits: int) -> tuple[int, float]:
@@ -356,7 +361,7 @@ def _plan(q: torch.Tensor, segs: QuantizedSegments, tail_k: torch.Tensor, config
     ``rows`` query rows per program, each replicated once per value group (``reps``) in ``block_m`` dot rows."""
     B, Hq, Q, D = q.shape
     GS = segs.group_size
-    config = _with_defaults(config)
+    config = _with_defaults(config, decode=Q == 1)
     args = (B, Hq, Q, D, tail_k.shape[1], tail_k.shape[2], segs.n_groups * GS, q.dtype, q.device)
     p = _launch_params(*args, config)
     kt = min(p["block_n"], GS)

@@ -9,14 +9,15 @@ all segments' groups sit back to back in one set of tensors, segment ``s`` at gr
 ``cu_groups[s]:cu_groups[s + 1]``.
 
 Each group's storage is that of ``quantize_keys`` / ``quantize_values`` (kernels/quantization.py) on a
-``(1, 1, n_groups * G, D)`` view, with ``W = G * bits / 32`` int32 words per group:
+``(1, 1, n_groups * G, D)`` view; codes are packed across groups (keys along channels, values along tokens), with
+``P = 32 // bits`` codes per int32 word and ``W = G / P`` word rows per group of value tokens:
 
-- keys: ``k_packed (n_groups * W, D)``, group g's codes in rows ``g * W:(g + 1) * W``; ``k_scale, k_zero
-  (n_groups, D)``;
-- values: ``v_packed (n_groups * G, D // G * W)``, one row per token slot; ``v_scale, v_zero (n_groups * G, D // G)``.
+- keys: ``k_packed (n_groups * G, D / P)``, one row per token slot; ``k_scale, k_zero (n_groups, D)``;
+- values: ``v_packed (n_groups * W, D)``, group g's tokens in word rows ``g * W:(g + 1) * W``; ``v_scale, v_zero
+  (n_groups * G, D // G)``.
 
-``group_size`` is a power of two >= 16 that divides ``head_dim``, so a group's codes fill whole words at every bit
-width (2, 4, 8) and value groups tile a token.
+``group_size`` is a power of two >= 16 that divides ``head_dim``, so a group's tokens fill whole words at every bit
+width (2, 4, 8), a key row fills whole words, and value groups tile a token.
 """
 
 from dataclasses import dataclass
@@ -49,9 +50,9 @@ class QuantizedSegments:
     Token slot t of segment s (0 <= t < groups_s * G) is valid iff ``t < ctx_len[s]`` or ``t >= ctx_groups[s] * G``.
 
     Attributes:
-        k_packed: (n_groups * W, D) int32 key codes, per channel (W = group_size * bits / 32 words per group).
+        k_packed: (n_groups * G, D * bits / 32) int32 key codes (quantized per channel), one row per token slot.
         k_scale, k_zero: (n_groups, D) in ``dtype``.
-        v_packed: (n_groups * G, D // G * W) int32 value codes, per token.
+        v_packed: (n_groups * W, D) int32 value codes (quantized per token), W = G * bits / 32 word rows per group.
         v_scale, v_zero: (n_groups * G, D // G) in ``dtype``.
         cu_groups: (S + 1,) int32 prefix sums of the groups of each segment.
         ctx_len: (S,) int32 valid context tokens per segment.
@@ -86,8 +87,8 @@ class QuantizedSegments:
         if S < 0:
             raise ValueError("cu_groups must have S + 1 >= 1 entries")
         expected = {
-            "k_packed": ((n * W, D), torch.int32), "k_scale": ((n, D), self.dtype), "k_zero": ((n, D), self.dtype),
-            "v_packed": ((n * G, D // G * W), torch.int32), "v_scale": ((n * G, D // G), self.dtype),
+            "k_packed": ((n * G, D * self.bits // 32), torch.int32), "k_scale": ((n, D), self.dtype),
+            "k_zero": ((n, D), self.dtype), "v_packed": ((n * W, D), torch.int32), "v_scale": ((n * G, D // G), self.dtype),
             "v_zero": ((n * G, D // G), self.dtype), "ctx_len": ((S,), torch.int32),
             "ctx_groups": ((S,), torch.int32),
         }  # fmt: skip
@@ -107,6 +108,7 @@ class QuantizedSegments:
 
     @property
     def words_per_group(self) -> int:
+        """Word rows of v_packed per group: group_size * bits / 32."""
         return words_per_group(self.bits, self.group_size)
 
     @property
@@ -234,7 +236,7 @@ def append_segment_groups(segs: QuantizedSegments, new_k: torch.Tensor, new_v: t
     old_parts = (segs.k_packed, segs.k_scale, segs.k_zero, segs.v_packed, segs.v_scale, segs.v_zero)
     W = segs.words_per_group
     merged = []
-    for a, b, rows in zip(old_parts, new_parts, (W, 1, 1, G, G, G)):  # storage rows per group
+    for a, b, rows in zip(old_parts, new_parts, (G, 1, 1, W, G, G)):  # storage rows per group
         out = a.new_empty((total, rows, a.shape[1]))
         out.index_copy_(0, dest_old, a.view(old, rows, a.shape[1]))
         out.index_copy_(0, dest_new, b.reshape(S * n, rows, b.shape[1]))

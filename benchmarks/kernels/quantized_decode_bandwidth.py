@@ -172,30 +172,38 @@ def bench_case(context, layout, bits_list, group_size, device, gen, run, config=
     return rows
 
 
-def sweep(device, gen, run, group_size, bits=4, context=131072):
-    """Launch configurations of the 4-bit kernel on the 128k cases, sorted by mean kernel time."""
+SWEEP_CONFIGS = ((128, 2, 2), (128, 2, 3), (64, 2, 2), (128, 1, 2), (128, 4, 2), (64, 4, 2))  # block_n, warps, stages
+SWEEP_PROGRAMS_PER_SM = (4, 8, 16)
+
+
+def sweep(device, gen, run, group_size, bits=4, contexts=CONTEXTS):
+    """Launch configurations of the 4-bit kernel on the uniform and variable cases of every context. Each row holds
+    the time of every case and ``rel``, the mean over cases of time / best time of that case; sorted by ``rel``."""
     cases = []
-    for layout in ("uniform", "variable"):
-        args, lens = make_context(context, layout, device, gen)
-        q, seg_k, seg_v, _, tail_k, tail_v, tail_lens, scale = args
-        segs = kk.quantize_segments(seg_k, seg_v, torch.tensor(lens, device=device), bits, group_size)
-        cases.append((layout, (q, segs, tail_k, tail_v, tail_lens, scale)))
-        del seg_k, seg_v, args
+    for context in contexts:
+        for layout in ("uniform", "variable"):
+            args, lens = make_context(context, layout, device, gen)
+            q, seg_k, seg_v, _, tail_k, tail_v, tail_lens, scale = args
+            segs = kk.quantize_segments(seg_k, seg_v, torch.tensor(lens, device=device), bits, group_size)
+            cases.append((f"{layout}_{context}", (q, segs, tail_k, tail_v, tail_lens, scale)))
+            del seg_k, seg_v, args
     rows = []
-    for bn, nw, ns in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3)):
-        for pps in (2, 4):
+    for bn, nw, ns in SWEEP_CONFIGS:
+        for pps in SWEEP_PROGRAMS_PER_SM:
             cfg = kk.AttentionConfig(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps)
             row = {"config": dataclasses.asdict(cfg)}
             try:
-                for layout, qargs in cases:
+                for name, qargs in cases:
                     us, _ = run(lambda: kk.quantized_varlen_attention(*qargs, check=False, config=cfg))  # noqa: B023
-                    row[layout] = us
-                row["mean_us"] = statistics.mean(row[layout] for layout, _ in cases)
+                    row[name] = us
             except Exception as exc:  # noqa: BLE001  (e.g. out of shared memory or registers for big tiles)
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
-            print("sweep", row.get("mean_us", row.get("error")), cfg, flush=True)
-    return sorted((r for r in rows if "mean_us" in r), key=lambda r: r["mean_us"]) + [r for r in rows if "error" in r]
+            print("sweep", {k: v for k, v in row.items() if k != "config"}, cfg, flush=True)
+    ok = [r for r in rows if "error" not in r]
+    for r in ok:
+        r["rel"] = statistics.mean(r[name] / min(o[name] for o in ok) for name, _ in cases)
+    return sorted(ok, key=lambda r: r["rel"]) + [r for r in rows if "error" in r]
 
 
 def main():
@@ -206,7 +214,7 @@ def main():
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--contexts", type=int, nargs="+", help="tokens per kv head (default 32k 128k; smoke: tiny)")
-    parser.add_argument("--sweep", action="store_true", help="also time launch configurations (4-bit, 128k)")
+    parser.add_argument("--sweep", action="store_true", help="also time launch configurations (4-bit, every context)")
     parser.add_argument("--compare", type=Path, help="another quantized_attention.py to time on the same inputs")
     parser.add_argument("--block-n", type=int, help="quantized kernel: key slots per tile (default: its own)")
     parser.add_argument("--num-warps", type=int, help="quantized kernel: warps per program (default: its own)")

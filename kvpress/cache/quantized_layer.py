@@ -192,17 +192,17 @@ def select_segments(segs: QuantizedSegments, segments: torch.Tensor) -> Quantize
     )
     w, g = words_per_group(segs.bits, segs.group_size), segs.group_size
     device = segs.k_packed.device
-    k_rows = (groups[:, None] * w + torch.arange(w)).flatten().to(device)
-    v_rows = (groups[:, None] * g + torch.arange(g)).flatten().to(device)
+    slot_rows = (groups[:, None] * g + torch.arange(g)).flatten().to(device)  # key codes, value scales: per slot
+    v_word_rows = (groups[:, None] * w + torch.arange(w)).flatten().to(device)  # value codes: w word rows per group
     groups, dev_segments = groups.to(device), segments.to(device)
     return dataclasses.replace(
         segs,
-        k_packed=segs.k_packed[k_rows],
+        k_packed=segs.k_packed[slot_rows],
         k_scale=segs.k_scale[groups],
         k_zero=segs.k_zero[groups],
-        v_packed=segs.v_packed[v_rows],
-        v_scale=segs.v_scale[v_rows],
-        v_zero=segs.v_zero[v_rows],
+        v_packed=segs.v_packed[v_word_rows],
+        v_scale=segs.v_scale[slot_rows],
+        v_zero=segs.v_zero[slot_rows],
         cu_groups=_prefix_sums((cu[1:] - cu[:-1])[segments], device),
         ctx_len=segs.ctx_len[dev_segments],
         ctx_groups=segs.ctx_groups[dev_segments],

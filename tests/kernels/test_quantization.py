@@ -25,16 +25,15 @@ MANTISSA_BITS = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 
 
 def unpack_codes(qt: QuantizedTensor) -> torch.Tensor:
-    """Independent unpacking, one code at a time: (B, H, T, D) int64 codes of a QuantizedTensor."""
-    G, bits, axis = qt.group_size, qt.bits, qt.axis
+    """Independent unpacking, one code at a time: (B, H, T, D) int64 codes of a QuantizedTensor (packed along the
+    axis the groups do not span: channels for keys, tokens for values)."""
+    bits, pack_axis = qt.bits, 5 - qt.axis
     per_word = 32 // bits
-    W = math.ceil(G * bits / 32)
     words = qt.packed.to(torch.int64) & 0xFFFFFFFF
     codes = torch.empty(qt.shape, dtype=torch.int64, device=words.device)
-    for n in range(qt.shape[axis]):
-        g, i = divmod(n, G)
-        word = words.select(axis, g * W + i // per_word)
-        codes.select(axis, n).copy_((word >> ((i % per_word) * bits)) & ((1 << bits) - 1))
+    for c in range(qt.shape[pack_axis]):
+        word = words.select(pack_axis, c // per_word)
+        codes.select(pack_axis, c).copy_((word >> ((c % per_word) * bits)) & ((1 << bits) - 1))
     return codes
 
 
@@ -45,7 +44,9 @@ def per_element(t: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
 
 def expected_nbytes(shape, dtype, bits, G, axis):
     n_groups = math.prod(shape) // G
-    return n_groups * math.ceil(G * bits / 32) * 4 + 2 * n_groups * torch.finfo(dtype).bits // 8
+    packed_len = shape[5 - axis]  # codes per line along the packing axis
+    words = math.prod(shape) // packed_len * math.ceil(packed_len * bits / 32)
+    return words * 4 + 2 * n_groups * torch.finfo(dtype).bits // 8
 
 
 @st.composite
@@ -81,7 +82,7 @@ def test_kernel_matches_reference_and_error_bound(inputs):
     assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
     assert torch.equal(out, ref_out)
     assert qt.nbytes() == ref.nbytes() == expected_nbytes(shape, dtype, bits, G, axis)
-    if G * bits % 32 == 0:  # groups fill whole words: codes * bits / 8 + scale and zero
+    if shape[5 - axis] * bits % 32 == 0:  # the packing axis fills whole words: codes * bits / 8 + scale and zero
         assert qt.nbytes() == x.numel() * bits // 8 + 2 * (x.numel() // G) * x.element_size()
     if x.numel() == 0:
         return
@@ -174,19 +175,27 @@ def test_packing_round_trip(kind, bits, G):
 
 
 def test_word_layout():
-    """Code i of a group sits in word i // (32 // bits) at bit (i % (32 // bits)) * bits: checked on a handmade
-    2-bit group of 32 values 0..3 (two words) and a 4-bit group of 8 values (one word, the top bit set)."""
-    c2 = torch.tensor([i % 4 for i in range(32)], dtype=torch.float32)
-    v = c2.view(1, 1, 1, 32).to(DEVICE)
-    for q in (quantize_values(v, 2, 32), reference_quantize_values(v, 2, 32)):
-        word = sum((i % 4) << (2 * (i % 16)) for i in range(16))  # both words hold the same 16 codes
-        signed = word - (1 << 32) if word >= 1 << 31 else word
-        assert q.packed.flatten().tolist() == [signed, signed]
-        assert q.scale.item() == 1.0 and q.zero.item() == 0.0
-    k = torch.tensor([15, 0, 1, 2, 3, 4, 5, 14], dtype=torch.float16).view(1, 1, 8, 1).to(DEVICE)
-    for q in (quantize_keys(k, 4, 8), reference_quantize_keys(k, 4, 8)):
-        word = sum(c << (4 * i) for i, c in enumerate([15, 0, 1, 2, 3, 4, 5, 14]))
-        assert q.packed.flatten().tolist() == [word - (1 << 32)]
+    """Element c of the packing axis (tokens for values, channels for keys) sits in word c // (32 // bits) at bit
+    (c % (32 // bits)) * bits: checked on 32 value tokens of 16 channels holding (token + channel) % 4 (two 2-bit words
+    per channel; each token's group spans 0..3, so codes equal values) and a key token of 8 channels (one 4-bit word,
+    the top bit set; each channel its own group, spanning 0..15)."""
+    t, c = torch.arange(32)[:, None], torch.arange(16)[None, :]
+    v = ((t + c) % 4).float().view(1, 1, 32, 16).to(DEVICE)
+    expected = []
+    for w in range(2):
+        row = []
+        for ch in range(16):
+            word = sum(((16 * w + i + ch) % 4) << (2 * i) for i in range(16))
+            row.append(word - (1 << 32) if word >= 1 << 31 else word)
+        expected.append(row)
+    for q in (quantize_values(v, 2, 16), reference_quantize_values(v, 2, 16)):
+        assert q.packed[0, 0].tolist() == expected
+        assert (q.scale == 1.0).all() and (q.zero == 0.0).all()
+    row = [15, 0, 1, 2, 3, 4, 5, 14]
+    k = torch.tensor([row, [0] * 8, [15] * 8, [0] * 8], dtype=torch.float16).view(1, 1, 4, 8).to(DEVICE)
+    for q in (quantize_keys(k, 4, 4), reference_quantize_keys(k, 4, 4)):  # every channel's group spans 0..15
+        words = [sum(c << (4 * i) for i, c in enumerate(r)) - (1 << 32) for r in (row, [15] * 8)]
+        assert q.packed.flatten().tolist() == [words[0], 0, words[1], 0]
 
 
 def test_bad_inputs():

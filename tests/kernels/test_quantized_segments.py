@@ -38,8 +38,8 @@ def segment_groups(segs, s):
     """Storage slices (k_packed, k_scale, k_zero, v_packed, v_scale, v_zero) of segment s's groups."""
     lo, hi = segs.cu_groups[s].item(), segs.cu_groups[s + 1].item()
     W, G = segs.words_per_group, segs.group_size
-    return (segs.k_packed[lo * W : hi * W], segs.k_scale[lo:hi], segs.k_zero[lo:hi],
-            segs.v_packed[lo * G : hi * G], segs.v_scale[lo * G : hi * G], segs.v_zero[lo * G : hi * G])  # fmt: skip
+    return (segs.k_packed[lo * G : hi * G], segs.k_scale[lo:hi], segs.k_zero[lo:hi],
+            segs.v_packed[lo * W : hi * W], segs.v_scale[lo * G : hi * G], segs.v_zero[lo * G : hi * G])  # fmt: skip
 
 
 def flat(qk, qv):
