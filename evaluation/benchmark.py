@@ -7,6 +7,7 @@ the predictions of one task at a time. The runner knows nothing of a benchmark's
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -48,7 +49,7 @@ class BenchmarkOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Benchmark:
+class Benchmark(ABC):
     """Base class. Subclasses set ``name`` and ``Options`` and implement :meth:`examples` and :meth:`score`.
 
     ``__init__`` must not read large data or load a model: it validates that inputs exist (paths, task names) so a
@@ -65,6 +66,7 @@ class Benchmark:
         """Largest context (tokens) this configuration asks for, or ``None`` when the benchmark truncates to fit."""
         return None
 
+    @abstractmethod
     def examples(self, tokenizer, seed: int, max_context_tokens: int | None = None) -> list[Example]:
         """Every example of the run, in a deterministic order.
 
@@ -73,11 +75,10 @@ class Benchmark:
         benchmarks size contexts from their own options and were checked against it through
         :meth:`max_context_tokens`.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def score(self, task: str, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         """Metrics (name -> value in [0, 100]) of ``predictions[i]`` answering ``examples[i]``, all of ``task``."""
-        raise NotImplementedError
 
     def plot(self, records: list[dict], out_dir) -> list:
         """Benchmark-specific figures (e.g. the needle heatmap) written under ``out_dir``; returns their paths.
