@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
-import torch
-import transformers
-import triton
-from speed_memory import llama31_8b_config, run_one
-from transformers import AutoModelForCausalLM
+from speed_memory import llama31_8b_model, run_metadata, run_one
 
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
@@ -64,19 +59,9 @@ def main() -> None:
     parser.add_argument("--quanto", action="store_true", help="add transformers' QuantizedCache (quanto, 4-bit)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quantized_speed_memory_h100.json"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
-
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(llama31_8b_config(), dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.eval()
+    model = llama31_8b_model()
     meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "transformers": transformers.__version__,
-        "triton": triton.__version__,
-        "model": "Llama-3.1-8B shape, random bf16 weights, sdpa prefill",
+        **run_metadata(),
         "group_size": args.group_size,
         "residual_length": args.residual,
         "command": "python benchmarks/quantized_speed_memory.py --contexts " + " ".join(map(str, args.contexts))

@@ -66,6 +66,27 @@ def llama31_8b_config() -> LlamaConfig:
     )
 
 
+def llama31_8b_model():
+    """A Llama-3.1-8B-shaped model with random bf16 weights on the GPU, sdpa attention; exits without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(llama31_8b_config(), dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+def run_metadata() -> dict:
+    """Device, library versions and model of a speed/memory run (the caller adds its command and settings)."""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "transformers": transformers.__version__,
+        "triton": triton.__version__,
+        "model": "Llama-3.1-8B shape, random bf16 weights, sdpa prefill",
+    }
+
+
 def variants(ratios: list[float]):
     """``(name, press factory, uses VarlenCache)`` for every benchmarked configuration."""
     yield "none/dynamic", None, False
@@ -215,24 +236,14 @@ def main() -> None:
         "--cuda-graph", action="store_true", help="also decode the VarlenCache variants through a captured CUDA graph"
     )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
-
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(llama31_8b_config(), dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.eval()
+    model = llama31_8b_model()
     runs = [(n, 1) for n in args.contexts]
     if args.batch4_context:
         runs.append((args.batch4_context, 4))
     meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "model": "Llama-3.1-8B shape, random bf16 weights, sdpa prefill",
+        **run_metadata(),
         "command": "python benchmarks/speed_memory.py --contexts " + " ".join(map(str, args.contexts))
         + (" --cuda-graph" if args.cuda_graph else ""),
-        "transformers": transformers.__version__,
-        "triton": triton.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = []
