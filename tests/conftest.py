@@ -44,17 +44,29 @@ ARCHITECTURES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _build(arch: str, attn: str):
-    torch.manual_seed(0)
+def tiny_config(arch: str, head_dim: int | None = None, kv_heads: int | None = None):
+    """The tiny ``arch`` config, optionally with another head dimension (quantization groups need >= 32; the
+    default is 16) or number of kv heads."""
     config = ARCHITECTURES[arch]()
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    if head_dim is not None:
+        config.head_dim = head_dim
+    if kv_heads is not None:
+        config.num_key_value_heads = kv_heads
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def _build(arch: str, attn: str, head_dim: int | None, kv_heads: int | None, dtype: torch.dtype):
+    torch.manual_seed(0)
+    config = tiny_config(arch, head_dim, kv_heads)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     return model.eval()
 
 
-def tiny_model(arch: str = "llama", attn: str = "sdpa"):
-    """A tiny random model of ``arch`` (cached per process; do not modify its weights)."""
-    return _build(arch, attn)
+def tiny_model(arch: str = "llama", attn: str = "sdpa", *, head_dim: int | None = None, kv_heads: int | None = None,
+               dtype: torch.dtype = torch.float32):  # fmt: skip
+    """A tiny random model of ``arch`` (:func:`tiny_config`; cached per process; do not modify its weights)."""
+    return _build(arch, attn, head_dim, kv_heads, dtype)
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))

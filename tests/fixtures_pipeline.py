@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from kvpress.offline_model import smollm2_gguf
 from kvpress.pipeline import TASK
-from tests.conftest import ARCHITECTURES
+from tests.conftest import tiny_config
 
 _WORDS = (
     "river stone lantern harbour market winter garden copper violet quiet ancient bridge letter window orchard "
@@ -29,18 +29,19 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(directory, gguf_file=name)
 
 
-def text_model(arch: str = "llama", attn: str = "sdpa"):
-    """A tiny random ``arch`` model whose vocabulary and special tokens match :func:`smollm2_tokenizer`.
+def text_model(arch: str = "llama", attn: str = "sdpa", head_dim: int | None = None):
+    """A tiny random ``arch`` model whose vocabulary and special tokens match :func:`smollm2_tokenizer`
+    (``head_dim``: as :func:`tests.conftest.tiny_config`).
 
-    Cached per process (one object per ``(arch, attn)``): restore anything a test changes on it.
+    Cached per process (one object per ``(arch, attn, head_dim)``): restore anything a test changes on it.
     """
-    return _build(arch, attn)
+    return _build(arch, attn, head_dim)
 
 
 @functools.lru_cache(maxsize=None)
-def _build(arch: str, attn: str):
+def _build(arch: str, attn: str, head_dim: int | None):
     tok = smollm2_tokenizer()
-    config = ARCHITECTURES[arch]()
+    config = tiny_config(arch, head_dim)
     config.vocab_size = len(tok)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(0)

@@ -3,12 +3,11 @@ questions across flushes, a press that brings its own quantization, and bad inpu
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, pipeline
+from transformers import pipeline
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.quantization_config import QuantizationConfig
@@ -20,8 +19,7 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.think_press import ThinKPress
-from tests.conftest import ARCHITECTURES
-from tests.fixtures_pipeline import chat_prompt, eos_ids, random_text, smollm2_tokenizer
+from tests.fixtures_pipeline import chat_prompt, eos_ids, random_text, smollm2_tokenizer, text_model
 
 QUESTIONS = [" Where is the old river stone?", " Who rang the bell?"]
 PRESSES = {
@@ -32,16 +30,10 @@ PRESSES = {
 }
 
 
-@functools.cache
 def quant_text_model(arch: str):
     """A tiny random ``arch`` model with the SmolLM2 tokenizer's vocabulary and head dimension 32 (the shared text
     models use 16, which no quantization group size divides)."""
-    tok = smollm2_tokenizer()
-    config = ARCHITECTURES[arch]()
-    config.vocab_size, config.head_dim = len(tok), 32
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return text_model(arch, head_dim=32)
 
 
 def quant_pipeline(arch: str):

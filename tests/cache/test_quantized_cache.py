@@ -3,13 +3,12 @@ the unquantized VarlenCache, plus memory, layer bits, stacking, persistence and 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 from kvpress_kernels import dequantize_segments
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvpress.cache.attention import compressed_attention
@@ -22,7 +21,7 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.think_press import ThinKPress
-from tests.conftest import ARCHITECTURES, random_ids, tiny_model
+from tests.conftest import random_ids, tiny_model
 
 PRESSES = {
     "knorm": lambda: KnormPress(0.4),
@@ -31,14 +30,10 @@ PRESSES = {
 }
 
 
-@functools.cache
 def quant_model(arch: str, head_dim: int = 32):
     """A tiny random ``arch`` model whose head dimension a quantization group can divide (the shared tiny models use
     16, below the smallest group size)."""
-    config = ARCHITECTURES[arch]()
-    config.head_dim = head_dim
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return tiny_model(arch, head_dim=head_dim)
 
 
 def prefill(model, cache, ids, press=None):

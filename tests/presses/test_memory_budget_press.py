@@ -7,7 +7,6 @@ Models have a head dimension of 32, the smallest one quantization groups tile.
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 from fractions import Fraction
@@ -17,14 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
-    AutoModelForCausalLM,
     DynamicCache,
-    Gemma3TextConfig,
     LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    Qwen2Config,
-    Qwen3Config,
 )
 
 from kvpress.cache.quantization_config import QuantizationConfig
@@ -42,42 +35,17 @@ from tests.conftest import random_ids, tiny_model
 from tests.presses.plain_reference import assert_pipeline_matches_plain_decoding
 from tests.presses.press_harness import record_scores
 
-_COMMON = {
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 128,
-    "max_position_embeddings": 1024,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
-# Head dimension 32 everywhere (Qwen2 and Phi3 derive it from hidden_size / heads); "llama_mqa" has one kv head for
-# four query heads, the others two.
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON, head_dim=32),
-    "llama_mqa": lambda: LlamaConfig(**{**_COMMON, "num_key_value_heads": 1}, head_dim=32),
-    "mistral": lambda: MistralConfig(**_COMMON, head_dim=32, sliding_window=None),
-    "qwen2": lambda: Qwen2Config(**{**_COMMON, "hidden_size": 128}),
-    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=32),
-    "phi3": lambda: Phi3Config(**{**_COMMON, "hidden_size": 128}),
-    "gemma3": lambda: Gemma3TextConfig(
-        **_COMMON,
-        head_dim=32,
-        sliding_window=8,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-    ),
-}
+# Head dimension 32 everywhere (the shared tiny models' 16 is below the smallest group size); "llama_mqa" has one kv
+# head for four query heads, the others two.
+CONFIGS = {arch: (arch, None) for arch in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")}
+CONFIGS["llama_mqa"] = ("llama", 1)
 HEAD_DIM = 32
 WINDOW = 4  # SnapKV window of the tests (the default 32 would dominate such short contexts)
 
 
-@functools.cache
 def model_of(arch: str, dtype: torch.dtype = torch.float32):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation="sdpa", dtype=dtype).eval()
+    base, kv_heads = CONFIGS[arch]
+    return tiny_model(base, head_dim=HEAD_DIM, kv_heads=kv_heads, dtype=dtype)
 
 
 def compressed_layers(config) -> list[int]:
