@@ -32,6 +32,7 @@ import triton
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.graph_decoder import GraphDecoder
 from kvpress.cache.layer_access import layer_memory_bytes, restore_cache, snapshot_cache
 from kvpress.cache.varlen_cache import VarlenCache
@@ -119,10 +120,10 @@ def run_one(
     start = time.perf_counter()
     with torch.no_grad():
         if press is None:
-            model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model.model(input_ids=ids, **cache_kwargs(model.model, cache), use_cache=True)
         else:
             with press(model):
-                model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+                model.model(input_ids=ids, **cache_kwargs(model.model, cache), use_cache=True)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - start
     del ids
@@ -141,7 +142,7 @@ def run_one(
             position = torch.full((batch, 1), n_ctx + step, device=device)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=token, **cache_kwargs(model, cache), position_ids=position, use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             if step >= warmup:
@@ -191,7 +192,7 @@ def graph_decode(model, cache, token: torch.Tensor, position: int, steps: int, w
         t = token
         for i in range(GRAPH_CHECK_STEPS):
             pos = torch.full((batch, 1), position + i, device=device)
-            out = model(input_ids=t, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=t, **cache_kwargs(model, cache), position_ids=pos, use_cache=True, logits_to_keep=1)
             t = out.logits[:, -1:].argmax(-1)
             eager_tokens.append(t)
     restore_cache(cache, state)

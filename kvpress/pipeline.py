@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, Cache, DynamicCache, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.layer_access import restore_cache, snapshot_cache
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache, model_head_dim
@@ -236,10 +237,10 @@ class KVPressTextGenerationPipeline(Pipeline):
         base = self.model.base_model
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         if press is None:
-            base(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True)
+            base(input_ids=input_ids, **cache_kwargs(base, cache), position_ids=positions, use_cache=True)
             return input_ids.shape[1]
         with press(self.model) as report:
-            base(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True)
+            base(input_ids=input_ids, **cache_kwargs(base, cache), position_ids=positions, use_cache=True)
         if press.capabilities.rerotates_positions and report.kept_lengths:
             # Kept keys sit at positions 0..kept-1; layers may differ, so continue after the longest.
             return int(max(v.max().item() for v in report.kept_lengths.values()))
@@ -275,7 +276,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             try:
                 out = model(
                     input_ids=ids,
-                    past_key_values=cache,
+                    **cache_kwargs(model, cache),
                     position_ids=start[:, None] + torch.arange(width, device=device),
                     use_cache=True,
                     logits_to_keep=0 if padded else 1,
@@ -310,7 +311,7 @@ class KVPressTextGenerationPipeline(Pipeline):
                     break
                 out = model(
                     input_ids=token[:, None],
-                    past_key_values=cache,
+                    **cache_kwargs(model, cache),
                     position_ids=position[:, None],
                     use_cache=True,
                     logits_to_keep=1,

@@ -25,6 +25,11 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
+def is_sliding_layer(module: nn.Module) -> bool:
+    """Whether an attention module slides over a bounded window (presses leave such layers as they are)."""
+    return bool(getattr(module, "sliding_window", None) or getattr(module, "is_sliding", False))
+
+
 def attn_implementation(model: nn.Module) -> str:
     """The attention implementation the model's config selects (``"eager"``, ``"sdpa"``, ...)."""
     config = getattr(model, "config", None)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
@@ -125,12 +126,12 @@ def test_window_larger_than_context_leaves_a_direct_cache_empty(arch):
     with torch.no_grad():
         with pytest.raises(ValueError, match=r"window_size=13 is larger than the context \(12 tokens\)"):
             with SnapKVPress(0.5, window_size=13)(model):
-                model.model(input_ids=ids, past_key_values=cache)
+                model.model(input_ids=ids, **cache_kwargs(model.model, cache))
         _assert_empty(cache)
         fresh = DynamicCache(config=model.config)
         for c in (cache, fresh):
             with SnapKVPress(0.5, window_size=4)(model):
-                model.model(input_ids=ids, past_key_values=c)
+                model.model(input_ids=ids, **cache_kwargs(model.model, c))
     for a, b in zip(cache.layers, fresh.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
@@ -221,7 +222,7 @@ def test_cache_not_empty(baseline):
     model = text_model()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model.model(input_ids=random_ids(5), past_key_values=cache)
+        model.model(input_ids=random_ids(5), **cache_kwargs(model.model, cache))
     before = [(layer.keys, layer.values) for layer in cache.layers]
     with pytest.raises(ValueError, match="cache must be empty"):
         _answer(cache=cache)

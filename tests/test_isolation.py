@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import SnapKVPress
@@ -47,6 +48,7 @@ _IMPORT_PROBE = textwrap.dedent(
     before, spaces = state(), [namespace(m) for m in MODULES]
     import kvpress
     from kvpress.cache.attention import compressed_attention
+    from kvpress.cache.forward_keyword import cache_kwargs
     after = state()
     patched = [f"{m.__name__}.{k}" for m, s in zip(MODULES, spaces) for k, v in namespace(m).items() if s.get(k) != v]
 
@@ -57,10 +59,10 @@ _IMPORT_PROBE = textwrap.dedent(
     cache = DynamicCache(config=config)
     with torch.no_grad():
         with kvpress.KnormPress(0.5)(model):
-            model.model(input_ids=torch.arange(1, 11)[None], past_key_values=cache)
+            model.model(input_ids=torch.arange(1, 11)[None], **cache_kwargs(model.model, cache))
         after_press = state()
         with compressed_attention(model):
-            model(input_ids=torch.tensor([[3]]), past_key_values=cache, position_ids=torch.tensor([[10]]))
+            model(input_ids=torch.tensor([[3]]), **cache_kwargs(model, cache), position_ids=torch.tensor([[10]]))
     print(json.dumps({"before": before, "after": after, "patched": patched, "after_press": after_press,
                       "after_decode": state(), "attn": model.config._attn_implementation}))
     """
@@ -97,7 +99,7 @@ def _module_state(model) -> dict:
 def _compress(model, press, ids) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     return cache
 
 
@@ -116,7 +118,7 @@ def test_press_adds_no_model_attribute(arch):
     with torch.no_grad():
         logits = model(ids).logits
         with SnapKVPress(0.5, window_size=4)(model):
-            model.model(input_ids=ids, past_key_values=DynamicCache(config=model.config))
+            model.model(input_ids=ids, **cache_kwargs(model.model, DynamicCache(config=model.config)))
             inside = _module_state(model)
         assert _module_state(model) == before
         assert torch.equal(model(ids).logits, logits)
@@ -136,7 +138,7 @@ def test_exception_removes_hooks(where):
         if where == "in a layer hook":
             with pytest.raises(RuntimeError, match="scoring failed in layer 0"):
                 with _FailingPress(0.5)(model):
-                    model.model(input_ids=ids, past_key_values=DynamicCache(config=model.config))
+                    model.model(input_ids=ids, **cache_kwargs(model.model, DynamicCache(config=model.config)))
         else:
             with pytest.raises(KeyError, match="boom"):
                 with KnormPress(0.5)(model):
@@ -157,8 +159,8 @@ def test_nested_presses_on_two_models():
     c1, c2 = DynamicCache(config=m1.config), DynamicCache(config=m2.config)
     with torch.no_grad(), p1(m1) as r1:
         with p2(m2) as r2:
-            m2.model(input_ids=ids2, past_key_values=c2)
-            m1.model(input_ids=ids1, past_key_values=c1)
+            m2.model(input_ids=ids2, **cache_kwargs(m2.model, c2))
+            m1.model(input_ids=ids1, **cache_kwargs(m1.model, c1))
     for cache, alone in ((c1, alone1), (c2, alone2)):
         for a, b in zip(cache.layers, alone.layers, strict=True):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache, pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.pipeline import TASK, KVPressTextGenerationPipeline
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.snapkv_press import SnapKVPress
@@ -53,13 +54,13 @@ def _manual_answer(model, tokenizer, prompt: str, tail: str, press, max_new_toke
     eos = eos_ids(model, tokenizer)
     with torch.no_grad():
         with press(model) as report:
-            model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model.model(input_ids=ids, **cache_kwargs(model.model, cache), use_cache=True)
         prefilled = [(layer.keys, layer.values) for layer in cache.layers]
         position, new = ids.shape[1], tokenizer(tail, add_special_tokens=False, return_tensors="pt").input_ids
         generated = []
         for _ in range(max_new_tokens):
             positions = torch.arange(position, position + new.shape[1])[None]
-            logits = model(input_ids=new, past_key_values=cache, position_ids=positions, use_cache=True).logits
+            logits = model(input_ids=new, **cache_kwargs(model, cache), position_ids=positions, use_cache=True).logits
             position += new.shape[1]
             token = int(logits[0, -1].argmax())
             if token in eos:

@@ -10,6 +10,7 @@ import torch
 from transformers import pipeline
 
 from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer
@@ -56,15 +57,15 @@ def manual_answer(model, tokenizer, context, question, press, quantization, max_
     eos, generated = eos_ids(model, tokenizer), []
     with torch.no_grad():
         if press is None:
-            model.model(input_ids=ids, past_key_values=cache)
+            model.model(input_ids=ids, **cache_kwargs(model.model, cache))
         else:
             with press(model):
-                model.model(input_ids=ids, past_key_values=cache)
+                model.model(input_ids=ids, **cache_kwargs(model.model, cache))
         position = ids.shape[1]
         with compressed_attention(model):
             for _ in range(max_new_tokens):
                 positions = torch.arange(position, position + tail.shape[1])[None]
-                token = model(input_ids=tail, past_key_values=cache, position_ids=positions).logits[0, -1].argmax()
+                token = model(input_ids=tail, **cache_kwargs(model, cache), position_ids=positions).logits[0, -1].argmax()
                 if int(token) in eos:
                     break
                 generated.append(int(token))

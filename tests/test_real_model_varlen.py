@@ -16,6 +16,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.needle import PASSKEY_NEEDLE, PASSKEY_QUESTION, build_needle_context
 from kvpress.offline_model import load_smollm2
@@ -43,7 +44,7 @@ def _greedy_decode(model, cache, first: torch.Tensor, position: int) -> tuple[li
     logits."""
     tokens, logits, token = [], [], first
     for step in range(N_NEW):
-        out = model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[position + step]])).logits
+        out = model(input_ids=token, **cache_kwargs(model, cache), position_ids=torch.tensor([[position + step]])).logits
         logits.append(out[0, -1])
         token = out[:, -1:].argmax(-1)
         tokens.append(int(token))
@@ -72,7 +73,7 @@ def test_adakv_varlen_decoding_equals_masked_dense_reference(smollm2):
     handles = [m.register_forward_hook(grab, with_kwargs=True) for m in layers]
     try:
         with torch.no_grad():
-            ref_prefill = model(input_ids=ids, past_key_values=full).logits[0, -1]
+            ref_prefill = model(input_ids=ids, **cache_kwargs(model, full)).logits[0, -1]
     finally:
         for handle in handles:
             handle.remove()
@@ -95,7 +96,7 @@ def test_adakv_varlen_decoding_equals_masked_dense_reference(smollm2):
     # Compressed prefill into ragged storage.
     cache = VarlenCache(config=cfg)
     with torch.no_grad(), press(model) as report:
-        prefill = model(input_ids=ids, past_key_values=cache).logits[0, -1]
+        prefill = model(input_ids=ids, **cache_kwargs(model, cache)).logits[0, -1]
     torch.testing.assert_close(prefill, ref_prefill)  # compression acts after each layer's own prefill attention
     varying = 0
     for idx, lengths in expected.items():

@@ -3,6 +3,7 @@
 from kvpress.cache.attention import ATTENTION_NAME, compressed_attention, kvpress_attention, register_attention
 from kvpress.cache.channel_pruned_layer import ChannelPrunedLayer
 from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.cache.forward_keyword import cache_keyword, cache_kwargs, find_cache
 from kvpress.cache.layer_access import layer_memory_bytes, read_layer, restore_cache, snapshot_cache, write_layer
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
@@ -19,7 +20,10 @@ __all__ = [
     "QuantizedVarlenLayer",
     "VarlenCache",
     "VarlenLayer",
+    "cache_keyword",
+    "cache_kwargs",
     "compressed_attention",
+    "find_cache",
     "kvpress_attention",
     "layer_memory_bytes",
     "read_layer",

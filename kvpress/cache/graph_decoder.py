@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.layer_access import restore_cache, snapshot_cache
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
@@ -22,7 +23,7 @@ def greedy_step(model: nn.Module, cache: VarlenCache, ids: torch.Tensor, positio
 
     This is the work :class:`GraphDecoder` captures; run it under :func:`compressed_attention` and without autograd.
     """
-    out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **cache_kwargs(model, cache), position_ids=positions, use_cache=True, logits_to_keep=1)
     ids.copy_(out.logits[:, -1:].argmax(-1))
     positions.add_(1)
 

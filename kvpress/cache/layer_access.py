@@ -40,8 +40,10 @@ def write_layer(cache: Cache, layer_idx: int, kv: CompressedKV) -> None:
                 f"got {type(layer).__name__}"
             )
         cache.layers[layer_idx] = ChannelPrunedLayer.from_compressed(kv)
-        # A snapshot may still hold the replaced layer object: drop its dense prefill tensors now.
-        layer.reset()
+        # A snapshot may still hold the replaced layer object: drop its dense prefill tensors now. Not through
+        # `reset()`, which zeroes them in place before transformers 5.25 (and so would corrupt the snapshot).
+        layer.keys = layer.values = None
+        layer.is_initialized = False
     elif kv.head_lengths is not None:
         raise ValueError(
             "the press keeps a different number of tokens per head, which a dense cache layer cannot store; "

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from kvpress_kernels import QuantizedSegments
 
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer, concat_segments
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
+from kvpress_kernels import QuantizedSegments
 
 _SEGMENT_FIELDS = (
     "k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "cu_groups", "ctx_len", "ctx_groups"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from kvpress_kernels import QuantizedSegments, append_segment_groups, quantize_segments, quantized_varlen_attention
-from kvpress_kernels.quantization import words_per_group
 
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.varlen_layer import VarlenLayer, VarlenView
+from kvpress_kernels import QuantizedSegments, append_segment_groups, quantize_segments, quantized_varlen_attention
+from kvpress_kernels.quantization import words_per_group
 
 
 class QuantizedVarlenLayer(VarlenLayer):

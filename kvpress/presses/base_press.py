@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+import transformers
 from torch import nn
 
 from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.cache.forward_keyword import CACHE_KEYWORDS, find_cache
 from kvpress.cache.layer_access import read_layer, write_layer
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.report import CompressionReport
-from kvpress.utils import attention_layers, attn_implementation
+from kvpress.utils import attention_layers, attn_implementation, is_sliding_layer
 
 
 class BasePress(ABC):
@@ -25,6 +28,9 @@ class BasePress(ABC):
     this forward), the hook reads the freshly written keys and values, calls :meth:`compress` and writes the result
     back into the cache, so the cache really shrinks. Decode and question forwards are left untouched. A prefill that
     :meth:`check_length` rejects raises before the first layer writes, leaving the cache empty and reusable.
+
+    A prefill forward with a cache during which no layer was compressed raises ``RuntimeError`` as it returns
+    (a press never silently does nothing, e.g. when a transformers release passes the cache differently).
 
     Subclasses implement :meth:`compress`; most implement :class:`~kvpress.presses.scorer_press.ScorerPress.score`
     instead. Press state lives in the per-call :class:`CompressionReport`, never on the model.
@@ -39,6 +45,12 @@ class BasePress(ABC):
     # ---- validation ----------------------------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
         """Raise ``ValueError`` when the press cannot run on ``model`` (called before any tensor is touched)."""
+        if all(is_sliding_layer(m) for m in attention_layers(model)):
+            raise ValueError(
+                f"{type(self).__name__} has nothing to compress in {type(model).__name__}: every attention layer "
+                "slides over a bounded window (config.layer_types / sliding_window), and presses compress only "
+                "full-attention layers"
+            )
         caps = self.capabilities
         if caps.needs_attention_weights:
             impl = attn_implementation(model)
@@ -73,7 +85,8 @@ class BasePress(ABC):
             hidden_states: ``(batch, n, hidden)`` input of the attention layer.
             keys, values: ``(batch, kv_heads, n, head_dim)`` post-RoPE keys and the values in the cache.
             attentions: ``(batch, heads, n, n)`` attention weights (eager attention only) or ``None``.
-            kwargs: the attention forward's keyword arguments (``position_embeddings``, ``past_key_values``, ...).
+            kwargs: the attention forward's keyword arguments (``position_embeddings``, the cache, ...; read the
+                cache with :func:`~kvpress.cache.forward_keyword.find_cache`).
 
         Returns:
             ``(keys, values)`` of shape ``(batch, kv_heads, n_kept, head_dim)``, or a :class:`CompressedKV` when the
@@ -82,20 +95,20 @@ class BasePress(ABC):
 
     def forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook of the first attention layer: :meth:`check_length` on a prefill, before any layer writes."""
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         if cache is not None and _cached_length(cache, module.layer_idx) == 0:
             hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             self.check_length(hidden_states.shape[1])
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output, report: CompressionReport):
         """Hook body: compress the layer if this forward is its prefill."""
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         if cache is None:
             return output
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         layer_idx = module.layer_idx
         q_len = hidden_states.shape[1]
-        if getattr(module, "sliding_window", None) or getattr(module, "is_sliding", False):
+        if is_sliding_layer(module):
             # Sliding-window layers already hold a bounded window; pruning it would break their window semantics.
             return output
         if _cached_length(cache, layer_idx) != q_len:
@@ -125,6 +138,10 @@ class BasePress(ABC):
             for module in layers:
                 hook = _Hook(self, report)
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            guard = _PrefillGuard(self, report, n_full_layers=sum(not is_sliding_layer(m) for m in layers))
+            decoder = getattr(model, "base_model", model)  # the CausalLM wrapper forwards the cache to it
+            handles.append(decoder.register_forward_pre_hook(guard.before, with_kwargs=True))
+            handles.append(decoder.register_forward_hook(guard.after, with_kwargs=True))
             yield report
         finally:
             for handle in handles:
@@ -148,3 +165,44 @@ class _Hook:
 
     def __call__(self, module, args, kwargs, output):
         return self.press.forward_hook(module, args, kwargs, output, self.report)
+
+
+@dataclass
+class _PrefillGuard:
+    """Turns a prefill that the press left uncompressed into a ``RuntimeError``, so a press never does nothing quietly.
+
+    Hooks on the decoder stack (the module that receives the cache and runs every attention layer): a forward of
+    ``n > 0`` tokens into an empty (or new) cache is a prefill, and the press must have compressed at least one layer
+    during it. The cache is found by :func:`find_cache`, under any keyword.
+    """
+
+    press: BasePress
+    report: CompressionReport = field(repr=False)
+    n_full_layers: int
+    _records: int = 0
+    _n_tokens: int = 0
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = find_cache(kwargs)
+        prefill = kwargs.get("use_cache") is not False and (cache is None or cache.get_seq_length() == 0)
+        inputs = kwargs.get("input_ids")
+        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+        inputs = args[0] if inputs is None and args else inputs
+        self._n_tokens = inputs.shape[1] if prefill and isinstance(inputs, torch.Tensor) and inputs.dim() > 1 else 0
+        self._records = self.report.n_records
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if self._n_tokens == 0 or self.report.n_records > self._records:
+            return
+        cache = find_cache(kwargs) or (find_cache(output) if isinstance(output, Mapping) else None)
+        if cache is None:
+            return  # the forward kept no cache: there is nothing to compress
+        raise RuntimeError(
+            f"{self.press!r} compressed no attention layer during a prefill of {self._n_tokens} tokens into a "
+            f"{type(cache).__name__} (transformers {transformers.__version__}). Expected: the {self.n_full_layers} "
+            f"full-attention layer(s) compressed; happened: none (the cache holds {cache.get_seq_length()} tokens). "
+            "The attention layers did not hand the press a cache it can read: a transformers Cache (looked for the "
+            f"keywords {', '.join(CACHE_KEYWORDS)}, then any Cache argument) holding this forward's tokens in "
+            "DynamicCache or kvpress cache layers. If this transformers version is within the range kvpress "
+            "declares, please report it."
+        )

@@ -10,6 +10,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from kvpress.cache.forward_keyword import find_cache
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import BasePress, _cached_length
@@ -212,7 +213,7 @@ class MemoryBudgetPress(BasePress):
 
     def forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         super().forward_pre_hook(module, args, kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         if cache is not None and _cached_length(cache, module.layer_idx) == 0:
             # A fraction budget depends on the prefill length: check it before the first layer writes.
             hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

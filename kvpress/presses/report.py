@@ -20,9 +20,11 @@ class CompressionReport:
     n_layers: int
     original_lengths: dict[int, int] = field(default_factory=dict)
     kept_lengths: dict[int, torch.Tensor] = field(default_factory=dict)
+    n_records: int = field(default=0, repr=False)  # layer compressions so far, repeated prefills included
 
     def record(self, layer_idx: int, n_tokens: int, lengths: torch.Tensor) -> None:
         """Store the outcome of one layer: ``n_tokens`` prefilled, ``lengths`` ``(batch, kv_heads)`` kept."""
+        self.n_records += 1
         self.original_lengths[layer_idx] = n_tokens
         self.kept_lengths[layer_idx] = lengths.detach().to("cpu", torch.long)
 

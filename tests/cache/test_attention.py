@@ -8,6 +8,7 @@ from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvpress.cache.attention import causal_suffix_mask, compressed_attention, kvpress_attention
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.knorm_press import KnormPress
 from tests.conftest import random_ids, tiny_model
 
@@ -83,8 +84,8 @@ def test_decoding_after_uniform_compression_matches_standard_attention(arch, att
     with torch.no_grad():
         for cache in (cache_a, cache_b):
             with KnormPress(0.5)(model):
-                model.model(input_ids=ids, past_key_values=cache)
-        ref = model(input_ids=question, past_key_values=cache_a, position_ids=positions).logits
+                model.model(input_ids=ids, **cache_kwargs(model.model, cache))
+        ref = model(input_ids=question, **cache_kwargs(model, cache_a), position_ids=positions).logits
         with compressed_attention(model):
-            out = model(input_ids=question, past_key_values=cache_b, position_ids=positions).logits
+            out = model(input_ids=question, **cache_kwargs(model, cache_b), position_ids=positions).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

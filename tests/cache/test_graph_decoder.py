@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.graph_decoder import GraphDecoder, advance_host_tails, check_graph_cache, greedy_step
 from kvpress.cache.layer_access import restore_cache, snapshot_cache
 from kvpress.cache.varlen_cache import VarlenCache
@@ -23,7 +24,7 @@ from tests.conftest import random_ids, tiny_model
 
 def _prefill(model, cache, n: int, batch: int, press, seed: int = 0):
     with torch.no_grad(), press(model):
-        model.model(input_ids=random_ids(n, batch=batch, seed=seed), past_key_values=cache)
+        model.model(input_ids=random_ids(n, batch=batch, seed=seed), **cache_kwargs(model.model, cache))
     return cache
 
 
@@ -33,7 +34,7 @@ def _eager_greedy(model, cache, token, position: int, steps: int) -> torch.Tenso
     with torch.no_grad(), compressed_attention(model):
         for i in range(steps):
             pos = torch.full((token.shape[0], 1), position + i)
-            logits = model(input_ids=token, past_key_values=cache, position_ids=pos, logits_to_keep=1).logits
+            logits = model(input_ids=token, **cache_kwargs(model, cache), position_ids=pos, logits_to_keep=1).logits
             token = logits[:, -1:].argmax(-1)
             out.append(token)
     return torch.cat(out, dim=1)
@@ -82,7 +83,7 @@ def test_frozen_host_replays_decode_like_eager_loop(arch, batch, press):
     with torch.no_grad(), compressed_attention(model):
         follow = random_ids(2, batch=batch, seed=5)
         pos = torch.arange(n + steps, n + steps + 2)[None].expand(batch, -1)
-        expected_next = model(input_ids=follow, past_key_values=cache, position_ids=pos).logits
+        expected_next = model(input_ids=follow, **cache_kwargs(model, cache), position_ids=pos).logits
     restore_cache(cache, state)
 
     lengths_tensors = [layer.tail_lens for layer in cache.layers]
@@ -97,7 +98,7 @@ def test_frozen_host_replays_decode_like_eager_loop(arch, batch, press):
         assert torch.equal(layer.tail_k[:, :, : layer.tail_len], tail)
     # Eager forwards after the replays append at the right place and see the same cache.
     with torch.no_grad(), compressed_attention(model):
-        again = model(input_ids=follow, past_key_values=cache, position_ids=pos).logits
+        again = model(input_ids=follow, **cache_kwargs(model, cache), position_ids=pos).logits
     torch.testing.assert_close(again, expected_next, atol=0, rtol=0)
 
 
@@ -114,7 +115,7 @@ def test_greedy_tokens_match_a_dense_cache_under_a_uniform_press():
     t = token
     with torch.no_grad():
         for i in range(steps):
-            logits = model(input_ids=t, past_key_values=dense, position_ids=torch.full((batch, 1), n + i)).logits
+            logits = model(input_ids=t, **cache_kwargs(model, dense), position_ids=torch.full((batch, 1), n + i)).logits
             t = logits[:, -1:].argmax(-1)
             expected.append(t)
     assert torch.equal(got, torch.cat(expected, dim=1))
@@ -136,7 +137,7 @@ def test_appends_and_crop_update_lengths_in_place(batch):
             valid = torch.randint(1, q + 1, (batch,), generator=g)  # right-padded questions of different lengths
             cache.new_token_lengths = valid
             ids = random_ids(q, batch=batch, seed=q)
-            model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(pos, pos + q)[None].expand(batch, -1))
+            model(input_ids=ids, **cache_kwargs(model, cache), position_ids=torch.arange(pos, pos + q)[None].expand(batch, -1))
             cache.new_token_lengths = None
             expected += valid
             pos += q
@@ -173,7 +174,7 @@ def test_advance_host_tails_moves_only_the_host_mirror_within_capacity():
         assert [layer.tail_len for layer in cache.layers] == [0, 1] + [0] * (len(cache.layers) - 2)
     dense = VarlenCache(config=model.config)
     with torch.no_grad():
-        model.model(input_ids=random_ids(5), past_key_values=dense)
+        model.model(input_ids=random_ids(5), **cache_kwargs(model.model, dense))
     with pytest.raises(ValueError, match="still dense"):
         dense.layers[0].advance_host_tail(1)
 
@@ -188,7 +189,7 @@ def test_capture_preconditions_are_checked_before_the_device():
         GraphDecoder(model, VarlenCache(config=model.config), max_new_tokens=4)
     uncompressed = VarlenCache(config=model.config)
     with torch.no_grad():
-        model.model(input_ids=random_ids(10), past_key_values=uncompressed)
+        model.model(input_ids=random_ids(10), **cache_kwargs(model.model, uncompressed))
     with pytest.raises(ValueError, match="layer 0 is not compressed"):
         GraphDecoder(model, uncompressed, max_new_tokens=4)
     gemma = tiny_model("gemma3")

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from kvpress_kernels import dequantize_segments
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.layer_access import restore_cache, snapshot_cache
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
@@ -21,6 +21,7 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.think_press import ThinKPress
+from kvpress_kernels import dequantize_segments
 from tests.conftest import random_ids, tiny_model
 
 PRESSES = {
@@ -39,10 +40,10 @@ def quant_model(arch: str, head_dim: int = 32):
 def prefill(model, cache, ids, press=None):
     with torch.no_grad():
         if press is None:
-            model.model(input_ids=ids, past_key_values=cache)
+            model.model(input_ids=ids, **cache_kwargs(model.model, cache))
         else:
             with press(model):
-                model.model(input_ids=ids, past_key_values=cache)
+                model.model(input_ids=ids, **cache_kwargs(model.model, cache))
 
 
 def decode(model, cache, start, steps, batch=1, seed=100):
@@ -52,7 +53,7 @@ def decode(model, cache, start, steps, batch=1, seed=100):
         for i in range(steps + 1):
             ids = random_ids(5 if i == 0 else 1, batch, seed=seed + i)
             positions = torch.arange(pos, pos + ids.shape[1])[None].expand(batch, -1)
-            out.append(model(input_ids=ids, past_key_values=cache, position_ids=positions).logits)
+            out.append(model(input_ids=ids, **cache_kwargs(model, cache), position_ids=positions).logits)
             pos += ids.shape[1]
     return torch.cat(out, dim=1)
 
@@ -183,14 +184,14 @@ def test_concatenate_decodes_each_sequence_as_alone():
     with torch.no_grad(), compressed_attention(model):
         for x in steps:
             positions = pos + torch.arange(x.shape[1])
-            together.append(model(input_ids=x, past_key_values=stacked, position_ids=positions).logits)
+            together.append(model(input_ids=x, **cache_kwargs(model, stacked), position_ids=positions).logits)
             pos = pos + x.shape[1]
         for b, (cache, s) in enumerate(zip(caches, state)):
             restore_cache(cache, s)
             p = int(cache.next_positions[0])
             for x, ref in zip(steps, together):
                 positions = p + torch.arange(x.shape[1])[None]
-                alone = model(input_ids=x[b : b + 1], past_key_values=cache, position_ids=positions)
+                alone = model(input_ids=x[b : b + 1], **cache_kwargs(model, cache), position_ids=positions)
                 torch.testing.assert_close(alone.logits, ref[b : b + 1], atol=1e-5, rtol=1e-5)
                 p += x.shape[1]
     for i, layer in enumerate(stacked.layers):  # 43 tokens added: one group of 32 flushed on the way

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from kvpress_kernels import dequantize_segments
 
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.layer_access import restore_cache, snapshot_cache
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer
 from kvpress.cache.varlen_layer import VarlenLayer
+from kvpress_kernels import dequantize_segments
 
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 # Relative rounding of the storage dtype: dequantized values are rounded to it.

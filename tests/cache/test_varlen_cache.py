@@ -9,6 +9,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.layer_access import restore_cache, snapshot_cache
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
@@ -79,7 +80,7 @@ def test_adakv_decoding_matches_masked_dense_reference(arch, ratio):
     layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
     handles = [m.register_forward_hook(grab, with_kwargs=True) for m in layers]
     with torch.no_grad():
-        model.model(input_ids=ids, past_key_values=full)
+        model.model(input_ids=ids, **cache_kwargs(model.model, full))
     for hd in handles:
         hd.remove()
     _MASKS.clear()
@@ -103,7 +104,7 @@ def test_adakv_decoding_matches_masked_dense_reference(arch, ratio):
 
     cache = VarlenCache(config=model.config)
     with torch.no_grad(), press(model) as report:
-        model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     for idx, lengths in expected_lengths.items():
         assert torch.equal(report.kept_lengths[idx], lengths)
         assert torch.equal(cache.head_lengths(idx), lengths)
@@ -116,10 +117,10 @@ def test_adakv_decoding_matches_masked_dense_reference(arch, ratio):
         positions = torch.arange(pos, pos + step_ids.shape[1])[None].expand(batch, -1)
         with torch.no_grad():
             with compressed_attention(model):
-                out = model(input_ids=step_ids, past_key_values=cache, position_ids=positions).logits
+                out = model(input_ids=step_ids, **cache_kwargs(model, cache), position_ids=positions).logits
             model.set_attn_implementation("kvpress_test_masked")
             try:
-                ref = model(input_ids=step_ids, past_key_values=full, position_ids=positions).logits
+                ref = model(input_ids=step_ids, **cache_kwargs(model, full), position_ids=positions).logits
             finally:
                 model.set_attn_implementation("sdpa")
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -137,7 +138,7 @@ def test_memory_is_what_is_kept(ratio):
     n = 200
     cache = VarlenCache(config=model.config)
     with torch.no_grad(), AdaKVPress(KnormPress(ratio))(model):
-        model.model(input_ids=random_ids(n), past_key_values=cache)
+        model.model(input_ids=random_ids(n), **cache_kwargs(model.model, cache))
     layers = model.config.num_hidden_layers
     kept = round(n * (1 - ratio))
     metadata = layers * (4 * (model.config.num_key_value_heads + 1) + 4)  # int32 cu_seqlens + tail_lens per layer
@@ -150,16 +151,16 @@ def test_snapshot_restore_and_crop():
     model = tiny_model("qwen2")
     cache = VarlenCache(config=model.config)
     with torch.no_grad(), AdaKVPress(KnormPress(0.5))(model):
-        model.model(input_ids=random_ids(30), past_key_values=cache)
+        model.model(input_ids=random_ids(30), **cache_kwargs(model.model, cache))
     state = snapshot_cache(cache)
     before = [cache.head_lengths(i).clone() for i in range(len(cache.layers))]
     with torch.no_grad(), compressed_attention(model):
-        ref = model(input_ids=random_ids(3, seed=2), past_key_values=cache, position_ids=torch.arange(30, 33)[None]).logits
-        model(input_ids=random_ids(5, seed=3), past_key_values=cache, position_ids=torch.arange(33, 38)[None])
+        ref = model(input_ids=random_ids(3, seed=2), **cache_kwargs(model, cache), position_ids=torch.arange(30, 33)[None]).logits
+        model(input_ids=random_ids(5, seed=3), **cache_kwargs(model, cache), position_ids=torch.arange(33, 38)[None])
         assert all(torch.equal(cache.head_lengths(i), before[i] + 8) for i in range(len(before)))
         restore_cache(cache, state)
         assert all(torch.equal(cache.head_lengths(i), before[i]) for i in range(len(before)))
-        again = model(input_ids=random_ids(3, seed=2), past_key_values=cache, position_ids=torch.arange(30, 33)[None]).logits
+        again = model(input_ids=random_ids(3, seed=2), **cache_kwargs(model, cache), position_ids=torch.arange(30, 33)[None]).logits
         torch.testing.assert_close(again, ref)
         for layer in cache.layers:
             layer.crop(-3)
@@ -176,14 +177,14 @@ def test_batch_select_matches_running_alone():
     press = AdaKVPress(KnormPress(0.5))
     with torch.no_grad():
         with press(model):
-            model.model(input_ids=ids, past_key_values=both)
-            model.model(input_ids=ids[2:], past_key_values=alone)
+            model.model(input_ids=ids, **cache_kwargs(model.model, both))
+            model.model(input_ids=ids[2:], **cache_kwargs(model.model, alone))
         for layer in both.layers:
             layer.batch_select_indices(torch.tensor([2]))
         q = random_ids(2, seed=5)
         with compressed_attention(model):
-            a = model(input_ids=q, past_key_values=both, position_ids=torch.arange(24, 26)[None]).logits
-            b = model(input_ids=q, past_key_values=alone, position_ids=torch.arange(24, 26)[None]).logits
+            a = model(input_ids=q, **cache_kwargs(model, both), position_ids=torch.arange(24, 26)[None]).logits
+            b = model(input_ids=q, **cache_kwargs(model, alone), position_ids=torch.arange(24, 26)[None]).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="batch indices must be in"):
         both.layers[0].batch_select_indices(torch.tensor([1]))
@@ -193,15 +194,15 @@ def test_save_and_load_answer_without_prefill(tmp_path, arch):
     model = tiny_model(arch)
     cache = VarlenCache(config=model.config)
     with torch.no_grad(), AdaKVPress(SnapKVPress(0.5, window_size=4))(model):
-        model.model(input_ids=random_ids(30, batch=2), past_key_values=cache)
+        model.model(input_ids=random_ids(30, batch=2), **cache_kwargs(model.model, cache))
     path = tmp_path / "ctx.safetensors"
     cache.save(path)
     loaded = VarlenCache.load(path)
     q = random_ids(3, batch=2, seed=9)
     pos = torch.arange(30, 33)[None].expand(2, -1)
     with torch.no_grad(), compressed_attention(model):
-        a = model(input_ids=q, past_key_values=cache, position_ids=pos).logits
-        b = model(input_ids=q, past_key_values=loaded, position_ids=pos).logits
+        a = model(input_ids=q, **cache_kwargs(model, cache), position_ids=pos).logits
+        b = model(input_ids=q, **cache_kwargs(model, loaded), position_ids=pos).logits
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert loaded.memory_bytes() <= cache.memory_bytes()
 
@@ -230,7 +231,7 @@ def test_head_variable_press_on_dense_cache_is_refused_and_cache_kept():
     ids = random_ids(20)
     with pytest.raises(ValueError, match="VarlenCache"):
         with torch.no_grad(), AdaKVPress(KnormPress(0.5))(model):
-            model.model(input_ids=ids, past_key_values=cache)
+            model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     # Layer 0 holds the full prefill untouched; the model still runs normally.
     assert cache.layers[0].keys.shape[-2] == 20
     with torch.no_grad():
@@ -246,11 +247,11 @@ def test_gqa_kernel_path_equals_sdpa_for_uniform_lengths():
     with torch.no_grad():
         for c in (c1, c2):
             with KnormPress(0.5)(model):
-                model.model(input_ids=ids, past_key_values=c)
+                model.model(input_ids=ids, **cache_kwargs(model.model, c))
         pos = torch.arange(32, 36)[None].expand(2, -1)
         q = random_ids(4, batch=2, seed=1)
         with compressed_attention(model):
-            a = model(input_ids=q, past_key_values=c1, position_ids=pos).logits
-            b = model(input_ids=q, past_key_values=c2, position_ids=pos).logits
+            a = model(input_ids=q, **cache_kwargs(model, c1), position_ids=pos).logits
+            b = model(input_ids=q, **cache_kwargs(model, c2), position_ids=pos).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert F.mse_loss(a, b).item() < 1e-10

@@ -3,15 +3,16 @@ tiny model with an interruption and a resume, and (slow) the real SmolLM2 throug
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
+
 from kvpress_evaluation import cli, runner
 from kvpress_evaluation.config import load_config, parse_config
-
 from tests.fixtures_pipeline import smollm2_tokenizer, text_model
 
 RULER_SLICE = ["--option", "tasks=[niah_single_1]", "--option", "n_examples=2"]
@@ -162,7 +163,8 @@ def test_smollm2_end_to_end_through_main(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_end_to_end_through_the_console_script(tmp_path):
-    script = shutil.which("kvpress-eval")
+    # The script sits beside the interpreter running the tests, also when its venv is not activated.
+    script = shutil.which("kvpress-eval", path=os.path.dirname(sys.executable)) or shutil.which("kvpress-eval")
     assert script is not None, "the kvpress-eval console script is not installed"
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({"presses": ["knorm", "snapkv"], "compression_ratios": [0.5],

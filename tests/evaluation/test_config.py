@@ -4,10 +4,10 @@ import itertools
 
 import pytest
 import yaml
-from kvpress_evaluation.config import EvalConfig, load_config, parse_config, ratio_text
-from kvpress_evaluation.registry import NO_PRESS
 
 from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress_evaluation.config import EvalConfig, load_config, parse_config, ratio_text
+from kvpress_evaluation.registry import NO_PRESS
 
 
 def _write(tmp_path, data, name="config.yaml"):

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+
 from kvpress_evaluation.benchmark import Benchmark, Example
 from kvpress_evaluation.longbench.benchmark import LongBenchBenchmark, LongBenchOptions
 from kvpress_evaluation.longbench.datasets import DATASETS, E_TASKS, TASKS, LongBenchDataset
-
 from tests.fixtures_pipeline import random_text, smollm2_tokenizer
 
 V1 = [

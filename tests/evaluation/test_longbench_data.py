@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from kvpress_evaluation.longbench.data import check_local_files, load_rows, read_jsonl
 
 

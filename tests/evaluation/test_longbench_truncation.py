@@ -3,8 +3,8 @@
 import random
 
 import pytest
-from kvpress_evaluation.longbench.truncation import fit_prompt, truncate_middle
 
+from kvpress_evaluation.longbench.truncation import fit_prompt, truncate_middle
 from tests.fixtures_pipeline import random_text, smollm2_tokenizer
 
 

@@ -4,6 +4,7 @@ against Google's rouge-score on texts where the two definitions coincide."""
 import random
 
 import pytest
+
 from kvpress_evaluation.metrics.longbench import (
     METRICS,
     best_score,

@@ -1,6 +1,7 @@
 """RULER string-match metrics on hand-worked cases."""
 
 import pytest
+
 from kvpress_evaluation.metrics.ruler import (
     clean_prediction,
     metric_for,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
+from pydantic import ValidationError
+
 from kvpress_evaluation.benchmark import Example
 from kvpress_evaluation.needle import benchmark as needle_benchmark
 from kvpress_evaluation.needle.benchmark import NeedleBenchmark, NeedleOptions, answer_found
 from kvpress_evaluation.needle.heatmap import needle_cells, plot_needle_heatmap
-from pydantic import ValidationError
-
 from tests.fixtures_pipeline import smollm2_tokenizer
 
 LENGTHS = [300, 800, 1500]

@@ -8,6 +8,7 @@ import random
 import matplotlib.image
 import numpy as np
 import pytest
+
 from kvpress_evaluation.needle.heatmap import NeedleCells, cell_label, heatmap_figure, needle_cells, plot_needle_heatmap
 
 

@@ -4,6 +4,7 @@ import random
 
 import matplotlib.image
 import pytest
+
 from kvpress_evaluation.plots import AVERAGE, line_name, plot_scores, score_curves
 
 

@@ -6,9 +6,6 @@ import inspect
 import random
 
 import pytest
-from kvpress_evaluation import registry
-from kvpress_evaluation.benchmark import Benchmark
-from kvpress_evaluation.ruler.benchmark import RulerBenchmark, RulerOptions
 
 import kvpress.presses as presses_module
 from kvpress.cache.quantization_config import QuantizationConfig
@@ -28,6 +25,9 @@ from kvpress.presses import (
     ThinKPress,
     TOVAPress,
 )
+from kvpress_evaluation import registry
+from kvpress_evaluation.benchmark import Benchmark
+from kvpress_evaluation.ruler.benchmark import RulerBenchmark, RulerOptions
 
 ABSTRACT = {BasePress, ScorerPress, ScorerWrapperPress}
 

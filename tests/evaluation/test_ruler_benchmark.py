@@ -5,12 +5,13 @@ import logging
 import random
 
 import pytest
+from pydantic import ValidationError
+
 from kvpress_evaluation.benchmark import Example
 from kvpress_evaluation.metrics.ruler import string_match_all, string_match_part
 from kvpress_evaluation.ruler.benchmark import PROMPT_ALLOWANCE, RulerBenchmark, RulerOptions
 from kvpress_evaluation.ruler.generate import generate_ruler
 from kvpress_evaluation.ruler.niah import TASKS as NIAH_TASKS
-from pydantic import ValidationError
 
 
 def words(text: str) -> list[str]:

@@ -4,9 +4,9 @@ import re
 from collections import Counter
 
 import pytest
+
 from kvpress_evaluation.ruler.common_words import FEWSHOT_MIN_TOKENS
 from kvpress_evaluation.ruler.generate import generate_ruler
-
 from tests.fixtures_pipeline import smollm2_tokenizer
 
 HEADER = (

@@ -11,9 +11,9 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from kvpress_evaluation.ruler import generate_ruler
 from kvpress_evaluation.ruler.dataset import load_ruler_dataset
-
 from tests.fixtures_pipeline import smollm2_tokenizer
 
 TASKS = ("niah_single_1", "vt", "niah_multikey_3")

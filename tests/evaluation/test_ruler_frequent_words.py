@@ -5,9 +5,9 @@ import random
 from collections import Counter
 
 import pytest
+
 from kvpress_evaluation.ruler.frequent_words import FrequentWordsTask, zeta, zipf_counts
 from kvpress_evaluation.ruler.generate import generate_ruler
-
 from tests.fixtures_pipeline import smollm2_tokenizer
 
 # Published values of the Riemann zeta function.

@@ -1,8 +1,8 @@
 """generate_ruler: determinism, gold strings in the context, token budget with the SmolLM2 tokenizer, bad input."""
 
 import pytest
-from kvpress_evaluation.ruler.generate import SYNTHETIC_TASKS, TASKS, generate_ruler
 
+from kvpress_evaluation.ruler.generate import SYNTHETIC_TASKS, TASKS, generate_ruler
 from tests.fixtures_pipeline import smollm2_tokenizer
 
 SYNTHETIC = list(SYNTHETIC_TASKS)

@@ -4,6 +4,7 @@ import random
 import re
 
 import pytest
+
 from kvpress_evaluation.ruler.haystack import (
     DEPTHS,
     NOISE_SENTENCES,

@@ -3,10 +3,10 @@
 import re
 
 import pytest
+
 from kvpress_evaluation.ruler.generate import generate_ruler
 from kvpress_evaluation.ruler.niah import TASKS, NiahTask
 from kvpress_evaluation.ruler.words import ADJECTIVES, NOUNS
-
 from tests.fixtures_pipeline import smollm2_tokenizer
 
 UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"

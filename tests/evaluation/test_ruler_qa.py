@@ -4,9 +4,9 @@ import json
 import re
 
 import pytest
+
 from kvpress_evaluation.ruler.generate import generate_ruler
 from kvpress_evaluation.ruler.qa import QATask, load_qa
-
 from tests.fixtures_pipeline import smollm2_tokenizer
 
 COLOURS = ["red", "green", "blue", "amber", "violet", "silver", "golden", "grey"]

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+
 from kvpress_evaluation.ruler.sizing import largest_fitting, token_counter
 
 

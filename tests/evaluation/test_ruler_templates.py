@@ -1,6 +1,7 @@
 """Templates: RULER's singular rewrite, the key join, and the context/question/answer_prefix split."""
 
 import pytest
+
 from kvpress_evaluation.ruler import templates as t
 
 

@@ -4,9 +4,9 @@ import random
 import re
 
 import pytest
+
 from kvpress_evaluation.ruler.generate import generate_ruler
 from kvpress_evaluation.ruler.variable_tracking import VariableTrackingTask
-
 from tests.fixtures_pipeline import smollm2_tokenizer
 
 HEADER = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"

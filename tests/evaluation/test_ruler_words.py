@@ -4,6 +4,7 @@ import random
 import re
 
 import pytest
+
 from kvpress_evaluation.ruler.words import (
     ADJECTIVES,
     NOUNS,

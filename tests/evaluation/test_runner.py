@@ -8,11 +8,11 @@ import random
 
 import pytest
 import yaml
+
 from kvpress_evaluation import runner
 from kvpress_evaluation.benchmark import Benchmark, BenchmarkOptions, Example
 from kvpress_evaluation.config import parse_config
 from kvpress_evaluation.registry import build_press
-
 from tests.fixtures_pipeline import random_text, smollm2_tokenizer, text_model, text_pipeline
 
 

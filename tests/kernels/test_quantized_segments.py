@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvpress_kernels import (
     QuantizedSegments,
     append_segment_groups,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.utils import attention_layers
 
@@ -93,7 +94,7 @@ def dense_prefill(model, ids):
     """
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), plain_attention_model(model) as records:
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         records = dict(records)
     kv = {i: (layer.keys, layer.values) for i, layer in enumerate(cache.layers) if layer.keys.shape[2] == ids.shape[1]}
     return kv, records
@@ -103,7 +104,7 @@ def compressed_prefill(model, press, ids):
     """Prefill ``ids`` under ``press``: ``(cache, report)``."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model) as report:
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
     return cache, report
 
 
@@ -131,9 +132,9 @@ def assert_decode_matches_reference(model, cache, new_ids, start, atol=1e-5):
     positions = torch.arange(start, start + new_ids.shape[1])[None]
     with torch.no_grad():
         with compressed_attention(model):
-            out = model(input_ids=new_ids, past_key_values=cache, position_ids=positions).logits
+            out = model(input_ids=new_ids, **cache_kwargs(model, cache), position_ids=positions).logits
         with plain_attention_model(model):
-            ref = model(input_ids=new_ids, past_key_values=reference_cache, position_ids=positions).logits
+            ref = model(input_ids=new_ids, **cache_kwargs(model, reference_cache), position_ids=positions).logits
     torch.testing.assert_close(out, ref, atol=atol, rtol=1e-4)
     return out
 
@@ -163,7 +164,7 @@ def assert_pipeline_matches_plain_decoding(press, arch="llama", max_new_tokens=6
     with torch.no_grad(), plain_attention_model(model):
         for _ in range(max_new_tokens):
             positions = torch.arange(position, position + ids.shape[1])[None]
-            logits = model(input_ids=ids, past_key_values=reference, position_ids=positions).logits
+            logits = model(input_ids=ids, **cache_kwargs(model, reference), position_ids=positions).logits
             position += ids.shape[1]
             token = int(logits[0, -1].argmax())
             if token in eos:
@@ -185,7 +186,7 @@ def assert_hooks_removed_after_error(model, press, ids):
     with pytest.raises(RuntimeError, match="boom"):
         with press(model):
             assert n_hooks() > before
-            model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+            model(input_ids=ids, **cache_kwargs(model, DynamicCache(config=model.config)), use_cache=True)
             raise RuntimeError("boom")
     assert n_hooks() == before
 

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 from transformers import DynamicCache
 
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.utils import attention_layers
 
 
@@ -38,7 +39,7 @@ def prefill(model, press, ids) -> DynamicCache:
     ``(batch, kv_heads, kept, head_dim)``."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     return cache
 
 

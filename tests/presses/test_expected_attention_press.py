@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Phi3Config
 
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress, average_future_rope
 from kvpress.utils import attention_layers, pre_rope_query_states
 from tests.conftest import random_ids, tiny_model
@@ -199,7 +200,7 @@ def test_ratio_zero_is_identical_to_no_press(arch):
     ids = random_ids(25, batch=2)
     ref = DynamicCache(config=model.config)
     with torch.no_grad():
-        model.model(input_ids=ids, past_key_values=ref)
+        model.model(input_ids=ids, **cache_kwargs(model.model, ref))
     cache = _prefill(model, ExpectedAttentionPress(0.0), ids)
     for a, b in zip(cache.layers, ref.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Phi3Config
 
 from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.key_rerotation_press import KeyRerotationPress, rerotate_keys
 from kvpress.presses.knorm_press import KnormPress
@@ -92,7 +93,7 @@ def keys_at_new_positions(model, layer_idx, hidden, indices):
         cos, sin = rotary(hs, positions, *extra)
         cache = DynamicCache()
         with torch.no_grad():
-            module(hidden_states=hs, position_embeddings=(cos, sin), attention_mask=None, past_key_values=cache)
+            module(hidden_states=hs, position_embeddings=(cos, sin), attention_mask=None, **cache_kwargs(module, cache))
         out.append(cache.layers[layer_idx].keys[:, head])
     return torch.stack(out, dim=1)
 
@@ -103,7 +104,7 @@ def check_against_model_keys(model, batch, n=37, ratio=0.45, seed=0):
     hidden = attention_inputs(model, ids)
     dense = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=dense)
+        model(input_ids=ids, **cache_kwargs(model, dense))
     k = round(n * (1 - ratio))
     assert report.compressed_layers
     for i in report.compressed_layers:
@@ -174,8 +175,8 @@ def test_decoding_continues_at_the_compressed_length(arch):
     rerotated, _ = compressed_prefill(model, press, ids[:, :n])
     plain, _ = compressed_prefill(model, SuffixPress(ratio), ids[:, :n])
     with torch.no_grad(), compressed_attention(model):
-        a = model(input_ids=ids[:, n:], past_key_values=rerotated, position_ids=torch.arange(k, k + q_len)[None]).logits
-        b = model(input_ids=ids[:, n:], past_key_values=plain, position_ids=torch.arange(n, n + q_len)[None]).logits
+        a = model(input_ids=ids[:, n:], **cache_kwargs(model, rerotated), position_ids=torch.arange(k, k + q_len)[None]).logits
+        b = model(input_ids=ids[:, n:], **cache_kwargs(model, plain), position_ids=torch.arange(n, n + q_len)[None]).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
@@ -185,7 +186,7 @@ def test_no_compression_leaves_keys_in_place():
     cache, _ = compressed_prefill(model, KeyRerotationPress(ProjectionPress(0.0)), ids)
     dense = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=dense)
+        model(input_ids=ids, **cache_kwargs(model, dense))
     for mine, ref in zip(cache.layers, dense.layers):
         assert torch.equal(mine.keys, ref.keys)
 

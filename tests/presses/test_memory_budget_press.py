@@ -20,6 +20,7 @@ from transformers import (
     LlamaConfig,
 )
 
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.varlen_cache import VarlenCache
@@ -111,7 +112,7 @@ def make_press(inner, case, group_size=32):
 def prefill(model, press, ids, cache=None):
     cache = cache if cache is not None else DynamicCache(config=model.config)
     with torch.no_grad(), press(model) as report:
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
     return cache, report
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.utils import attention_layers
 from tests.conftest import random_ids, tiny_model
@@ -32,7 +33,7 @@ def _llama(n_kv: int, n_q: int = 4):
 def _prefill(model, press, ids, **kwargs):
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        out = model.model(input_ids=ids, past_key_values=cache, **kwargs)
+        out = model.model(input_ids=ids, **cache_kwargs(model.model, cache), **kwargs)
     return cache, out
 
 
@@ -78,7 +79,7 @@ def test_ratio_zero_is_identical_to_no_press(arch):
     ids = random_ids(25, batch=2)
     ref = DynamicCache(config=model.config)
     with torch.no_grad():
-        model.model(input_ids=ids, past_key_values=ref)
+        model.model(input_ids=ids, **cache_kwargs(model.model, ref))
     cache, _ = _prefill(model, ObservedAttentionPress(0.0), ids)
     for a, b in zip(cache.layers, ref.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

@@ -11,13 +11,13 @@ from kvpress.presses.snapkv_press import SnapKVPress
 from tests.conftest import random_ids, tiny_model
 from tests.presses.plain_reference import (
     ProjectionPress,
-    projection_scores,
     assert_decode_matches_reference,
     assert_hooks_removed_after_error,
     assert_pipeline_matches_plain_decoding,
     compressed_prefill,
     dense_prefill,
     gather,
+    projection_scores,
 )
 
 RATIOS = [0.2, 0.55, 0.8]

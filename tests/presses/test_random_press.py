@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.random_press import RandomPress
 from tests.conftest import random_ids, tiny_model
 from tests.presses.press_harness import full_layers as _full_layers
@@ -92,7 +93,7 @@ def test_ratio_zero_is_identical_to_no_press(arch):
     ids = random_ids(25, batch=2)
     ref = DynamicCache(config=model.config)
     with torch.no_grad():
-        model.model(input_ids=ids, past_key_values=ref)
+        model.model(input_ids=ids, **cache_kwargs(model.model, ref))
     cache = _prefill(model, RandomPress(0.0, seed=0), ids)
     for a, b in zip(cache.layers, ref.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.scorer_press import ScorerPress, gather_tokens
 from tests.conftest import random_ids, tiny_model
 
@@ -37,7 +38,7 @@ def test_keeps_exactly_the_top_scored_tokens(arch, ratio, batch):
     press = FixedScorePress(compression_ratio=ratio, seed=batch)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model) as report:
-        model.model(input_ids=random_ids(n, batch), past_key_values=cache)
+        model.model(input_ids=random_ids(n, batch), **cache_kwargs(model.model, cache))
     expected_len = round(n * (1 - ratio))
     assert report.compressed_layers == sorted(press.seen) if ratio > 0 else True
     for layer_idx, (keys, values, scores) in press.seen.items():
@@ -63,7 +64,7 @@ def test_target_size_keeps_absolute_count():
     model = tiny_model("llama")
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), FixedScorePress(target_size=11)(model) as report:
-        model.model(input_ids=random_ids(40), past_key_values=cache)
+        model.model(input_ids=random_ids(40), **cache_kwargs(model.model, cache))
     assert all(layer.keys.shape[-2] == 11 for layer in cache.layers)
     assert report.compression_ratio == pytest.approx(1 - 11 / 40)
 
@@ -72,7 +73,7 @@ def test_target_size_larger_than_context_keeps_everything():
     model = tiny_model("llama")
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), FixedScorePress(target_size=100)(model):
-        model.model(input_ids=random_ids(40), past_key_values=cache)
+        model.model(input_ids=random_ids(40), **cache_kwargs(model.model, cache))
     assert all(layer.keys.shape[-2] == 40 for layer in cache.layers)
 
 

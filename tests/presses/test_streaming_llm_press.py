@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.streaming_llm_press import StreamingLLMPress
 from tests.conftest import random_ids, tiny_model
 from tests.presses.press_harness import full_layers as _full_layers
@@ -18,7 +19,7 @@ RATIOS = [0.0, 0.25, 0.5, 0.9]
 def _dense(model, ids) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     return cache
 
 

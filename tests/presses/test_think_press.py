@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.channel_pruned_layer import ChannelPrunedLayer
+from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.layer_access import layer_memory_bytes, restore_cache, snapshot_cache
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.snapkv_press import SnapKVPress
@@ -64,10 +65,10 @@ def layer_inputs(model, ids, cache, press=None) -> dict[int, torch.Tensor]:
     try:
         with torch.no_grad():
             if press is None:
-                model.model(input_ids=ids, past_key_values=cache)
+                model.model(input_ids=ids, **cache_kwargs(model.model, cache))
             else:
                 with press(model):
-                    model.model(input_ids=ids, past_key_values=cache)
+                    model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     finally:
         for h in handles:
             h.remove()
@@ -153,7 +154,7 @@ def decode_logits(model, cache, batch, n, steps=3, compressed=False):
     with torch.no_grad(), ctx:
         for _ in range(steps + 1):
             positions = torch.arange(position, position + ids.shape[1])[None].expand(batch, -1)
-            logits = model(input_ids=ids, past_key_values=cache, position_ids=positions).logits
+            logits = model(input_ids=ids, **cache_kwargs(model, cache), position_ids=positions).logits
             outs.append(logits)
             position += ids.shape[1]
             ids = logits[:, -1:].argmax(dim=-1)
@@ -167,9 +168,9 @@ def test_decoding_equals_dense_cache_with_zeroed_channels(arch, attn):
     cache, zeroed, plain = (DynamicCache(config=model.config) for _ in range(3))
     with torch.no_grad():
         with ThinKPress(0.5, window_size=window)(model) as report:
-            model.model(input_ids=ids, past_key_values=cache)
-        model.model(input_ids=ids, past_key_values=zeroed)
-        model.model(input_ids=ids, past_key_values=plain)
+            model.model(input_ids=ids, **cache_kwargs(model.model, cache))
+        model.model(input_ids=ids, **cache_kwargs(model.model, zeroed))
+        model.model(input_ids=ids, **cache_kwargs(model.model, plain))
     saved = 0
     for layer_idx, layer in enumerate(cache.layers):
         if getattr(model.config, "layer_types", None) and model.config.layer_types[layer_idx] == "sliding_attention":
@@ -201,8 +202,8 @@ def test_ratio_zero_keeps_dense_layers():
     cache, ref = DynamicCache(config=model.config), DynamicCache(config=model.config)
     with torch.no_grad():
         with ThinKPress(0.0, window_size=4)(model):
-            model.model(input_ids=ids, past_key_values=cache)
-        model.model(input_ids=ids, past_key_values=ref)
+            model.model(input_ids=ids, **cache_kwargs(model.model, cache))
+        model.model(input_ids=ids, **cache_kwargs(model.model, ref))
     for layer, dense in zip(cache.layers, ref.layers):
         assert type(layer) is type(dense)
         assert torch.equal(layer.keys, dense.keys) and torch.equal(layer.values, dense.values)
@@ -245,7 +246,7 @@ def test_snapshot_restore_round_trip():
     empty = snapshot_cache(cache)
     dense_types = [type(layer) for layer in cache.layers]
     with torch.no_grad(), ThinKPress(0.25, window_size=3)(model):
-        model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     compressed = snapshot_cache(cache)
     bytes_after_prefill = layer_memory_bytes(cache)
     first = decode_logits(model, cache, batch, n, compressed=True)
@@ -259,7 +260,7 @@ def test_snapshot_restore_round_trip():
     restore_cache(cache, empty)
     assert [type(layer) for layer in cache.layers] == dense_types and cache.get_seq_length() == 0
     with torch.no_grad(), ThinKPress(0.25, window_size=3)(model):
-        model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     for a, b in zip(first, decode_logits(model, cache, batch, n, compressed=True)):
         assert torch.equal(a, b)
 
@@ -274,4 +275,4 @@ def test_capabilities_and_bad_parameters():
             ThinKPress(0.5, window_size=bad)
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="window_size=32 is larger than the context"), ThinKPress(0.5)(model):
-        model.model(input_ids=random_ids(20), past_key_values=DynamicCache(config=model.config))
+        model.model(input_ids=random_ids(20), **cache_kwargs(model.model, DynamicCache(config=model.config)))

@@ -1,7 +1,7 @@
 """Attention of new query tokens over quantized ragged segments plus the full-precision causal tail.
 
-The contract is that of `varlen_attention` (kernels/varlen_attention.py) with the ragged context given as
-`QuantizedSegments` (kernels/quantized_segments.py). The kernel reuses varlen_attention's work decomposition (split-K
+The contract is that of `varlen_attention` (varlen_attention.py) with the ragged context given as
+`QuantizedSegments` (quantized_segments.py). The kernel reuses varlen_attention's work decomposition (split-K
 over segment ++ tail, load balanced over ragged lengths, GQA rows sharing every K/V tile, log-sum-exp merge of the
 splits). Its segment loop never forms dequantized keys or values; the scales and zeros are folded into the other
 operand of each dot product, which then runs on the raw codes ``c``:
@@ -15,7 +15,7 @@ operand of each dot product, which then runs on the raw codes ``c``:
   its softmax weights and owns the output channels of group g; ``p @ z_g`` is a per-row sum.
 
 Codes are packed along the axis each dot product reduces (keys along channels, values along tokens;
-kernels/quantization.py), so a thread's words unpack into the consecutive reduction elements its matrix-multiply
+quantization.py), so a thread's words unpack into the consecutive reduction elements its matrix-multiply
 fragment holds, without an exchange through shared memory. Codes become dot operands without int-to-float
 conversions: OR'ed into the mantissa of ``2**MANT`` (bfloat16 128.0, float16 1024.0, up to 7 / 10 bits) a code c is
 the number ``2**MANT + c`` exactly, and the offset ``2**MANT * sum(operand)`` is subtracted together with the zero

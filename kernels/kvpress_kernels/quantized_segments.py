@@ -8,7 +8,7 @@ full-precision tail, always whole groups) follow from slot ``ctx_groups * G`` on
 all segments' groups sit back to back in one set of tensors, segment ``s`` at groups
 ``cu_groups[s]:cu_groups[s + 1]``.
 
-Each group's storage is that of ``quantize_keys`` / ``quantize_values`` (kernels/quantization.py) on a
+Each group's storage is that of ``quantize_keys`` / ``quantize_values`` (quantization.py) on a
 ``(1, 1, n_groups * G, D)`` view; codes are packed across groups (keys along channels, values along tokens), with
 ``P = 32 // bits`` codes per int32 word and ``W = G / P`` word rows per group of value tokens:
 

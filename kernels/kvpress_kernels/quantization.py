@@ -19,7 +19,7 @@ values ``(B, H, ceil(T / P), D)``; scale/zero: keys ``(B, H, T // G, D)``, value
 
 Why across groups: attention reduces over channels (``q . k``) and over tokens (``p @ v``), and a matrix-multiply
 fragment holds a few consecutive elements of the reduction axis per thread. Packed along that axis, a thread's words
-unpack exactly into its own fragment, with no exchange through shared memory (kernels/quantized_attention.py). Key
+unpack exactly into its own fragment, with no exchange through shared memory (quantized_attention.py). Key
 groups (whole token rows) and value tokens (whole words of ``P`` tokens) are appended without rewriting old words.
 
 ``quantize_keys``/``quantize_values``/``dequantize`` run the Triton kernels for CUDA tensors (or on CPU when

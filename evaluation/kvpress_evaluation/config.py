@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from kvpress_evaluation import registry
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress_evaluation import registry
 
 SMOLLM2 = "smollm2"
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")

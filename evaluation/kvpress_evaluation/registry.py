@@ -13,7 +13,6 @@ import dataclasses
 import importlib
 from typing import Any
 
-from kvpress_evaluation.benchmark import Benchmark
 from pydantic import ValidationError
 
 from kvpress.presses import (
@@ -34,6 +33,7 @@ from kvpress.presses import (
     ThinKPress,
     TOVAPress,
 )
+from kvpress_evaluation.benchmark import Benchmark
 
 NO_PRESS = "none"
 

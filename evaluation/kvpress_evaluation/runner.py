@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm.auto import tqdm
+
 from kvpress_evaluation import registry
 from kvpress_evaluation.benchmark import Benchmark, Example
 from kvpress_evaluation.config import SMOLLM2, EvalConfig, RunSpec
-from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,10 @@ import logging
 import re
 from pathlib import Path
 
+from pydantic import Field, field_validator, model_validator
+
 from kvpress_evaluation.benchmark import Benchmark, BenchmarkOptions, Example
 from kvpress_evaluation.metrics.ruler import score_ruler
-from pydantic import Field, field_validator, model_validator
 
 from .generate import TASKS, generate_ruler
 from .niah import TASKS as NIAH_TASKS
