@@ -9,59 +9,52 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
-from typing import Callable
 
-from transformers import DynamicCache, pipeline
+from transformers import pipeline
 
-from kvpress.cache.layer_access import layer_memory_bytes
 from kvpress.needle import PASSKEY_ANSWER, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_needle_context
 from kvpress.offline_model import load_smollm2
 from kvpress.pipeline import TASK
 from kvpress.presses.base_press import BasePress
-from kvpress.presses.expected_attention_press import ExpectedAttentionPress
-from kvpress.presses.knorm_press import KnormPress
-from kvpress.presses.pyramidkv_press import PyramidKVPress
-from kvpress.presses.random_press import RandomPress
-from kvpress.presses.snapkv_press import SnapKVPress
-from kvpress.presses.streaming_llm_press import StreamingLLMPress
-from kvpress.presses.tova_press import TOVAPress
+from kvpress.presses.registry import PRESSES, REQUIRED, press_parameters
 
 MIB = 2**20
 
-
-@dataclass(frozen=True)
-class DemoPress:
-    """A press offered on the command line: how to build it for a ratio, and whether it needs the question."""
-
-    build: Callable[[float], BasePress]
-    query_aware: bool
-
-
-# Presses that run under the default (sdpa) attention; observation-window presses compress context and question
-# together, as they are designed to.
-DEMO_PRESSES = {
-    "knorm": DemoPress(lambda r: KnormPress(compression_ratio=r), query_aware=False),
-    "snapkv": DemoPress(lambda r: SnapKVPress(compression_ratio=r), query_aware=True),
-    "pyramidkv": DemoPress(lambda r: PyramidKVPress(compression_ratio=r), query_aware=True),
-    "streamingllm": DemoPress(lambda r: StreamingLLMPress(compression_ratio=r), query_aware=False),
-    "tova": DemoPress(lambda r: TOVAPress(compression_ratio=r), query_aware=False),
-    "expected_attention": DemoPress(lambda r: ExpectedAttentionPress(compression_ratio=r), query_aware=False),
-    "random": DemoPress(lambda r: RandomPress(compression_ratio=r, seed=0), query_aware=False),
-}
+# Observation-window presses score tokens by the attention of the prompt's last queries: they compress the context
+# together with the question, as they are designed to (every other press compresses the context alone).
+QUERY_AWARE = ("snapkv", "pyramidkv")
 DEFAULT_PRESSES = ("knorm", "snapkv")
+
+
+def demo_presses() -> list[str]:
+    """Registry names of the presses this demo offers: those built from a compression ratio alone that run under the
+    default (sdpa) attention."""
+    names = []
+    for name, cls in PRESSES.items():
+        params = press_parameters(name)
+        if "compression_ratio" in params and REQUIRED not in params.values():
+            if not cls().capabilities.needs_attention_weights:
+                names.append(name)
+    return names
+
+
+def build_press(name: str, ratio: float) -> BasePress:
+    """Press ``name`` at ``ratio`` (seeded where it draws random numbers, so runs repeat)."""
+    extra = {"seed": 0} if "seed" in press_parameters(name) else {}
+    return PRESSES[name](compression_ratio=ratio, **extra)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m kvpress",
         description="Needle-in-a-haystack demo on the offline SmolLM2-135M-Instruct: answers and KV cache memory "
-        "with no press and with each chosen press.",
+        "with no press and with each chosen press. Press names are those of kvpress-eval (kvpress-eval --list "
+        "shows their parameters).",
     )
     parser.add_argument(
         "--press",
         action="append",
-        choices=sorted(DEMO_PRESSES),
+        choices=demo_presses(),
         help=f"press to compare with no press; repeat for several (default: {' '.join(DEFAULT_PRESSES)})",
     )
     parser.add_argument(
@@ -86,19 +79,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(pipe, context: str, press: BasePress | None, query_aware: bool, max_new_tokens: int) -> tuple[str, int, float]:
-    """``(answer, KV cache bytes of the compressed prompt, seconds)`` of one pipeline call."""
-    cache = DynamicCache(config=pipe.model.config)
+def run(pipe, context: str, press: BasePress | None, query_aware: bool, max_new_tokens: int):
+    """``(answer, CompressionSummary, seconds)`` of one pipeline call."""
     start = time.perf_counter()
-    answer = pipe(
+    out = pipe(
         context,
         question=PASSKEY_QUESTION,
         press=press,
         query_aware=query_aware,
         max_new_tokens=max_new_tokens,
-        cache=cache,
-    )["answer"]
-    return answer.strip(), layer_memory_bytes(cache), time.perf_counter() - start
+        return_report=True,
+    )
+    return out["answer"].strip(), out["report"], time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,31 +102,39 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Context: {args.context_tokens} tokens, needle at depth {args.depth:.0%}: {PASSKEY_NEEDLE!r}")
     print(f"Question: {PASSKEY_QUESTION!r} (expected answer: {PASSKEY_ANSWER})\n", flush=True)
 
-    # Query-aware presses also compress the question, so they are compared with an uncompressed run of that prompt.
     runs = [("none", None, False)]
-    if any(DEMO_PRESSES[name].query_aware for name in args.press):
+    if any(name in QUERY_AWARE for name in args.press):
         runs.append(("none (query-aware)", None, True))
     for name in args.press:
-        spec = DEMO_PRESSES[name]
-        runs.append((name, spec.build(args.ratio), spec.query_aware))
+        runs.append((name, build_press(name, args.ratio), name in QUERY_AWARE))
 
-    baseline: dict[bool, int] = {}
     rows = []
     for name, press, query_aware in runs:
         label = "no compression" if press is None else repr(press)
-        answer, n_bytes, seconds = run(pipe, context, press, query_aware, args.max_new_tokens)
-        if press is None:
-            baseline[query_aware] = n_bytes
-        saved = baseline[query_aware] - n_bytes
+        answer, report, seconds = run(pipe, context, press, query_aware, args.max_new_tokens)
         found = "yes" if PASSKEY_ANSWER in answer else "no"
-        print(f"[{name}] {label}")
+        print(f"[{name}] {label}{' (context and question compressed together)' if query_aware else ''}")
         print(f"  answer:   {answer!r}  (contains {PASSKEY_ANSWER}: {found}; {seconds:.1f} s)")
-        print(f"  KV cache: {n_bytes:,} bytes = {n_bytes / MIB:.2f} MiB", flush=True)
-        rows.append((name, n_bytes, saved, saved / baseline[query_aware], found))
+        print(f"  KV cache: {report.kv_bytes:,} bytes = {report.kv_bytes / MIB:.2f} MiB", flush=True)
+        rows.append((name, report, found))
 
     print(f"\n{'press':<20} {'KV cache bytes':>15} {'MiB':>8} {'saved MiB':>10} {'saved':>7}  {'passkey found':>13}")
-    for name, n_bytes, saved, share, found in rows:
-        print(f"{name:<20} {n_bytes:>15,} {n_bytes / MIB:>8.2f} {saved / MIB:>10.2f} {share:>7.1%}  {found:>13}")
+    for name, report, found in rows:
+        print(
+            f"{name:<20} {report.kv_bytes:>15,} {report.kv_bytes / MIB:>8.2f} {report.saved_bytes / MIB:>10.2f} "
+            f"{1 - report.memory_ratio:>7.1%}  {found:>13}"
+        )
+    if any(query_aware for _, _, query_aware in runs):
+        print(
+            "\n'none (query-aware)' is the uncompressed baseline of the query-aware presses: they prefill the context "
+            "and the question together, so their savings are measured against that longer prompt."
+        )
+    lost = [name for name, report, found in rows if found == "no" and report.press is not None]
+    if lost:
+        print(
+            f"Lost the needle at ratio {args.ratio}: {', '.join(lost)}. That is what this comparison measures (how "
+            "much each method can drop before the answer goes), not a malfunction; try a lower --ratio."
+        )
 
 
 if __name__ == "__main__":

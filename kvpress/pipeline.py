@@ -10,12 +10,15 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
-from kvpress.cache.layer_access import restore_cache, snapshot_cache
+from kvpress.cache.layer_access import dense_cache_bytes, layer_memory_bytes, restore_cache, snapshot_cache
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache, model_head_dim
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.base_press import BasePress
+from kvpress.compression_summary import CompressionSummary
 from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.report import CompressionReport
+from kvpress.utils import layer_types
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ class KVPressTextGenerationPipeline(Pipeline):
     - The context (with the chat template's prefix) is prefilled once, under the press; each question (with the
       template's suffix and ``answer_prefix``) is then answered by greedy decoding from the compressed cache, and the
       cache is restored to the compressed context between questions, so answers equal those of separate calls.
+    - The question follows the context on a new line: ``"\n"`` joins them unless the context already ends, or the
+      question already starts, with whitespace (prompt formats that carry their own separators stay as they are).
+      The model therefore reads exactly ``context + "\n" + question`` inside the chat template's user turn (or after
+      BOS without a template), as ``model.generate`` on that text would.
     - ``query_aware=True`` compresses the context together with each question (one compression per question), as
       observation-window methods such as SnapKV were designed to be used.
     - ``cache``: an empty transformers ``Cache`` to fill (default: a fresh ``DynamicCache``); after the call it holds
@@ -56,7 +63,10 @@ class KVPressTextGenerationPipeline(Pipeline):
       with ``cache=`` (pass a ``QuantizedCache`` there instead) nor with channel-pruning presses.
 
     Returns ``{"answer": str}`` for ``question=`` (or no question) and ``{"answers": [str, ...]}`` for ``questions=``;
-    a batch returns one such dict per context.
+    a batch returns one such dict per context. ``return_report=True`` adds ``"report"`` (with ``question=``) or
+    ``"reports"`` (one per question with ``questions=``; the same object when the questions share one compression):
+    a :class:`~kvpress.compression_summary.CompressionSummary` of the prefill (tokens, achieved compression ratio, KV
+    bytes before and after).
     """
 
     def __call__(self, inputs=None, *args, **kwargs):
@@ -77,16 +87,19 @@ class KVPressTextGenerationPipeline(Pipeline):
         use_chat_template: bool | None = None,
         cuda_graph: bool = False,
         kv_quantization: QuantizationConfig | dict | None = None,
+        return_report: bool = False,
         **kwargs,
     ):
         if kwargs:
             raise ValueError(
                 f"unknown pipeline argument(s) {sorted(kwargs)}; accepted: question, questions, answer_prefix, press, "
                 "max_new_tokens, max_context_length, cache, query_aware, use_chat_template, cuda_graph, "
-                "kv_quantization"
+                "kv_quantization, return_report"
             )
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")  # noqa: TRY004
+        if not isinstance(return_report, bool):
+            raise ValueError(f"return_report must be True or False, got {return_report!r}")  # noqa: TRY004
         if question is not None and questions is not None:
             raise ValueError("give either question= or questions=, not both")
         single = questions is None
@@ -130,6 +143,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             "max_context_length": max_context_length,
             "query_aware": query_aware,
             "use_chat_template": use_chat_template,
+            "return_report": return_report,
         }
         if caps.head_variable and cache is not None and not isinstance(cache, VarlenCache):
             raise ValueError(
@@ -146,7 +160,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             "cuda_graph": cuda_graph,
             "quantization": quantization,
         }
-        return preprocess, forward, {"single": single}
+        return preprocess, forward, {"single": single, "return_report": return_report}
 
     def _quantization(self, press, cache, kv_quantization) -> QuantizationConfig | None:
         """The config the pipeline's cache is quantized with, or None; every conflict raises before the model runs."""
@@ -199,17 +213,26 @@ class KVPressTextGenerationPipeline(Pipeline):
     def _encode(self, text: str) -> torch.Tensor:
         return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
-    def preprocess(self, context, questions, answer_prefix, max_context_length, query_aware, use_chat_template):
+    def preprocess(
+        self, context, questions, answer_prefix, max_context_length, query_aware, use_chat_template, return_report
+    ):
         if context is None:  # answer from a cache that already holds a compressed context
             if query_aware:
                 raise ValueError("query_aware=True needs the context text (context=None resumes from a saved cache)")
+            if return_report:
+                raise ValueError(
+                    "return_report=True reports the prefill of a context; context=None prefills nothing (the saved "
+                    "cache's memory is kvpress.layer_memory_bytes(cache))"
+                )
             _, after = self._split_template("", use_chat_template)
+            questions = [join_question("", q) for q in questions]
             return {"prompts": [], "tails": [self._encode(q + after + answer_prefix) for q in questions]}
         if not isinstance(context, str):
             raise ValueError(f"context must be a string, got {type(context).__name__}")  # noqa: TRY004
         if not context.strip():
             raise ValueError("context is empty: give the text whose KV cache should be compressed")
         before, after = self._split_template(context, use_chat_template)
+        questions = [join_question(context, q) for q in questions]
         context_ids = self._encode(before)
         if max_context_length is not None and context_ids.shape[1] > max_context_length:
             logger.warning("context truncated from %d to %d tokens", context_ids.shape[1], max_context_length)
@@ -232,19 +255,33 @@ class KVPressTextGenerationPipeline(Pipeline):
             ids.update([eos] if isinstance(eos, int) else list(eos))
         return ids
 
-    def _prefill(self, input_ids: torch.Tensor, cache, press: BasePress | None) -> int:
-        """Prefill ``input_ids`` into ``cache`` under ``press``; returns the position of the next token."""
+    def _prefill(self, input_ids: torch.Tensor, cache, press: BasePress | None) -> tuple[int, CompressionReport | None]:
+        """Prefill ``input_ids`` into ``cache`` under ``press``; returns the position of the next token and the
+        press's report (``None`` without a press)."""
         base = self.model.base_model
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         if press is None:
             base(input_ids=input_ids, **cache_kwargs(base, cache), position_ids=positions, use_cache=True)
-            return input_ids.shape[1]
+            return input_ids.shape[1], None
         with press(self.model) as report:
             base(input_ids=input_ids, **cache_kwargs(base, cache), position_ids=positions, use_cache=True)
         if press.capabilities.rerotates_positions and report.kept_lengths:
             # Kept keys sit at positions 0..kept-1; layers may differ, so continue after the longest.
-            return int(max(v.max().item() for v in report.kept_lengths.values()))
-        return input_ids.shape[1]
+            return int(max(v.max().item() for v in report.kept_lengths.values())), report
+        return input_ids.shape[1], report
+
+    def _summary(self, cache, n_tokens: int, press: BasePress | None, report: CompressionReport | None):
+        """The :class:`CompressionSummary` of a one-sequence ``cache`` just prefilled with ``n_tokens`` tokens."""
+        dtype = next(self.model.parameters()).dtype
+        return CompressionSummary(
+            press=None if press is None else repr(press),
+            cache=type(cache).__name__,
+            prefill_tokens=n_tokens,
+            compression_ratio=0.0 if report is None else report.compression_ratio,
+            kv_bytes_uncompressed=dense_cache_bytes(self.model.config, n_tokens, 1, dtype),
+            kv_bytes=layer_memory_bytes(cache),
+            layers=report,
+        )
 
     def _make_cache(self, press: BasePress | None, quantization: QuantizationConfig | None = None):
         if quantization is not None:
@@ -356,19 +393,20 @@ class KVPressTextGenerationPipeline(Pipeline):
             for tail in tails:
                 answers += self._generate([tail], cache, cache.next_positions, max_new_tokens, cuda_graph)
                 restore_cache(cache, state)
-            return {"answers": answers}
+            return {"answers": answers, "reports": None}
         cache = cache if cache is not None else self._make_cache(press, quantization)
         # Quantized caches store the prefilled context quantized even where no press compressed it.
         compact = cuda_graph or isinstance(cache, QuantizedCache)
         if cache.get_seq_length() > 0:
             raise ValueError("cache must be empty: the pipeline prefills the context into it")
-        answers = []
+        answers, reports = [], []
         if len(prompts) == 1:  # one compressed context shared by every question
-            position = self._prefill(prompts[0], cache, press)
+            position, report = self._prefill(prompts[0], cache, press)
             if isinstance(cache, VarlenCache):
                 cache.next_positions = [position]
                 if compact:
                     cache.compact()
+            reports = [self._summary(cache, prompts[0].shape[1], press, report)] * len(tails)
             state = snapshot_cache(cache)
             for tail in tails:
                 answers += self._generate([tail], cache, [position], max_new_tokens, cuda_graph)
@@ -377,19 +415,19 @@ class KVPressTextGenerationPipeline(Pipeline):
             empty = snapshot_cache(cache)
             for prompt, tail in zip(prompts, tails):
                 restore_cache(cache, empty)
-                position = self._prefill(prompt, cache, press)
+                position, report = self._prefill(prompt, cache, press)
                 if compact and isinstance(cache, VarlenCache):
                     cache.compact()
+                reports.append(self._summary(cache, prompt.shape[1], press, report))
                 state = snapshot_cache(cache)
                 answers += self._generate([tail], cache, [position], max_new_tokens, cuda_graph)
                 restore_cache(cache, state)
-        return {"answers": answers}
+        return {"answers": answers, "reports": reports}
 
     # ---- batches --------------------------------------------------------------------------------------------------
     def _batchable(self, press: BasePress | None) -> bool:
         """Stacking needs every layer in ragged storage: no sliding-window layers, no channel-pruned keys."""
-        types = getattr(self.model.config.get_text_config(decoder=True), "layer_types", None) or []
-        if any(t != "full_attention" for t in types):
+        if any(t != "full_attention" for t in layer_types(self.model.config.get_text_config(decoder=True))):
             return False
         return press is None or not press.capabilities.prunes_channels
 
@@ -419,17 +457,23 @@ class KVPressTextGenerationPipeline(Pipeline):
             item_pre = {**pre, "questions": list(questions[i])} if per_context else pre
             items.append(self.preprocess(context, **item_pre))
         outputs = self.forward({"batch": items}, **fwd)
-        return [self.postprocess({"answers": a}, **post) for a in outputs["batch_answers"]]
+        return [
+            self.postprocess({"answers": a, "reports": r}, **post)
+            for a, r in zip(outputs["batch_answers"], outputs["batch_reports"])
+        ]
 
     def _forward_batch(self, items, press, max_new_tokens, cuda_graph, quantization=None):
         device = self.model.device
         self._check_press(press, [item["prompts"][0] for item in items])
-        caches, positions = [], []
+        caches, positions, summaries = [], [], []
         kind = VarlenCache if quantization is None else QuantizedCache
         for item in items:
             cache = kind(config=self.model.config, **({} if quantization is None else {"quantization": quantization}))
-            positions.append(self._prefill(item["prompts"][0].to(device), cache, press))
+            prompt = item["prompts"][0].to(device)
+            position, report = self._prefill(prompt, cache, press)
+            positions.append(position)
             cache.compact()
+            summaries.append(self._summary(cache, prompt.shape[1], press, report))
             caches.append(cache)
         cache = kind.concatenate(caches)
         cache.next_positions = positions
@@ -441,12 +485,22 @@ class KVPressTextGenerationPipeline(Pipeline):
             for b, answer in enumerate(self._generate(tails, cache, positions, max_new_tokens, cuda_graph)):
                 answers[b].append(answer)
             restore_cache(cache, state)
-        return {"batch_answers": answers}
+        reports = [[summary] * len(items[0]["tails"]) for summary in summaries]
+        return {"batch_answers": answers, "batch_reports": reports}
 
-    def postprocess(self, outputs, single=True):
-        if single:
-            return {"answer": outputs["answers"][0]}
-        return {"answers": outputs["answers"]}
+    def postprocess(self, outputs, single=True, return_report=False):
+        out = {"answer": outputs["answers"][0]} if single else {"answers": outputs["answers"]}
+        if return_report:
+            out.update({"report": outputs["reports"][0]} if single else {"reports": outputs["reports"]})
+        return out
+
+
+def join_question(context: str, question: str) -> str:
+    """``question`` as it follows ``context`` in the prompt: after a ``"\n"``, unless either side already has
+    whitespace at the junction (or the question is empty)."""
+    if question and not question[0].isspace() and not context[-1:].isspace():
+        return "\n" + question
+    return question
 
 
 def register_pipeline() -> None:

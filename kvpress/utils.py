@@ -36,11 +36,20 @@ def attn_implementation(model: nn.Module) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
+def layer_types(config) -> list[str]:
+    """Attention kind of every layer, as transformers' caches see it: ``config.layer_types``, or when absent,
+    ``"sliding_attention"`` everywhere if ``sliding_window`` is set and ``"full_attention"`` otherwise."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return [kind] * config.num_hidden_layers
+
+
 def full_attention_layer_indices(config) -> list[int]:
-    """Indices of the layers that attend over the whole context: all but the ``"sliding_attention"`` entries of
-    ``config.layer_types`` (presses compress exactly these; sliding-window layers keep their own bounded window)."""
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return [i for i, kind in enumerate(layer_types) if kind != "sliding_attention"]
+    """Indices of the layers that attend over the whole context: all but the sliding-window ones of
+    :func:`layer_types` (presses compress exactly these; sliding-window layers keep their own bounded window)."""
+    return [i for i, kind in enumerate(layer_types(config)) if kind != "sliding_attention"]
 
 
 def num_heads(module: nn.Module) -> tuple[int, int]:

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from kvpress.__main__ import DEFAULT_PRESSES, DEMO_PRESSES, main, parse_args
+from kvpress.__main__ import DEFAULT_PRESSES, QUERY_AWARE, build_press, demo_presses, main, parse_args
+from kvpress.presses.registry import PRESSES
 
 
 def test_defaults_and_repeated_presses():
@@ -16,8 +17,20 @@ def test_defaults_and_repeated_presses():
     assert args.press == list(DEFAULT_PRESSES) and args.ratio == 0.5 and args.context_tokens == 2000
     args = parse_args(["--press", "snapkv", "--press", "knorm", "--press", "snapkv", "--ratio", "0.25"])
     assert args.press == ["snapkv", "knorm"] and args.ratio == 0.25
-    press = DEMO_PRESSES["snapkv"].build(0.25)
-    assert press.compression_ratio == 0.25 and DEMO_PRESSES["snapkv"].query_aware
+    press = build_press("snapkv", 0.25)
+    assert press.compression_ratio == 0.25 and "snapkv" in QUERY_AWARE
+
+
+def test_press_names_are_the_registry_names():
+    """One press, one name: the demo offers registry names (the ones kvpress-eval and YAML configs take)."""
+    names = demo_presses()
+    assert set(names) <= set(PRESSES) and set(QUERY_AWARE) | set(DEFAULT_PRESSES) <= set(names)
+    assert "streaming_llm" in names and parse_args(["--press", "streaming_llm"]).press == ["streaming_llm"]
+    # Every scorer press that needs no eager attention and no inner press is offered, built at the asked ratio.
+    assert {"random", "knorm", "tova", "expected_attention", "pyramidkv"} <= set(names)
+    assert "observed_attention" not in names and "adakv" not in names
+    for name in names:
+        assert isinstance(build_press(name, 0.3), PRESSES[name]) and build_press(name, 0.3).compression_ratio == 0.3
 
 
 @pytest.mark.parametrize(
@@ -68,3 +81,9 @@ def test_demo_prints_answers_and_real_cache_sizes(capsys):
         assert rows[name][2] == pytest.approx(saved / 2**20, abs=0.006)
         assert rows[name][3] == pytest.approx(100 * saved / rows[base][0], abs=0.06)
     assert out.count("  answer:   ") == 4
+    assert "'none (query-aware)' is the uncompressed baseline of the query-aware presses" in out
+    lost = [name for name in ("knorm", "snapkv") if re.search(rf"^{name}\s.*\bno$", out, re.M)]
+    if lost:
+        assert f"Lost the needle at ratio 0.5: {', '.join(lost)}. That is what this comparison measures" in out
+    else:
+        assert "Lost the needle" not in out

@@ -12,7 +12,9 @@ from transformers import DynamicCache, pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress.cache.forward_keyword import cache_kwargs
-from kvpress.pipeline import TASK, KVPressTextGenerationPipeline
+from kvpress.cache.layer_access import layer_memory_bytes
+from kvpress.compression_summary import CompressionSummary
+from kvpress.pipeline import TASK, KVPressTextGenerationPipeline, join_question
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from tests.fixtures_pipeline import (
@@ -222,3 +224,106 @@ def test_max_context_length_truncates_the_context():
     got = text_pipeline("phi3")(context, question=question, max_context_length=50, max_new_tokens=8)["answer"]
     assert got == ref
     assert got != text_pipeline("phi3")(context, question=question, max_new_tokens=8)["answer"]
+
+
+# ---- how the question joins the context --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("context", "question", "joined"),
+    [
+        ("It rained.", "Why?", "\nWhy?"),  # no whitespace at the junction: a newline
+        ("It rained.", " Why?", " Why?"),  # the question brings its own separator
+        ("It rained.\n", "Why?", "Why?"),  # so does the context
+        ("It rained.", "\n\nQuestion: why?", "\n\nQuestion: why?"),  # prompt formats with their own separators
+        ("It rained.", "", ""),  # no question: nothing appended
+        ("", "Why?", "\nWhy?"),  # a saved context (its text unknown): a newline
+    ],
+)
+def test_join_question(context, question, joined):
+    assert join_question(context, question) == joined
+
+
+@pytest.mark.parametrize("use_chat_template", [True, False])
+def test_question_without_leading_whitespace_reads_as_a_new_line(arch, use_chat_template):
+    """The model reads ``context + "\\n" + question``, exactly as ``model.generate`` on that text would."""
+    model, tok = text_model(arch), smollm2_tokenizer()
+    pipe = text_pipeline(arch)
+    context, question = random_text(40, seed=14), QUESTIONS[0].strip()
+    if use_chat_template:
+        text = chat_prompt(tok, context, "\n" + question)
+    else:
+        text = tok.bos_token + context + "\n" + question + "\n"
+    ref = greedy_generate(model, tok, text, max_new_tokens=8)
+    got = pipe(context, question=question, use_chat_template=use_chat_template, max_new_tokens=8)["answer"]
+    assert got == ref
+    # Token for token, the pipeline's prompt is that text (so the answer check above cannot pass by chance).
+    parts = pipe.preprocess(context, questions=[question], answer_prefix="", max_context_length=None,
+                            query_aware=False, use_chat_template=use_chat_template, return_report=False)  # fmt: skip
+    ids = torch.cat([parts["prompts"][0], parts["tails"][0]], dim=1)
+    assert ids.tolist() == tok(text, add_special_tokens=False, return_tensors="pt").input_ids.tolist()
+
+
+def test_questions_without_leading_whitespace_each_get_their_own_answer():
+    """Each of several questions is answered as ``model.generate`` answers its own full prompt."""
+    model, tok = text_model("llama"), smollm2_tokenizer()
+    context = random_text(50, seed=15)
+    questions = [q.strip() for q in QUESTIONS]
+    together = text_pipeline("llama")(context, questions=questions, max_new_tokens=6)["answers"]
+    assert together == [greedy_generate(model, tok, chat_prompt(tok, context, "\n" + q), 6) for q in questions]
+
+
+# ---- return_report ----------------------------------------------------------------------------------------------------
+def _uncompressed_bytes(model, tok, context: str, question: str = "") -> tuple[int, int]:
+    """``(prompt tokens, bytes of a DynamicCache holding them)``, measured by prefilling the prompt without a press."""
+    prompt, _ = _split(tok, context, join_question(context, question) if question else "", "")
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache), use_cache=True)
+    return ids.shape[1], layer_memory_bytes(cache)
+
+
+@pytest.mark.parametrize("press", ["none", "knorm", "snapkv"])
+def test_report_of_a_dynamic_cache(arch, press):
+    model, tok = text_model(arch), smollm2_tokenizer()
+    context = random_text(45, seed=16)
+    cache = DynamicCache(config=model.config)
+    out = text_pipeline(arch)(context, question="Why?", press=PRESSES[press], cache=cache, return_report=True,
+                              max_new_tokens=3)  # fmt: skip
+    report = out["report"]
+    assert isinstance(report, CompressionSummary) and set(out) == {"answer", "report"}
+    n, full = _uncompressed_bytes(model, tok, context)
+    assert (report.prefill_tokens, report.kv_bytes_uncompressed) == (n, full)
+    assert report.cache == "DynamicCache"
+    if press == "none":
+        assert report.press is None and report.compression_ratio == 0.0 and report.kv_bytes == full
+        assert report.layers is None
+    else:
+        assert report.press == repr(PRESSES[press]) and report.layers.compressed_layers
+        assert report.compression_ratio == pytest.approx(0.5, abs=0.5 / n)
+        assert report.kv_bytes < full
+    assert layer_memory_bytes(cache) == report.kv_bytes  # after the call, the cache holds the compressed context
+    assert report.saved_bytes == full - report.kv_bytes
+    assert report.memory_ratio == pytest.approx(report.kv_bytes / full)
+    assert report.as_dict()["saved_bytes"] == report.saved_bytes and "layers" not in report.as_dict()
+
+
+def test_reports_of_several_questions():
+    model, tok = text_model("qwen2"), smollm2_tokenizer()
+    pipe = text_pipeline("qwen2")
+    context = random_text(40, seed=17)
+    shared = pipe(context, questions=QUESTIONS, press=PRESSES["knorm"], return_report=True, max_new_tokens=2)
+    assert len(shared["reports"]) == 3 and shared["reports"][0] is shared["reports"][2]  # one compression
+    aware = pipe(context, questions=QUESTIONS, press=PRESSES["snapkv"], query_aware=True, return_report=True,
+                 max_new_tokens=2)  # fmt: skip
+    for question, report in zip(QUESTIONS, aware["reports"]):  # one compression per question
+        n, full = _uncompressed_bytes(model, tok, context, question)
+        assert (report.prefill_tokens, report.kv_bytes_uncompressed) == (n, full)
+        assert report.kv_bytes == pytest.approx(full * (round(n * 0.5) / n), rel=0, abs=full / n)
+    assert "reports" not in pipe(context, questions=QUESTIONS, max_new_tokens=2)
+
+
+def test_report_without_a_context_is_an_error():
+    with pytest.raises(ValueError, match="return_report=True reports the prefill of a context; context=None"):
+        text_pipeline("llama")(None, question="Why?", cache=DynamicCache(), return_report=True)
+    with pytest.raises(ValueError, match="return_report must be True or False, got 'yes'"):
+        text_pipeline("llama")("A context.", question="Why?", return_report="yes")

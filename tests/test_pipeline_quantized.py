@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import pipeline
+from transformers import DynamicCache, pipeline
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
+from kvpress.cache.layer_access import layer_memory_bytes
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer
@@ -236,3 +237,28 @@ def test_bad_input_is_refused_before_any_forward_and_leaves_the_pipeline_usable(
     good = {"bits": 4, "group_size": 32}
     first = pipe(context, question=QUESTIONS[0], kv_quantization=good, max_new_tokens=5)
     assert first == pipe(context, question=QUESTIONS[0], kv_quantization=QuantizationConfig(**good), max_new_tokens=5)
+
+
+@pytest.mark.parametrize("press_name", ["none", "knorm", "adakv"])
+def test_report_of_a_quantized_cache(press_name):
+    pipe = quant_pipeline("llama")
+    quantization = QuantizationConfig(bits=4, group_size=32)
+    context = random_text(50, seed=4)
+    cache = QuantizedCache(config=pipe.model.config, quantization=quantization)
+    mine = pipe(context, question=QUESTIONS[0], press=PRESSES[press_name](), cache=cache, return_report=True,
+                max_new_tokens=2)["report"]  # fmt: skip
+    report = pipe(context, question=QUESTIONS[0], press=PRESSES[press_name](), kv_quantization=quantization,
+                  return_report=True, max_new_tokens=2)["report"]  # fmt: skip
+    assert report.as_dict() == mine.as_dict() and report.cache == "QuantizedCache"
+    assert report.kv_bytes == cache.memory_bytes()
+    # Uncompressed: the float32 context of a DynamicCache, measured.
+    ids = pipe._encode(pipe._split_template(context, None)[0])
+    dense = DynamicCache(config=pipe.model.config)
+    with torch.no_grad():
+        pipe.model.model(input_ids=ids, **cache_kwargs(pipe.model.model, dense))
+    assert (report.prefill_tokens, report.kv_bytes_uncompressed) == (ids.shape[1], layer_memory_bytes(dense))
+    kept = 1.0 if press_name == "none" else 0.5
+    # 4-bit codes with a scale and a zero per group of 32, the last tokens short of a group in float32: under a third
+    # of the float32 cache, on top of the tokens removed.
+    assert report.kv_bytes < kept * report.kv_bytes_uncompressed / 3
+    assert report.compression_ratio == pytest.approx(1 - kept, abs=1 / ids.shape[1])

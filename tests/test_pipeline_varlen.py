@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import DynamicCache
 
+from kvpress.cache.forward_keyword import cache_kwargs
+from kvpress.cache.layer_access import layer_memory_bytes
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
@@ -154,3 +158,62 @@ def test_batch_argument_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
             pipe(contexts[0], question="a?", cuda_graph=True)
+
+
+def _dense_bytes(pipe, context: str) -> int:
+    """Bytes of a DynamicCache holding the pipeline's context prompt, measured by prefilling it without a press."""
+    ids = pipe._encode(pipe._split_template(context, None)[0])
+    cache = DynamicCache(config=pipe.model.config)
+    with torch.no_grad():
+        pipe.model.model(input_ids=ids, **cache_kwargs(pipe.model.model, cache))
+    return layer_memory_bytes(cache)
+
+
+def test_report_of_a_head_variable_cache():
+    pipe = text_pipeline("qwen3")
+    context = _contexts(1)[0]
+    cache = VarlenCache(config=pipe.model.config)
+    report = pipe(context, question=QUESTIONS[0], press=AdaKVPress(SnapKVPress(0.4, window_size=4)), cache=cache,
+                  return_report=True, max_new_tokens=3)["report"]  # fmt: skip
+    assert report.cache == "VarlenCache" and report.kv_bytes == cache.memory_bytes()
+    assert report.kv_bytes_uncompressed == _dense_bytes(pipe, context)
+    # Per-head lengths differ, the total is the budget: 60% of the tokens of every layer.
+    lengths = report.layers.kept_lengths[0]
+    assert len(set(lengths.flatten().tolist())) > 1
+    assert report.compression_ratio == pytest.approx(0.4, abs=1 / report.prefill_tokens)
+    assert report.kv_bytes == pytest.approx(0.6 * report.kv_bytes_uncompressed, rel=0.05)
+
+
+def test_report_of_channel_pruned_keys():
+    pipe = text_pipeline("llama")
+    context = _contexts(1)[0]
+    cache = DynamicCache(config=pipe.model.config)
+    report = pipe(context, question=QUESTIONS[0], press=ThinKPress(key_channel_compression_ratio=0.5, window_size=4),
+                  cache=cache, return_report=True, max_new_tokens=3)["report"]  # fmt: skip
+    assert report.compression_ratio == 0.0  # every token kept ...
+    assert report.kv_bytes == layer_memory_bytes(cache) < report.kv_bytes_uncompressed  # ... with half the key channels
+    assert report.kv_bytes_uncompressed == _dense_bytes(pipe, context)
+
+
+@pytest.mark.parametrize("make_press", [lambda: None, lambda: AdaKVPress(SnapKVPress(0.4, window_size=4))])
+def test_batch_reports_equal_each_context_alone(make_press):
+    """Each context of a batch gets the report of its own compressed cache, in the ragged storage the batch stacks."""
+    pipe = text_pipeline("llama")
+    model = pipe.model
+    contexts = _contexts()
+    batch = pipe(contexts, questions=QUESTIONS, press=make_press(), return_report=True, max_new_tokens=2)
+    for context, out in zip(contexts, batch):
+        alone = pipe(context, question=QUESTIONS[0], press=make_press(), cache=VarlenCache(config=model.config),
+                     return_report=True, max_new_tokens=2)["report"]  # fmt: skip
+        assert out["reports"][0] is out["reports"][1]  # the questions share one compression
+        got, want = out["reports"][0].as_dict(), alone.as_dict()
+        for key in ("press", "cache", "prefill_tokens", "compression_ratio", "kv_bytes_uncompressed"):
+            assert got[key] == want[key], key
+        # Its bytes: the context prefilled alone under the press, then packed into ragged storage.
+        ids = pipe._encode(pipe._split_template(context, None)[0])
+        cache = VarlenCache(config=model.config)
+        press = make_press()
+        with torch.no_grad(), (press(model) if press is not None else contextlib.nullcontext()):
+            model.model(input_ids=ids, **cache_kwargs(model.model, cache))
+        cache.compact()
+        assert got["kv_bytes"] == cache.memory_bytes()

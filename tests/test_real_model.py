@@ -15,13 +15,15 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from transformers import DynamicCache, pipeline
 
-from kvpress.needle import build_needle_context
+from kvpress.needle import PASSKEY_ANSWER, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_needle_context
 from kvpress.offline_model import load_smollm2
 from kvpress.pipeline import TASK
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.snapkv_press import SnapKVPress
+from tests.fixtures_pipeline import greedy_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +74,23 @@ def test_hidden_number_retrieved(smollm2, method, number, depth):
     n = _prompt_tokens(tokenizer, context, QUESTION if query_aware else "")
     kept = n if press is None else round(n * 0.5)
     assert [layer.keys.shape[-2] for layer in cache.layers] == [kept] * smollm2.model.config.num_hidden_layers
+
+
+def test_quick_start_answer_equals_generate_on_the_same_text(smollm2):
+    """The README's quick start: a question with no leading whitespace is read on a new line after the context, and
+    the no-press answer equals ``model.generate`` on that text, token for token; two questions get their own answers."""
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    context = build_needle_context(tokenizer, 1000, PASSKEY_NEEDLE, depth=0.5, seed=0)
+    questions = [PASSKEY_QUESTION, "What colour is the vault?"]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": context + "\n" + PASSKEY_QUESTION}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    parts = smollm2.preprocess(context, questions=[PASSKEY_QUESTION], answer_prefix="", max_context_length=None,
+                               query_aware=False, use_chat_template=None, return_report=False)  # fmt: skip
+    assert torch.cat([parts["prompts"][0], parts["tails"][0]], dim=1).tolist() == ids.tolist()
+    expected = greedy_tokens(model, tokenizer, ids, max_new_tokens=24)
+    answers = smollm2(context, questions=questions, max_new_tokens=24)["answers"]
+    assert answers[0] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert PASSKEY_ANSWER in answers[0]
+    assert answers[1] != answers[0] and PASSKEY_ANSWER not in answers[1]

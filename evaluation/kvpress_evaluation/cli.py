@@ -51,17 +51,37 @@ def _press(text: str):
     return _yaml_value(text) if text.lstrip().startswith("{") else text
 
 
+def _epilog() -> str:
+    from kvpress_evaluation import registry
+
+    lines = ["benchmarks (--benchmark NAME, --option KEY=VALUE for its options, --list for the presses):"]
+    for name in registry.BENCHMARKS:
+        lines += ["  " + line for line in registry.describe_benchmark(name)]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="kvpress-eval", description="Evaluate KV-cache presses on a benchmark.")
+    p = _Parser(
+        prog="kvpress-eval",
+        description="Evaluate KV-cache presses on a benchmark. Flags override the --config file's fields.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML file with EvalConfig fields")
-    p.add_argument("--list", action="store_true", help="print the press and benchmark names and exit")
+    p.add_argument(
+        "--list", action="store_true", help="print every press with its parameters and defaults, every benchmark "
+        "with its options and tasks, and exit"
+    )
     g = p.add_argument_group("model")
     g.add_argument("--model", help="smollm2 (offline default), a local directory or a hub model name")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", help="cpu, cuda, cuda:N or mps")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype; auto: bfloat16 on CUDA, float32 elsewhere")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps; not set: cuda when available, else cpu")
     g.add_argument("--device-map", help="e.g. auto: spread a big model over the GPUs")
-    g.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"])
-    g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"],
+                   help="prefill attention; not set: sdpa, or eager when a press needs attention weights")
+    g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=None,
+                   help="run a hub model's own code")
     g = p.add_argument_group("benchmark")
     g.add_argument("--benchmark", help="ruler, longbench or needle")
     g.add_argument("--option", type=_option, action="append", metavar="KEY=VALUE",
@@ -69,22 +89,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fraction", type=float, help="evaluate this fraction of the examples (seeded)")
     g.add_argument("--n-examples", type=int, help="evaluate this many examples (seeded)")
     g.add_argument("--max-context-length", type=int, help="truncate contexts to this many tokens")
-    g.add_argument("--max-new-tokens", type=int, help="generation length of every example")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", type=int,
+                   help="generation length of every example; not set: each benchmark's own per task")
+    g.add_argument("--seed", type=int, help="seed of the example sampling and of seeded presses")
     g = p.add_argument_group("presses")
     g.add_argument("--press", type=_press, nargs="+", help="press names or YAML mappings; 'none' for no press")
     g.add_argument("--ratios", type=float, nargs="+", help="compression ratios to sweep")
-    g.add_argument("--query-aware", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--chat-template", dest="use_chat_template", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--query-aware", action=argparse.BooleanOptionalAction, default=None,
+                   help="compress the context together with the question")
+    g.add_argument("--chat-template", dest="use_chat_template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the tokenizer's chat template; not set: when it has one")
     g.add_argument("--batch-size", type=int, help="contexts per pipeline call")
-    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through a captured CUDA graph (CUDA only)")
     g.add_argument("--kv-quantization", type=_yaml_value, help="YAML mapping, e.g. '{bits: 4, group_size: 64}'")
     g.add_argument("--kv-bits", type=int, help="quantize the cache with this many bits (2, 4 or 8)")
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir")
-    g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--output-dir", help="where run directories, summary.csv/md and plots are written")
+    g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None, help="draw the plots")
+    g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="(default: WARNING)")
+    _show_config_defaults(p)
     return p
+
+
+def _show_config_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each flag's default, taken from the config model (flags themselves default to "not given")."""
+    from kvpress_evaluation.config import EvalConfig
+
+    for action in parser._actions:
+        field = _FIELDS.get(action.dest)
+        if field is None:
+            continue
+        default = EvalConfig.model_fields[field].get_default(call_default_factory=True)
+        if field == "presses":
+            default = " ".join(spec["name"] for spec in default)
+        elif isinstance(default, list):
+            default = " ".join(map(str, default))
+        shown = "not set" if default is None else default
+        action.help = f"{action.help or ''} (default: {shown})".strip()
 
 
 _FIELDS = {
@@ -127,10 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(err)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     if args.list:
+        from kvpress.presses.registry import PRESSES, describe_press
         from kvpress_evaluation import registry
 
-        print("presses:", ", ".join([registry.NO_PRESS, *registry.PRESSES]))
-        print("benchmarks:", ", ".join(registry.BENCHMARKS))
+        print("presses (--press NAME, or a YAML mapping of the parameters: '{name: adakv, press: snapkv}'):")
+        print(f"  {registry.NO_PRESS:<20} no compression")
+        for name in PRESSES:
+            print(f"  {describe_press(name)}")
+        print("benchmarks (--benchmark NAME; --option KEY=VALUE sets an option):")
+        for name in registry.BENCHMARKS:
+            for line in registry.describe_benchmark(name):
+                print(f"  {line}")
         return 0
     try:
         config = load_config(args.config, overrides(args))

@@ -15,45 +15,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvpress.presses import (
-    AdaKVPress,
-    BasePress,
-    ChunkPress,
-    ComposedPress,
-    ExpectedAttentionPress,
-    KeyRerotationPress,
-    KnormPress,
-    MemoryBudgetPress,
-    ObservedAttentionPress,
-    PerLayerCompressionPress,
-    PyramidKVPress,
-    RandomPress,
-    SnapKVPress,
-    StreamingLLMPress,
-    ThinKPress,
-    TOVAPress,
-)
+from kvpress.presses.base_press import BasePress
+from kvpress.presses.registry import PRESSES
 from kvpress_evaluation.benchmark import Benchmark
 
 NO_PRESS = "none"
-
-PRESSES: dict[str, type[BasePress]] = {
-    "random": RandomPress,
-    "knorm": KnormPress,
-    "streaming_llm": StreamingLLMPress,
-    "snapkv": SnapKVPress,
-    "observed_attention": ObservedAttentionPress,
-    "tova": TOVAPress,
-    "expected_attention": ExpectedAttentionPress,
-    "pyramidkv": PyramidKVPress,
-    "think": ThinKPress,
-    "adakv": AdaKVPress,
-    "composed": ComposedPress,
-    "per_layer": PerLayerCompressionPress,
-    "key_rerotation": KeyRerotationPress,
-    "chunk": ChunkPress,
-    "memory_budget": MemoryBudgetPress,
-}
 
 BENCHMARKS: dict[str, str] = {
     "ruler": "kvpress_evaluation.ruler.benchmark:RulerBenchmark",
@@ -230,6 +196,20 @@ def benchmark_class(name: str) -> type[Benchmark]:
     except ImportError as err:
         raise ValueError(f"benchmark {name!r} is not available ({module_name} cannot be imported: {err})") from None
     return getattr(module, class_name)
+
+
+def describe_benchmark(name: str) -> list[str]:
+    """Lines describing benchmark ``name``: its options with their defaults (``required`` where there is none), and
+    the task names it accepts."""
+    cls = benchmark_class(name)
+    options = []
+    for key, field in cls.Options.model_fields.items():
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        options.append(f"{key}={default}")
+    lines = [f"{name:<10} options: {', '.join(options)}"]
+    if cls.tasks:
+        lines.append(f"{'':<10} tasks: {', '.join(cls.tasks)}")
+    return lines
 
 
 def benchmark_options(name: str, options: dict[str, Any] | None):

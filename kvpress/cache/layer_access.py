@@ -7,6 +7,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvpress.cache.channel_pruned_layer import ChannelPrunedLayer
 from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.utils import layer_types
 
 
 def _layer(cache: Cache, layer_idx: int):
@@ -69,6 +70,20 @@ def layer_memory_bytes(cache: Cache) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+def dense_cache_bytes(config, n_tokens: int, batch_size: int, dtype: torch.dtype) -> int:
+    """Bytes a ``DynamicCache`` holds after prefilling ``n_tokens`` per sequence for ``batch_size`` sequences.
+
+    Keys and values of every layer at ``dtype``; a sliding-window layer keeps at most ``sliding_window - 1`` past
+    tokens (the window of the next query, which brings its own).
+    """
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    kept = min(n_tokens, (getattr(text, "sliding_window", None) or n_tokens + 1) - 1)
+    tokens = sum(n_tokens if kind != "sliding_attention" else kept for kind in layer_types(text))
+    return tokens * batch_size * kv_heads * head_dim * 2 * torch.tensor([], dtype=dtype).element_size()
 
 
 def snapshot_cache(cache: Cache) -> list:

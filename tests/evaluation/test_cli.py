@@ -4,6 +4,7 @@ tiny model with an interruption and a resume, and (slow) the real SmolLM2 throug
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,13 +73,30 @@ def test_flags_override_the_yaml_file(tmp_path):
     assert cli.overrides(cli.build_parser().parse_args([])) == {}
 
 
-def test_list_prints_every_name(capsys):
+def test_list_prints_every_press_with_its_parameters_and_every_benchmark_with_its_tasks(capsys):
     assert cli.main(["--list"]) == 0
     out = capsys.readouterr().out
-    from kvpress_evaluation.registry import BENCHMARKS, PRESSES
+    from kvpress.presses.registry import PRESSES, describe_press
+    from kvpress_evaluation.registry import BENCHMARKS, benchmark_class
 
-    for name in [*PRESSES, *BENCHMARKS, "none"]:
-        assert name in out
+    assert re.search(r"^  none\s+no compression$", out, re.M)
+    for name in PRESSES:
+        assert f"  {describe_press(name)}\n" in out
+    assert "SnapKVPress(compression_ratio=0.0, target_size=None, window_size=32, kernel_size=7, pooling='max')" in out
+    for name in BENCHMARKS:
+        assert re.search(rf"^  {name}\s+options: ", out, re.M)
+        assert f"tasks: {', '.join(benchmark_class(name).tasks)}" in out
+    assert "lengths=[4096], n_examples=20" in out and "niah_multiquery, vt, cwe, fwe, qa_1, qa_2" in out
+
+
+def test_help_shows_defaults_and_task_names(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for text in ("compression ratios to sweep (default: 0.5)", "(default: ruler)", "(default: none)",
+                 "(default: 42)", "contexts per pipeline call (default: 1)", "(default: results)"):  # fmt: skip
+        assert text in out, text
+    assert "tasks: niah_single_1, niah_single_2" in out and "narrativeqa, qasper" in out
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,7 @@ class NeedleBenchmark(Benchmark):
 
     name = TASK
     Options = NeedleOptions
+    tasks = (TASK,)
 
     def max_context_tokens(self) -> int:
         return max(self.options.lengths)

@@ -96,6 +96,7 @@ class RulerBenchmark(Benchmark):
 
     name = "ruler"
     Options = RulerOptions
+    tasks = TASKS
 
     def max_context_tokens(self) -> int | None:
         return max(self.options.lengths) + PROMPT_ALLOWANCE
