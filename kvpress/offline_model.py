@@ -26,6 +26,15 @@ def smollm2_gguf() -> tuple[Path, str]:
     return directory, SMOLLM2_GGUF
 
 
+def load_smollm2_tokenizer():
+    """The SmolLM2-135M-Instruct tokenizer alone, offline (from the same GGUF file)."""
+    from transformers import AutoTokenizer
+
+    directory, name = smollm2_gguf()
+    with _quiet_gguf_conversion():
+        return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
 def load_smollm2(
     dtype: torch.dtype = torch.float32, device: str | torch.device | None = None, attn_implementation: str = "sdpa"
 ):
@@ -33,11 +42,11 @@ def load_smollm2(
 
     The GGUF weights are de-quantized to ``dtype``. Returns ``(model, tokenizer)``; the model is in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     directory, name = smollm2_gguf()
+    tokenizer = load_smollm2_tokenizer()
     with _quiet_gguf_conversion():
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(
             directory, gguf_file=name, dtype=dtype, attn_implementation=attn_implementation
         )

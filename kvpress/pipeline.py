@@ -14,8 +14,8 @@ from kvpress.cache.layer_access import dense_cache_bytes, layer_memory_bytes, re
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache, model_head_dim
 from kvpress.cache.varlen_cache import VarlenCache
-from kvpress.presses.base_press import BasePress
 from kvpress.compression_summary import CompressionSummary
+from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.report import CompressionReport
 from kvpress.utils import layer_types

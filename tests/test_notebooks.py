@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -31,6 +33,10 @@ def test_quickstart_notebook_runs(tmp_path):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert not [out for cell in code for out in cell.get("outputs", []) if out.output_type == "error"]
+    # Loading the model draws no progress bar and no widget warning (a 98 MB file loads in seconds).
+    stderr = "".join(o.text for c in code for o in c.get("outputs", []) if o.get("name") == "stderr")
+    for noise in ("Converting and de-quantizing", "Loading weights", "IProgress", "TqdmWarning"):
+        assert noise not in stderr
 
     # The comparison table: one row per press, "| name | cache MiB | share of no press | passkey | answer".
     table = next(_text(cell) for cell in code if "cache MiB" in _text(cell))
@@ -66,12 +72,43 @@ def test_quickstart_notebook_runs(tmp_path):
 SPEED_NOTEBOOK = NOTEBOOK.parent / "speed_and_memory.ipynb"
 
 
+def test_notebooks_run_from_the_command_line(tmp_path):
+    """The test extra brings what runs a notebook from a shell: ``jupyter nbconvert --execute``."""
+    out = tmp_path / "speed.ipynb"
+    done = subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", str(SPEED_NOTEBOOK),
+         "--output", str(out)],
+        cwd=NOTEBOOK.parent, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    executed = nbformat.read(out, as_version=4)
+    assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))
+
+
 def test_speed_and_memory_notebook_plots_the_saved_results(tmp_path):
     """Runs on CPU from the saved GPU results (its rerun cell only acts on a CUDA machine when asked)."""
     import json
 
     nb = nbformat.read(SPEED_NOTEBOOK, as_version=4)
+    # A probe cell run after the notebook's own: the colour of every line of the batch-1 panels, and the figure legend.
+    at = next(i for i, cell in enumerate(nb.cells) if "decode ms/token, CUDA graph" in cell.source) + 1
+    nb.cells.insert(at, nbformat.v4.new_code_cell(
+        "import json as _json\n"
+        "print('PROBE' + _json.dumps({'panels': [{l.get_label(): l.get_color() for l in ax.get_lines()} for ax in axes[:4]],"
+        " 'legend': [t.get_text() for t in fig.legends[0].get_texts()] if fig.legends else [],"
+        " 'variants': variants}))"
+    ))  # fmt: skip
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    probe = json.loads(_text(nb.cells.pop(at)).split("PROBE", 1)[1])
+    # Each variant keeps one colour across the panels (also where a panel lacks a variant), the colours differ, and
+    # one legend names every variant.
+    colours = {}
+    for panel in probe["panels"]:
+        for label, colour in panel.items():
+            assert colours.setdefault(label, colour) == colour, f"{label} changes colour between panels"
+    assert set(colours) == set(probe["variants"]) and len(set(colours.values())) == len(colours)
+    assert len(probe["panels"][3]) < len(probe["variants"])  # the CUDA-graph panel lacks the dense cache
+    assert probe["legend"] == probe["variants"]
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert not [out for cell in code for out in cell.get("outputs", []) if out.output_type == "error"]
     saved = json.loads((NOTEBOOK.parents[1] / "benchmarks" / "results" / "speed_memory_h100.json").read_text())

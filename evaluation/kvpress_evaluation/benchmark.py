@@ -58,7 +58,7 @@ class Benchmark(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[BenchmarkOptions]]
-    tasks: ClassVar[tuple[str, ...]] = ()  # the task names its ``tasks`` option accepts (shown by kvpress-eval)
+    task_names: ClassVar[tuple[str, ...]] = ()  # the task names its ``tasks`` option accepts (shown by kvpress-eval)
 
     def __init__(self, options: BenchmarkOptions):
         self.options = options

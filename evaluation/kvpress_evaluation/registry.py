@@ -207,8 +207,8 @@ def describe_benchmark(name: str) -> list[str]:
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         options.append(f"{key}={default}")
     lines = [f"{name:<10} options: {', '.join(options)}"]
-    if cls.tasks:
-        lines.append(f"{'':<10} tasks: {', '.join(cls.tasks)}")
+    if cls.task_names:
+        lines.append(f"{'':<10} tasks: {', '.join(cls.task_names)}")
     return lines
 
 

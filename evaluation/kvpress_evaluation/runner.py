@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from kvpress_evaluation import registry
 from kvpress_evaluation.benchmark import Benchmark, Example
-from kvpress_evaluation.config import SMOLLM2, EvalConfig, RunSpec
+from kvpress_evaluation.config import SMOLLM2, EvalConfig, RunSpec, ratio_text
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,18 @@ def resolve_dtype(config: EvalConfig, device: str | None) -> torch.dtype:
     return getattr(torch, config.dtype)
 
 
+def load_tokenizer(config: EvalConfig):
+    """The tokenizer of ``config.model`` alone (seconds, where the model takes longer): examples are built with it
+    before the model loads."""
+    if config.model == SMOLLM2:
+        from kvpress.offline_model import load_smollm2_tokenizer
+
+        return load_smollm2_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+
+
 def load_model(config: EvalConfig, device: str | None):
     """``(model, tokenizer)`` in eval mode; remote code runs only with ``trust_remote_code``."""
     dtype, attn = resolve_dtype(config, device), config.attention()
@@ -347,12 +359,16 @@ def _comparable(data: dict) -> dict:
     return {k: v for k, v in data.items() if k not in RESUME_NEUTRAL}
 
 
-def prepare_run_dir(config: EvalConfig, run: RunSpec) -> Path:
-    """Create ``output_dir/run`` with its ``config.yaml``; a directory holding another configuration is an error."""
+def check_run_dir(config: EvalConfig, run: RunSpec) -> Path:
+    """``output_dir/run``, checked without creating anything: a directory holding another configuration, or one that
+    cannot be created, is a ``ValueError`` naming ``output_dir``."""
     run_dir = Path(config.output_dir) / run.name
-    resolved = config.for_run(run).model_dump(mode="json")
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir: cannot create {run_dir}: {existing} is not a writable directory")
     path = run_dir / CONFIG
     if path.is_file():
+        resolved = config.for_run(run).model_dump(mode="json")
         previous = yaml.safe_load(path.read_text()) or {}
         old, new = _comparable(previous), _comparable(resolved)
         if old != new:
@@ -361,8 +377,17 @@ def prepare_run_dir(config: EvalConfig, run: RunSpec) -> Path:
                 f"output_dir: {run_dir} holds a run with another configuration (differs in {', '.join(fields)}); "
                 "use another output_dir or remove that directory"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
+    return run_dir
+
+
+def prepare_run_dir(config: EvalConfig, run: RunSpec) -> Path:
+    """Create ``output_dir/run`` with its ``config.yaml`` (after :func:`check_run_dir`); failures name ``output_dir``."""
+    run_dir = check_run_dir(config, run)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / CONFIG, yaml.safe_dump(config.for_run(run).model_dump(mode="json"), sort_keys=False))
+    except OSError as err:
+        raise ValueError(f"output_dir: cannot write {run_dir} ({err.strerror or err})") from None
     return run_dir
 
 
@@ -376,7 +401,8 @@ def score_run(benchmark: Benchmark, run: RunSpec, examples: list[Example], recor
     for example in examples:
         by_task.setdefault(example.task, []).append(example)
     tasks = {
-        task: benchmark.score(task, [records[e.id]["prediction"] for e in exs], exs) for task, exs in by_task.items()
+        task: _rounded(benchmark.score(task, [records[e.id]["prediction"] for e in exs], exs))
+        for task, exs in by_task.items()
     }
     headline = [next(iter(m.values())) for m in tasks.values()]
     press = registry.build_press(run.press, seed=config.seed)
@@ -391,6 +417,13 @@ def score_run(benchmark: Benchmark, run: RunSpec, examples: list[Example], recor
         "tasks": tasks,
         "average": round(sum(headline) / len(headline), 2),
     }
+
+
+def _rounded(metrics):
+    """Every score to 2 decimals (nested breakdowns too): one rounding in metrics.json, the summaries and the plots."""
+    if isinstance(metrics, dict):
+        return {k: _rounded(v) for k, v in metrics.items()}
+    return round(metrics, 2) if isinstance(metrics, float) else metrics
 
 
 def finish_run(run_dir: Path, run: RunSpec, examples: list[Example], benchmark: Benchmark, config) -> dict | None:
@@ -467,22 +500,19 @@ def summary_rows(metrics: list[dict]) -> tuple[list[dict], list[str]]:
     return rows, tasks
 
 
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.2f}" if round(value, 2) == value else f"{value:g}"
-    return str(value)
+def _score_cell(value) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 def format_table(rows: list[dict], tasks: list[str]) -> str:
-    """The summary as a Markdown table: run, press, ratio, examples, each task, average."""
+    """The summary as a Markdown table: run, press, ratio, examples, each task, average (scores to 2 decimals)."""
     header = ["run", "press", "ratio", "n", *tasks, "average"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["run"], row["press"], row["compression_ratio"], row["n_examples"]]
-        cells += [row[t] for t in tasks] + [row["average"]]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        ratio = "" if row["compression_ratio"] is None else ratio_text(row["compression_ratio"])
+        cells = [row["run"], row["press"], ratio, str(row["n_examples"])]
+        cells += [_score_cell(row[t]) for t in tasks] + [_score_cell(row["average"])]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -530,7 +560,7 @@ def evaluate(
     device = resolve_device(config, shard) if model is None else model.device
     if config.cuda_graph and not str(device).startswith("cuda"):
         raise ValueError(f"cuda_graph: needs the model on a CUDA device, got {device}")
-    run_dirs = {run.name: prepare_run_dir(config, run) for run in runs}
+    run_dirs = {run.name: check_run_dir(config, run) for run in runs}
     pending = [run for run in runs if not run_complete(run_dirs[run.name])]
 
     if pending:
@@ -539,9 +569,14 @@ def evaluate(
         import kvpress  # noqa: F401  (registers the pipeline)
         from kvpress.pipeline import TASK
 
+        # Examples first (data files are read and checked here), then the output folders, then the model: bad data
+        # fails in seconds and leaves nothing behind.
+        examples = select_examples(
+            benchmark.examples(tokenizer if model is not None else load_tokenizer(config), config.seed, budget), config
+        )
+        run_dirs = {run.name: prepare_run_dir(config, run) for run in runs}
         if model is None:
             model, tokenizer = load_model(config, device)
-        examples = select_examples(benchmark.examples(tokenizer, config.seed, budget), config)
         pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
         for run in pending:
             run_dir = run_dirs[run.name]

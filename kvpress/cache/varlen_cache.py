@@ -141,24 +141,38 @@ class VarlenCache(DynamicCache):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VarlenCache:
-        """Read a cache written by :meth:`save`, placing its tensors on ``device``."""
-        from safetensors import safe_open
+        """Read a cache written by :meth:`save`, placing its tensors on ``device``.
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        A missing file raises ``FileNotFoundError``; a file that is not a readable kvpress cache of this class
+        (truncated, another format, a mismatched layout) raises ``ValueError`` naming the file and the problem.
+        Nothing but the returned cache is created or changed.
+        """
+        from safetensors import SafetensorError, safe_open
+
         name = cls.__name__
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{name}.load: no file {str(path)!r}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{name}.load: {str(path)!r} is not a readable safetensors file ({err})") from None
         if meta.get("format") != cls._FORMAT:
             raise ValueError(f"{path} is not a kvpress {name} file (metadata format={meta.get('format')!r})")
         if meta.get("version") != str(FORMAT_VERSION):
             raise ValueError(f"unsupported {name} file version {meta.get('version')!r}; accepted: {FORMAT_VERSION}")
-        data = load_file(str(path), device=str(device))
-        cache = cls._empty_for_load(meta)
-        cache.layer_class_to_replicate = None
-        for i, entry in enumerate(json.loads(meta["layout"])):
-            prefix = f"{i}."
-            tensors = {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
-            cache.layers.append(cache._load_layer(i, entry, tensors))
-        cache.next_positions = json.loads(meta.get("next_positions", "null"))
+        try:
+            data = load_file(str(path), device=str(device))
+            cache = cls._empty_for_load(meta)
+            cache.layer_class_to_replicate = None
+            for i, entry in enumerate(json.loads(meta["layout"])):
+                prefix = f"{i}."
+                tensors = {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
+                cache.layers.append(cache._load_layer(i, entry, tensors))
+            cache.next_positions = json.loads(meta.get("next_positions", "null"))
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+            detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"{name}.load: {str(path)!r} holds no valid {name} ({type(err).__name__}: {detail})") from None
         return cache
 
     @classmethod

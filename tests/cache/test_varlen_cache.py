@@ -216,6 +216,44 @@ def test_load_rejects_foreign_files(tmp_path):
         VarlenCache.load(path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "layout"])
+def test_load_of_a_damaged_file_names_the_file_and_the_problem(tmp_path, damage):
+    model = tiny_model("llama")
+    cache = VarlenCache(config=model.config)
+    with torch.no_grad(), AdaKVPress(SnapKVPress(0.5, window_size=4))(model):
+        model.model(input_ids=random_ids(20), **cache_kwargs(model.model, cache))
+    good = tmp_path / "good.safetensors"
+    cache.save(good)
+    before = cache.memory_bytes()
+    path = tmp_path / f"{damage}.safetensors"
+    raw = good.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a safetensors file at all" * 10)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # a valid file whose layout names tensors it does not hold
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(good), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith("1.")}
+        save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError) as err:
+        VarlenCache.load(path)
+    message = str(err.value)
+    assert str(path) in message and message.startswith("VarlenCache.load: ")
+    if damage == "layout":
+        assert "holds no valid VarlenCache" in message and "missing" in message
+    else:
+        assert "is not a readable safetensors file" in message
+    # The source cache is untouched and the good file still loads.
+    assert cache.memory_bytes() == before and VarlenCache.load(good).memory_bytes() <= before
+    with pytest.raises(FileNotFoundError, match="VarlenCache.load: no file"):
+        VarlenCache.load(tmp_path / "missing.safetensors")
+
+
 def test_bad_lengths_leave_layer_unchanged():
     layer = VarlenLayer()
     k = torch.randn(1, 2, 5, 4)

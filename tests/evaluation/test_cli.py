@@ -54,6 +54,29 @@ def test_bad_input_exits_2_with_one_line_before_loading(argv, words, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_longbench_rows_fail_before_the_model_loads_and_leave_no_folder(tmp_path, capsys, no_model_loading):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = {"input": "q?", "context": "some text", "answers": ["a"], "length": 2, "all_classes": None}
+    rows = [good, {k: v for k, v in good.items() if k != "answers"}]
+    (data / "trec.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--benchmark", "longbench", "--option", f"data_dir={data}", "--option", "tasks=[trec]"]
+    assert cli.main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{data / 'trec.jsonl'}:2: missing field(s) answers" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["/proc/forbidden", "file"])
+def test_unwritable_output_dir_names_the_option(where, tmp_path, capsys, no_model_loading):
+    if where == "file":
+        (tmp_path / "file").write_text("not a folder")
+        where = str(tmp_path / "file" / "out")
+    assert cli.main([*RULER_SLICE, "--option", "lengths=[256]", "--output-dir", where]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvpress-eval: error: output_dir: cannot ") and err.count("\n") == 1 and where in err
+
+
 def test_flags_override_the_yaml_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"presses": ["tova"], "seed": 3, "benchmark_options": {"lengths": [512]},
@@ -85,7 +108,7 @@ def test_list_prints_every_press_with_its_parameters_and_every_benchmark_with_it
     assert "SnapKVPress(compression_ratio=0.0, target_size=None, window_size=32, kernel_size=7, pooling='max')" in out
     for name in BENCHMARKS:
         assert re.search(rf"^  {name}\s+options: ", out, re.M)
-        assert f"tasks: {', '.join(benchmark_class(name).tasks)}" in out
+        assert f"tasks: {', '.join(benchmark_class(name).task_names)}" in out
     assert "lengths=[4096], n_examples=20" in out and "niah_multiquery, vt, cwe, fwe, qa_1, qa_2" in out
 
 

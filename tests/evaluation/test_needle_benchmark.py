@@ -134,10 +134,23 @@ def test_score_is_the_percentage_of_hand_labelled_hits(examples):
         template, hit = templates[i % len(templates)]
         predictions.append(template.format(e.answers[0]))
         hits.append(hit)
-    assert bench.score("needle", predictions, examples) == {"string_match": pytest.approx(100 * sum(hits) / len(hits))}
+    scores = bench.score("needle", predictions, examples)
+    assert scores["string_match"] == pytest.approx(100 * sum(hits) / len(hits))
+    # The breakdown the heatmap shows, recomputed here by hand from the labels.
+    def mean(pick):
+        chosen = [100.0 * h for e, h in zip(examples, hits) if pick(e)]
+        return pytest.approx(sum(chosen) / len(chosen))
+
+    assert scores["by_length"] == {str(n): mean(lambda e, n=n: e.meta["length"] == n) for n in LENGTHS}
+    assert scores["by_depth"] == {f"{d:g}": mean(lambda e, d=d: e.meta["depth"] == d) for d in DEPTHS}
+    assert scores["by_cell"] == {
+        str(n): {f"{d:g}": mean(lambda e, n=n, d=d: (e.meta["length"], e.meta["depth"]) == (n, d)) for d in DEPTHS}
+        for n in LENGTHS
+    }
     # Another example's passkey does not count.
     shifted = [examples[(i + 1) % len(examples)].answers[0] for i in range(len(examples))]
-    assert bench.score("needle", shifted, examples) == {"string_match": 0.0}
+    zero = bench.score("needle", shifted, examples)
+    assert zero["string_match"] == 0.0 and set(zero["by_length"].values()) == {0.0}
     with pytest.raises(ValueError, match="one prediction per example"):
         bench.score("needle", predictions[:-1], examples)
     with pytest.raises(ValueError, match="task must be 'needle'"):

@@ -99,7 +99,8 @@ def test_predictions_metrics_and_files_match_direct_pipeline_calls(tmp_path):
         metrics = json.loads((run_dir / "metrics.json").read_text())
         for task in ("task0", "task1"):
             idx = [i for i, e in enumerate(examples) if e.task == task]
-            assert metrics["tasks"][task] == bench.score(task, [expected[i] for i in idx], [examples[i] for i in idx])
+            direct = bench.score(task, [expected[i] for i in idx], [examples[i] for i in idx])
+            assert metrics["tasks"][task] == {k: round(v, 2) for k, v in direct.items()}  # 2 decimals throughout
         headline = [metrics["tasks"][t]["hit"] for t in ("task0", "task1")]
         assert metrics["average"] == pytest.approx(sum(headline) / 2, abs=0.005)
         assert metrics["compression_ratio"] == run.ratio and metrics["n_examples"] == len(examples)
@@ -121,6 +122,9 @@ def test_predictions_metrics_and_files_match_direct_pipeline_calls(tmp_path):
     md = (tmp_path / "summary.md").read_text().splitlines()
     assert md[0].split("|")[1:-1] == [" run ", " press ", " ratio ", " n ", " task0 ", " task1 ", " average "]
     assert len(md) == 2 + len(rows)
+    for line, row in zip(md[2:], rows):  # one rounding: every score cell with 2 decimals
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert cells[4:] == [f"{row[k]:.2f}" for k in ("task0", "task1", "average")]
 
 
 def test_resume_after_interrupt_loses_and_duplicates_nothing(tmp_path):

@@ -80,7 +80,7 @@ class LongBenchBenchmark(Benchmark):
 
     name = "longbench"
     Options = LongBenchOptions
-    tasks = tuple(DATASETS)  # LongBench-E (longbench_e=true) takes a subset of these
+    task_names = tuple(DATASETS)  # LongBench-E (longbench_e=true) takes a subset of these
 
     def __init__(self, options: LongBenchOptions):
         if not isinstance(options, LongBenchOptions):

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from kvpress.needle import build_needle_context
 
 from ..benchmark import Benchmark, BenchmarkOptions, Example
-from .heatmap import plot_needle_heatmap
+from .heatmap import needle_cells, plot_needle_heatmap
 
 PASSKEY = "{passkey}"
 TASK = "needle"
@@ -113,7 +113,7 @@ class NeedleBenchmark(Benchmark):
 
     name = TASK
     Options = NeedleOptions
-    tasks = (TASK,)
+    task_names = (TASK,)
 
     def max_context_tokens(self) -> int:
         return max(self.options.lengths)
@@ -163,14 +163,28 @@ class NeedleBenchmark(Benchmark):
                     )
         return examples
 
-    def score(self, task: str, predictions: list[str], examples: list[Example]) -> dict[str, float]:
-        """``{"string_match": percentage of predictions containing their answer}`` (see :func:`answer_found`)."""
+    def score(self, task: str, predictions: list[str], examples: list[Example]) -> dict:
+        """``string_match``: percentage of predictions containing their answer (see :func:`answer_found`), then the
+        heatmap's breakdown: ``by_length`` ``{length: score}``, ``by_depth`` ``{depth: score}`` and ``by_cell``
+        ``{length: {depth: score}}`` (keys as strings, for JSON)."""
         if task != TASK or any(e.task != TASK for e in examples):
             raise ValueError(f"task must be {TASK!r} (the only task of this benchmark), got {task!r}")
         if len(predictions) != len(examples) or not examples:
             raise ValueError(f"need one prediction per example, got {len(predictions)} for {len(examples)} examples")
-        hits = [answer_found(p, e.answers[0]) for p, e in zip(predictions, examples)]
-        return {"string_match": 100.0 * sum(hits) / len(hits)}
+        scored = [
+            {"length": e.meta["length"], "depth": e.meta["depth"], "score": 100.0 * answer_found(p, e.answers[0])}
+            for p, e in zip(predictions, examples)
+        ]
+        cells = needle_cells(scored)
+        return {
+            "string_match": cells.mean,
+            "by_length": {str(n): _mean(scored, "length", n) for n in cells.lengths},
+            "by_depth": {f"{d:g}": _mean(scored, "depth", d) for d in cells.depths},
+            "by_cell": {
+                str(n): {f"{d:g}": cells.means[i][j] for i, d in enumerate(cells.depths) if cells.counts[i][j]}
+                for j, n in enumerate(cells.lengths)
+            },
+        }
 
     def plot(self, records: list[dict], out_dir) -> list:
         """The heatmap ``needle_heatmap.png`` under ``out_dir`` (mean score per cell); nothing without records."""
@@ -187,3 +201,9 @@ class NeedleBenchmark(Benchmark):
             return []
         path = Path(out_dir) / "needle_heatmap.png"
         return [plot_needle_heatmap(scored, path, title=f"Needle in a haystack: {Path(out_dir).name}")]
+
+
+def _mean(scored: list[dict], key: str, value) -> float:
+    """Mean score of the records whose ``key`` equals ``value`` (depths compared as floats)."""
+    picked = [r["score"] for r in scored if float(r[key]) == float(value)]
+    return sum(picked) / len(picked)

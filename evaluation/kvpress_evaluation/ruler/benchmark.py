@@ -96,7 +96,7 @@ class RulerBenchmark(Benchmark):
 
     name = "ruler"
     Options = RulerOptions
-    tasks = TASKS
+    task_names = TASKS
 
     def max_context_tokens(self) -> int | None:
         return max(self.options.lengths) + PROMPT_ALLOWANCE
