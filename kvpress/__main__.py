@@ -48,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m kvpress",
         description="Needle-in-a-haystack demo on the offline SmolLM2-135M-Instruct: answers and KV cache memory "
-        "with no press and with each chosen press. Press names are those of kvpress-eval (kvpress-eval --list "
-        "shows their parameters).",
+        "with no press and with each chosen press. It offers the presses built from a compression ratio alone, under "
+        "their kvpress-eval names (kvpress-eval --list shows every press and its parameters).",
     )
     parser.add_argument(
         "--press",
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         label = "no compression" if press is None else repr(press)
         answer, report, seconds = run(pipe, context, press, query_aware, args.max_new_tokens)
         found = "yes" if PASSKEY_ANSWER in answer else "no"
-        print(f"[{name}] {label}{' (context and question compressed together)' if query_aware else ''}")
+        together = f" (context and question {'prefilled' if press is None else 'compressed'} together)"
+        print(f"[{name}] {label}{together if query_aware else ''}")
         print(f"  answer:   {answer!r}  (contains {PASSKEY_ANSWER}: {found}; {seconds:.1f} s)")
         print(f"  KV cache: {report.kv_bytes:,} bytes = {report.kv_bytes / MIB:.2f} MiB", flush=True)
         rows.append((name, report, found))

@@ -102,13 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="contexts per pipeline call")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through a captured CUDA graph (CUDA only)")
-    g.add_argument("--kv-quantization", type=_yaml_value, help="YAML mapping, e.g. '{bits: 4, group_size: 64}'")
-    g.add_argument("--kv-bits", type=int, help="quantize the cache with this many bits (2, 4 or 8)")
+    g.add_argument("--kv-quantization", type=_yaml_value,
+                   help="store the cache quantized, a YAML mapping, e.g. '{bits: 4, group_size: 64}' (default: not "
+                   "quantized)")  # fmt: skip
+    g.add_argument("--kv-bits", type=int, help="quantize the cache with this many bits (2, 4 or 8; default: not quantized)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", help="where run directories, summary.csv/md and plots are written")
     g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None, help="draw the plots")
     g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="(default: WARNING)")
+                   help="messages shown on the console (default: WARNING)")
     _show_config_defaults(p)
     return p
 
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         from kvpress.presses.registry import PRESSES, describe_press
         from kvpress_evaluation import registry
 
-        print("presses (--press NAME, or a YAML mapping of the parameters: '{name: adakv, press: snapkv}'):")
+        print("presses (--press NAME, or a YAML mapping of the parameters: '{name: adakv, press: snapkv}'; --ratios "
+              "sets compression_ratio, or a wrapper's inner one, for each run):")
         print(f"  {registry.NO_PRESS:<20} no compression")
         for name in PRESSES:
             print(f"  {describe_press(name)}")

@@ -365,7 +365,10 @@ def check_run_dir(config: EvalConfig, run: RunSpec) -> Path:
     run_dir = Path(config.output_dir) / run.name
     existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir: cannot create {run_dir}: {existing} is not a writable directory")
+        raise ValueError(
+            f"output_dir (--output-dir) {config.output_dir!r}: cannot create {run_dir}: {existing} is not a writable "
+            "directory"
+        )
     path = run_dir / CONFIG
     if path.is_file():
         resolved = config.for_run(run).model_dump(mode="json")
@@ -387,7 +390,9 @@ def prepare_run_dir(config: EvalConfig, run: RunSpec) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(run_dir / CONFIG, yaml.safe_dump(config.for_run(run).model_dump(mode="json"), sort_keys=False))
     except OSError as err:
-        raise ValueError(f"output_dir: cannot write {run_dir} ({err.strerror or err})") from None
+        raise ValueError(
+            f"output_dir (--output-dir) {config.output_dir!r}: cannot write {run_dir} ({err.strerror or err})"
+        ) from None
     return run_dir
 
 

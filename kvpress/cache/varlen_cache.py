@@ -172,7 +172,8 @@ class VarlenCache(DynamicCache):
             cache.next_positions = json.loads(meta.get("next_positions", "null"))
         except (SafetensorError, OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
             detail = f"missing {err}" if isinstance(err, KeyError) else str(err)
-            raise ValueError(f"{name}.load: {str(path)!r} holds no valid {name} ({type(err).__name__}: {detail})") from None
+            problem = f"{type(err).__name__}: {detail}"
+            raise ValueError(f"{name}.load: {str(path)!r} holds no valid {name} ({problem})") from None
         return cache
 
     @classmethod

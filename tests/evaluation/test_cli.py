@@ -74,7 +74,7 @@ def test_unwritable_output_dir_names_the_option(where, tmp_path, capsys, no_mode
         where = str(tmp_path / "file" / "out")
     assert cli.main([*RULER_SLICE, "--option", "lengths=[256]", "--output-dir", where]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kvpress-eval: error: output_dir: cannot ") and err.count("\n") == 1 and where in err
+    assert err.startswith("kvpress-eval: error: output_dir (--output-dir) ") and err.count("\n") == 1 and where in err
 
 
 def test_flags_override_the_yaml_file(tmp_path):
