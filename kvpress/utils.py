@@ -46,6 +46,15 @@ def layer_types(config) -> list[str]:
     return [kind] * config.num_hidden_layers
 
 
+def kv_geometry(config) -> tuple[int, int]:
+    """``(head_dim, kv_heads)`` of a model config (its text decoder's, for multimodal configs)."""
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text(decoder=True) if get_text is not None else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return int(head_dim), int(kv_heads)
+
+
 def full_attention_layer_indices(config) -> list[int]:
     """Indices of the layers that attend over the whole context: all but the sliding-window ones of
     :func:`layer_types` (presses compress exactly these; sliding-window layers keep their own bounded window)."""

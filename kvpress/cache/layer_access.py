@@ -7,7 +7,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvpress.cache.channel_pruned_layer import ChannelPrunedLayer
 from kvpress.cache.compressed_kv import CompressedKV
-from kvpress.utils import layer_types
+from kvpress.utils import kv_geometry, layer_types
 
 
 def _layer(cache: Cache, layer_idx: int):
@@ -79,11 +79,10 @@ def dense_cache_bytes(config, n_tokens: int, batch_size: int, dtype: torch.dtype
     tokens (the window of the next query, which brings its own).
     """
     text = config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim, kv_heads = kv_geometry(text)
     kept = min(n_tokens, (getattr(text, "sliding_window", None) or n_tokens + 1) - 1)
     tokens = sum(n_tokens if kind != "sliding_attention" else kept for kind in layer_types(text))
-    return tokens * batch_size * kv_heads * head_dim * 2 * torch.tensor([], dtype=dtype).element_size()
+    return tokens * batch_size * kv_heads * head_dim * 2 * dtype.itemsize
 
 
 def snapshot_cache(cache: Cache) -> list:

@@ -8,6 +8,7 @@ from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer, concat_segments
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
+from kvpress.utils import kv_geometry
 from kvpress_kernels import QuantizedSegments
 
 _SEGMENT_FIELDS = (
@@ -135,7 +136,5 @@ class QuantizedCache(VarlenCache):
 
 def model_head_dim(config) -> int:
     """Head dimension of a transformers model config (its text decoder's)."""
-    text = config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None)
-    return int(head_dim) if head_dim else text.hidden_size // text.num_attention_heads
+    return kv_geometry(config)[0]
 

@@ -17,7 +17,7 @@ from kvpress.presses.base_press import BasePress, _cached_length
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.utils import attention_layers, full_attention_layer_indices
+from kvpress.utils import attention_layers, full_attention_layer_indices, kv_geometry
 
 # Wrappers whose kept count per (sequence, kv-head) is exactly their inner scorer's ``n_kept`` (AdaKV spreads
 # ``kv_heads * n_kept`` tokens over the heads of a layer, which costs the same memory).
@@ -243,9 +243,7 @@ def _geometry(config) -> tuple[int, int, list[int]]:
     """``(head_dim, kv_heads, compressed layer indices)`` of a model config."""
     get_text = getattr(config, "get_text_config", None)
     config = get_text(decoder=True) if get_text is not None else config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return head_dim, kv_heads, full_attention_layer_indices(config)
+    return (*kv_geometry(config), full_attention_layer_indices(config))
 
 
 def _describe(press) -> str:
