@@ -22,6 +22,12 @@ class CompressedKV:
         head_lengths: ``(batch, kv_heads)`` int64 number of valid tokens per (sequence, kv-head) when heads keep
             different counts (head-variable presses): only ``keys[b, h, :head_lengths[b, h]]`` is kept. ``None``
             when every head keeps all ``n_kept`` tokens.
+        indices: ``(batch, kv_heads, n_kept + n_full_width)`` int64 position in the prefill of each token ``values``
+            holds, in storage order (of a head-variable press, only the first ``head_lengths[b, h]`` are meaningful),
+            or ``None`` when the press did not say. Diagnostic only: the cache ignores it, and a
+            :class:`~kvpress.presses.report.CompressionReport` records it when asked (``record_kept=True``).
+        scores: ``(batch, kv_heads, n)`` float32 score each prefilled token received from the press that ranked them
+            (higher is kept first), or ``None``. Diagnostic only, like ``indices``.
     """
 
     keys: torch.Tensor
@@ -29,6 +35,8 @@ class CompressedKV:
     key_channels: torch.Tensor | None = None
     full_width_keys: torch.Tensor | None = None
     head_lengths: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.full_width_keys is not None and self.key_channels is None:

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
-from kvpress.presses.scorer_press import ScorerPress, gather_tokens
+from kvpress.presses.scorer_press import ScorerPress, keep_tokens
 
 
 @dataclass
@@ -32,8 +31,10 @@ class AdaKVPress(BasePress):
     def __post_init__(self):
         if not isinstance(self.press, ScorerPress):
             raise ValueError(f"AdaKVPress wraps a ScorerPress, got {type(self.press).__name__}")
-        if isinstance(self.alpha_safeguard, bool) or not isinstance(self.alpha_safeguard, (int, float)) or not (
-            0 <= self.alpha_safeguard <= 1
+        if (
+            isinstance(self.alpha_safeguard, bool)
+            or not isinstance(self.alpha_safeguard, (int, float))
+            or not (0 <= self.alpha_safeguard <= 1)
         ):
             raise ValueError(f"alpha_safeguard must be a number in [0, 1], got {self.alpha_safeguard!r}")
 
@@ -52,7 +53,7 @@ class AdaKVPress(BasePress):
         self.press.check_length(n_tokens)
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        b, h, n, _ = keys.shape
+        n = keys.shape[-2]
         k = self.press.n_kept(n, module)
         if k >= n:
             return keys, values
@@ -60,7 +61,9 @@ class AdaKVPress(BasePress):
         lengths = head_budgets(scores, k, self.alpha_safeguard)
         k_max = int(lengths.max())
         order = scores.topk(k_max, dim=-1).indices  # each head's own ranking
-        return CompressedKV(gather_tokens(keys, order), gather_tokens(values, order), head_lengths=lengths.cpu())
+        kv = keep_tokens(keys, values, order, scores)
+        kv.head_lengths = lengths.cpu()
+        return kv
 
 
 def head_budgets(scores: torch.Tensor, k: int, alpha: float) -> torch.Tensor:

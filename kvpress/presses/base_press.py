@@ -119,17 +119,33 @@ class BasePress(ABC):
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         kv = self.compress(module, hidden_states, keys, values, attentions, kwargs)
         kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
+        indices = kv.indices
+        if indices is None and kv.values.shape[-2] == q_len:
+            indices = torch.arange(q_len).expand(*kv.values.shape[:2], q_len)  # every token kept, in order
+        if report.record_kept and indices is None:
+            raise RuntimeError(
+                f"{self!r} removed tokens from layer {layer_idx} without saying which (CompressedKV.indices), so "
+                "record_kept=True cannot record them; presses that drop tokens return "
+                "kvpress.presses.scorer_press.keep_tokens(keys, values, indices, scores)"
+            )
         write_layer(cache, layer_idx, kv)
-        report.record(layer_idx, n_tokens=q_len, lengths=kv.lengths)
+        report.record(layer_idx, n_tokens=q_len, lengths=kv.lengths, indices=indices, scores=kv.scores)
         return output
 
     # ---- context manager -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def __call__(self, model: nn.Module) -> Iterator[CompressionReport]:
-        """Attach the press to every attention layer of ``model``; yields the call's :class:`CompressionReport`."""
+    def __call__(self, model: nn.Module, record_kept: bool = False) -> Iterator[CompressionReport]:
+        """Attach the press to every attention layer of ``model``; yields the call's :class:`CompressionReport`.
+
+        Args:
+            record_kept: also record, per compressed layer, the positions of the kept tokens and the scores that chose
+                them (``report.kept_indices``, ``report.scores``), e.g. for :mod:`kvpress.visualization`.
+        """
+        if not isinstance(record_kept, bool):
+            raise ValueError(f"record_kept must be True or False, got {record_kept!r}")
         self.validate(model)
         layers = attention_layers(model)
-        report = CompressionReport(n_layers=len(layers))
+        report = CompressionReport(n_layers=len(layers), record_kept=record_kept)
         handles = []
         try:
             # The length check runs before layer 0 writes its keys: failing in a later layer's hook would leave the

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress.presses.scorer_press import gather_tokens
+from kvpress.presses.scorer_press import keep_tokens
 from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
 
 
@@ -49,6 +49,7 @@ class ChunkPress(ScorerWrapperPress):
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         b, h, n, _ = keys.shape
         pieces = []
+        scores = keys.new_full((b, h, n), float("nan"), dtype=torch.float32)  # NaN: a chunk kept or dropped unscored
         for start, end in self.chunks(n):
             length = end - start
             k = self.press.n_kept(length, module)
@@ -62,7 +63,7 @@ class ChunkPress(ScorerWrapperPress):
                 cos, sin = kwargs["position_embeddings"]
                 chunk_kwargs["position_embeddings"] = (cos[:, start:end], sin[:, start:end])
             chunk_attentions = attentions[..., start:end, start:end] if attentions is not None else None
-            indices = self.top_indices(
+            indices, chunk_scores = self.top_indices(
                 module,
                 hidden_states[:, start:end],
                 keys[:, :, start:end],
@@ -72,9 +73,10 @@ class ChunkPress(ScorerWrapperPress):
                 k,
             )
             pieces.append(indices + start)
+            scores[..., start:end] = chunk_scores.float()
         if not pieces:  # every chunk keeps round(len * (1 - r)) = 0 tokens
-            return keys[:, :, :0], values[:, :, :0]
+            return keep_tokens(keys, values, keys.new_zeros((b, h, 0), dtype=torch.long), scores)
         indices = torch.cat(pieces, dim=-1)
         if indices.shape[-1] == n:
             return keys, values
-        return gather_tokens(keys, indices), gather_tokens(values, indices)
+        return keep_tokens(keys, values, indices, scores)

@@ -6,6 +6,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from kvpress.cache.compressed_kv import CompressedKV
@@ -85,15 +86,27 @@ class ComposedPress(BasePress):
         self.presses[0].check_length(n_tokens)
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        """The last press's output; its ``indices`` are positions in the original prefill, and its ``scores`` the
+        first press's (the only ones that cover every prefilled token)."""
         n = keys.shape[-2]
         last = len(self.presses) - 1
+        positions = torch.arange(n, device=keys.device).expand(*keys.shape[:2], n)  # original position of each token
+        scores = None
         for i, press in enumerate(self.presses):
             if i > 0:
                 press.check_length(keys.shape[-2])
             kv = press.compress(module, hidden_states, keys, values, attentions, kwargs)
+            kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
+            scores = kv.scores if i == 0 else scores
+            if positions is not None:
+                if kv.indices is not None:
+                    positions = positions.gather(-1, kv.indices)
+                elif kv.values.shape[-2] != positions.shape[-1]:
+                    positions = None  # a press that removed tokens without saying which
             if i == last:
+                kv.indices, kv.scores = positions, scores
                 return kv
             # Validation keeps channel-pruning presses last, so an intermediate CompressedKV holds full-width keys.
-            keys, values = (kv.keys, kv.values) if isinstance(kv, CompressedKV) else kv
+            keys, values = kv.keys, kv.values
             if keys.shape[-2] != n:
                 attentions = None

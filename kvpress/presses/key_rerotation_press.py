@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kvpress.presses.capabilities import Capabilities
-from kvpress.presses.scorer_press import gather_tokens
+from kvpress.presses.scorer_press import keep_tokens
 from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
 from kvpress.utils import apply_rope, full_attention_layer_indices
 
@@ -80,6 +80,6 @@ class KeyRerotationPress(ScorerWrapperPress):
         k = self.press.n_kept(n, module)
         if k >= n:
             return keys, values  # already at positions 0..n-1
-        indices = self.top_indices(module, hidden_states, keys, values, attentions, kwargs, k)
-        kept = rerotate_keys(gather_tokens(keys, indices), indices, kwargs["position_embeddings"])
-        return kept, gather_tokens(values, indices)
+        kv = keep_tokens(keys, values, *self.top_indices(module, hidden_states, keys, values, attentions, kwargs, k))
+        kv.keys = rerotate_keys(kv.keys, kv.indices, kwargs["position_embeddings"])
+        return kv

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from kvpress.presses.budget import check_ratio, n_kept
-from kvpress.presses.scorer_press import gather_tokens
+from kvpress.presses.scorer_press import keep_tokens
 from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
 from kvpress.utils import attention_layers
 
@@ -55,5 +55,4 @@ class PerLayerCompressionPress(ScorerWrapperPress):
         k = n_kept(n, self.compression_ratios[module.layer_idx])
         if k >= n:
             return keys, values
-        indices = self.top_indices(module, hidden_states, keys, values, attentions, kwargs, k)
-        return gather_tokens(keys, indices), gather_tokens(values, indices)
+        return keep_tokens(keys, values, *self.top_indices(module, hidden_states, keys, values, attentions, kwargs, k))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.budget import check_budget, n_kept
 
@@ -53,7 +54,20 @@ class ScorerPress(BasePress):
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
         # Kept tokens stay in their original order, so later presses (windows, recent tokens) see a true suffix.
         indices = scores.topk(k, dim=-1).indices.sort(dim=-1).values
-        return gather_tokens(keys, indices), gather_tokens(values, indices)
+        return keep_tokens(keys, values, indices, scores)
+
+
+def keep_tokens(
+    keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor | None = None
+) -> CompressedKV:
+    """The tokens at ``indices`` ``(batch, kv_heads, k)`` of ``keys`` and ``values``, with the positions (and the
+    ``(batch, kv_heads, n)`` scores that chose them) recorded for the report."""
+    return CompressedKV(
+        gather_tokens(keys, indices),
+        gather_tokens(values, indices),
+        indices=indices,
+        scores=None if scores is None else scores.detach().float(),
+    )
 
 
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -49,10 +49,13 @@ class ScorerWrapperPress(BasePress):
     def check_length(self, n_tokens: int) -> None:
         self.press.check_length(n_tokens)
 
-    def top_indices(self, module, hidden_states, keys, values, attentions, kwargs, k: int) -> torch.Tensor:
-        """Positions ``(batch, kv_heads, k)`` of the ``k`` best-scored tokens of every (sequence, kv-head).
+    def top_indices(
+        self, module, hidden_states, keys, values, attentions, kwargs, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``(batch, kv_heads, k)`` of the ``k`` best-scored tokens of every (sequence, kv-head), and the
+        ``(batch, kv_heads, n)`` scores that ranked them.
 
-        Sorted by increasing position, so the kept tokens stay in their original order.
+        Positions are sorted in increasing order, so the kept tokens stay in their original order.
         """
         scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
-        return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+        return scores.topk(k, dim=-1).indices.sort(dim=-1).values, scores

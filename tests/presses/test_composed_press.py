@@ -38,6 +38,7 @@ class SpyPress(ProjectionPress):
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         self.seen.append((module.layer_idx, hidden_states.shape[1], keys.shape[2], attentions))
         kv = super().compress(module, hidden_states, keys, values, attentions, kwargs)
+        kv = (kv.keys, kv.values) if isinstance(kv, CompressedKV) else kv  # as a press returning bare tensors
         return CompressedKV(*kv) if self.wrap else kv
 
 
