@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 from kvpress.presses.report import CompressionReport
 
 
@@ -21,7 +23,10 @@ class CompressionSummary:
             sequences (0.0 without a press).
         kv_bytes_uncompressed: bytes a ``DynamicCache`` would hold for the prefill at the model's dtype.
         kv_bytes: bytes the cache really holds after compression (and quantization), before any question.
-        layers: the press's per-layer :class:`~kvpress.presses.report.CompressionReport` (``None`` without a press).
+        layers: the press's per-layer :class:`~kvpress.presses.report.CompressionReport` (``None`` without a press);
+            with the pipeline's ``record_kept=True`` it also holds the kept positions and scores.
+        prompt_ids: ``(prefill_tokens,)`` int64 token ids of the prefilled prompt (on CPU), to locate text in the
+            report's positions (:func:`kvpress.visualization.token_spans`).
     """
 
     press: str | None
@@ -31,6 +36,7 @@ class CompressionSummary:
     kv_bytes_uncompressed: int
     kv_bytes: int
     layers: CompressionReport | None = field(default=None, repr=False, compare=False)
+    prompt_ids: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def saved_bytes(self) -> int:
@@ -44,5 +50,5 @@ class CompressionSummary:
 
     def as_dict(self) -> dict:
         """Plain fields (no per-layer report) plus ``saved_bytes`` and ``memory_ratio``, ready for JSON."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("layers", "prompt_ids")}
         return {**out, "saved_bytes": self.saved_bytes, "memory_ratio": self.memory_ratio}

@@ -66,7 +66,9 @@ class KVPressTextGenerationPipeline(Pipeline):
     a batch returns one such dict per context. ``return_report=True`` adds ``"report"`` (with ``question=``) or
     ``"reports"`` (one per question with ``questions=``; the same object when the questions share one compression):
     a :class:`~kvpress.compression_summary.CompressionSummary` of the prefill (tokens, achieved compression ratio, KV
-    bytes before and after).
+    bytes before and after, the prompt's token ids). ``record_kept=True`` (with ``return_report=True``) also records
+    which tokens each layer and head kept, and their scores, in the summary's ``layers`` report, for
+    :mod:`kvpress.visualization`.
     """
 
     def __call__(self, inputs=None, *args, **kwargs):
@@ -88,18 +90,26 @@ class KVPressTextGenerationPipeline(Pipeline):
         cuda_graph: bool = False,
         kv_quantization: QuantizationConfig | dict | None = None,
         return_report: bool = False,
+        record_kept: bool = False,
         **kwargs,
     ):
         if kwargs:
             raise ValueError(
                 f"unknown pipeline argument(s) {sorted(kwargs)}; accepted: question, questions, answer_prefix, press, "
                 "max_new_tokens, max_context_length, cache, query_aware, use_chat_template, cuda_graph, "
-                "kv_quantization, return_report"
+                "kv_quantization, return_report, record_kept"
             )
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")  # noqa: TRY004
         if not isinstance(return_report, bool):
             raise ValueError(f"return_report must be True or False, got {return_report!r}")  # noqa: TRY004
+        if not isinstance(record_kept, bool):
+            raise ValueError(f"record_kept must be True or False, got {record_kept!r}")  # noqa: TRY004
+        if record_kept and not (return_report and press is not None):
+            raise ValueError(
+                "record_kept=True records which tokens the press kept into the report: pass return_report=True and a "
+                "press"
+            )
         if question is not None and questions is not None:
             raise ValueError("give either question= or questions=, not both")
         single = questions is None
@@ -159,6 +169,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             "cache": cache,
             "cuda_graph": cuda_graph,
             "quantization": quantization,
+            "record_kept": record_kept,
         }
         return preprocess, forward, {"single": single, "return_report": return_report}
 
@@ -255,24 +266,27 @@ class KVPressTextGenerationPipeline(Pipeline):
             ids.update([eos] if isinstance(eos, int) else list(eos))
         return ids
 
-    def _prefill(self, input_ids: torch.Tensor, cache, press: BasePress | None) -> tuple[int, CompressionReport | None]:
+    def _prefill(
+        self, input_ids: torch.Tensor, cache, press: BasePress | None, record_kept: bool = False
+    ) -> tuple[int, CompressionReport | None]:
         """Prefill ``input_ids`` into ``cache`` under ``press``; returns the position of the next token and the
-        press's report (``None`` without a press)."""
+        press's report (``None`` without a press; with the kept positions and scores if ``record_kept``)."""
         base = self.model.base_model
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         if press is None:
             base(input_ids=input_ids, **cache_kwargs(base, cache), position_ids=positions, use_cache=True)
             return input_ids.shape[1], None
-        with press(self.model) as report:
+        with press(self.model, record_kept=record_kept) as report:
             base(input_ids=input_ids, **cache_kwargs(base, cache), position_ids=positions, use_cache=True)
         if press.capabilities.rerotates_positions and report.kept_lengths:
             # Kept keys sit at positions 0..kept-1; layers may differ, so continue after the longest.
             return int(max(v.max().item() for v in report.kept_lengths.values())), report
         return input_ids.shape[1], report
 
-    def _summary(self, cache, n_tokens: int, press: BasePress | None, report: CompressionReport | None):
-        """The :class:`CompressionSummary` of a one-sequence ``cache`` just prefilled with ``n_tokens`` tokens."""
+    def _summary(self, cache, prompt: torch.Tensor, press: BasePress | None, report: CompressionReport | None):
+        """The :class:`CompressionSummary` of a one-sequence ``cache`` just prefilled with ``prompt`` ``(1, n)``."""
         dtype = next(self.model.parameters()).dtype
+        n_tokens = prompt.shape[1]
         return CompressionSummary(
             press=None if press is None else repr(press),
             cache=type(cache).__name__,
@@ -281,6 +295,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             kv_bytes_uncompressed=dense_cache_bytes(self.model.config, n_tokens, 1, dtype),
             kv_bytes=layer_memory_bytes(cache),
             layers=report,
+            prompt_ids=prompt[0].cpu(),
         )
 
     def _make_cache(self, press: BasePress | None, quantization: QuantizationConfig | None = None):
@@ -373,9 +388,11 @@ class KVPressTextGenerationPipeline(Pipeline):
             for prompt in prompts:
                 press.check_length(prompt.shape[1])
 
-    def _forward(self, inputs, press=None, max_new_tokens=50, cache=None, cuda_graph=False, quantization=None):
+    def _forward(
+        self, inputs, press=None, max_new_tokens=50, cache=None, cuda_graph=False, quantization=None, record_kept=False
+    ):
         if "batch" in inputs:
-            return self._forward_batch(inputs["batch"], press, max_new_tokens, cuda_graph, quantization)
+            return self._forward_batch(inputs["batch"], press, max_new_tokens, cuda_graph, quantization, record_kept)
         device = self.model.device
         prompts = [p.to(device) for p in inputs["prompts"]]
         tails = [t.to(device) for t in inputs["tails"]]
@@ -401,12 +418,12 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError("cache must be empty: the pipeline prefills the context into it")
         answers, reports = [], []
         if len(prompts) == 1:  # one compressed context shared by every question
-            position, report = self._prefill(prompts[0], cache, press)
+            position, report = self._prefill(prompts[0], cache, press, record_kept)
             if isinstance(cache, VarlenCache):
                 cache.next_positions = [position]
                 if compact:
                     cache.compact()
-            reports = [self._summary(cache, prompts[0].shape[1], press, report)] * len(tails)
+            reports = [self._summary(cache, prompts[0], press, report)] * len(tails)
             state = snapshot_cache(cache)
             for tail in tails:
                 answers += self._generate([tail], cache, [position], max_new_tokens, cuda_graph)
@@ -415,10 +432,10 @@ class KVPressTextGenerationPipeline(Pipeline):
             empty = snapshot_cache(cache)
             for prompt, tail in zip(prompts, tails):
                 restore_cache(cache, empty)
-                position, report = self._prefill(prompt, cache, press)
+                position, report = self._prefill(prompt, cache, press, record_kept)
                 if compact and isinstance(cache, VarlenCache):
                     cache.compact()
-                reports.append(self._summary(cache, prompt.shape[1], press, report))
+                reports.append(self._summary(cache, prompt, press, report))
                 state = snapshot_cache(cache)
                 answers += self._generate([tail], cache, [position], max_new_tokens, cuda_graph)
                 restore_cache(cache, state)
@@ -462,7 +479,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             for a, r in zip(outputs["batch_answers"], outputs["batch_reports"])
         ]
 
-    def _forward_batch(self, items, press, max_new_tokens, cuda_graph, quantization=None):
+    def _forward_batch(self, items, press, max_new_tokens, cuda_graph, quantization=None, record_kept=False):
         device = self.model.device
         self._check_press(press, [item["prompts"][0] for item in items])
         caches, positions, summaries = [], [], []
@@ -470,10 +487,10 @@ class KVPressTextGenerationPipeline(Pipeline):
         for item in items:
             cache = kind(config=self.model.config, **({} if quantization is None else {"quantization": quantization}))
             prompt = item["prompts"][0].to(device)
-            position, report = self._prefill(prompt, cache, press)
+            position, report = self._prefill(prompt, cache, press, record_kept)
             positions.append(position)
             cache.compact()
-            summaries.append(self._summary(cache, prompt.shape[1], press, report))
+            summaries.append(self._summary(cache, prompt, press, report))
             caches.append(cache)
         cache = kind.concatenate(caches)
         cache.next_positions = positions

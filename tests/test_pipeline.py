@@ -15,6 +15,7 @@ from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.layer_access import layer_memory_bytes
 from kvpress.compression_summary import CompressionSummary
 from kvpress.pipeline import TASK, KVPressTextGenerationPipeline, join_question
+from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from tests.fixtures_pipeline import (
@@ -320,6 +321,41 @@ def test_reports_of_several_questions():
         assert (report.prefill_tokens, report.kv_bytes_uncompressed) == (n, full)
         assert report.kv_bytes == pytest.approx(full * (round(n * 0.5) / n), rel=0, abs=full / n)
     assert "reports" not in pipe(context, questions=QUESTIONS, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+def test_recorded_kept_tokens_are_those_of_the_prompt_that_answered(query_aware):
+    model, tok = text_model("llama"), smollm2_tokenizer()
+    context = random_text(50, seed=18)
+    press = AdaKVPress(SnapKVPress(compression_ratio=0.5, window_size=4))
+    out = text_pipeline("llama")(context, question="Why?", press=press, query_aware=query_aware, return_report=True,
+                                 record_kept=True, max_new_tokens=2)  # fmt: skip
+    summary = out["report"]
+    prompt, _ = _split(tok, context, join_question(context, "Why?") if query_aware else "", "")
+    expected_ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert torch.equal(summary.prompt_ids, expected_ids) and summary.prefill_tokens == len(expected_ids)
+    report, kept = summary.layers, 0
+    for layer in report.compressed_layers:
+        mask = report.kept_mask(layer)
+        assert mask.shape == (1, model.config.num_key_value_heads, len(expected_ids))
+        assert torch.equal(mask.sum(-1), report.kept_lengths[layer])
+        assert bool(mask[..., -4:].all())  # SnapKV keeps its observation window
+        assert report.scores[layer].shape == mask.shape
+        kept += int(mask.sum())
+    assert kept < 0.51 * len(expected_ids) * model.config.num_key_value_heads * len(report.compressed_layers)
+    plain = text_pipeline("llama")(context, question="Why?", press=press, query_aware=query_aware, return_report=True,
+                                   max_new_tokens=2)  # fmt: skip
+    assert plain["answer"] == out["answer"] and not plain["report"].layers.kept_indices
+
+
+def test_record_kept_needs_a_report_and_a_press():
+    pipe = text_pipeline("llama")
+    with pytest.raises(ValueError, match="record_kept=True records .* pass return_report=True and a press"):
+        pipe("A context.", question="Why?", press=PRESSES["knorm"], record_kept=True)
+    with pytest.raises(ValueError, match="record_kept=True records"):
+        pipe("A context.", question="Why?", return_report=True, record_kept=True)
+    with pytest.raises(ValueError, match="record_kept must be True or False, got 1"):
+        pipe("A context.", question="Why?", press=PRESSES["knorm"], return_report=True, record_kept=1)
 
 
 def test_report_without_a_context_is_an_error():

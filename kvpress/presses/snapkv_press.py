@@ -16,7 +16,8 @@ from kvpress.utils import group_reduce, num_heads, window_attention
 class SnapKVPress(ScorerPress):
     """Score past tokens by the attention the last ``window_size`` queries pay them, pooled along the sequence.
 
-    The window itself is always kept. Scores are averaged over each GQA group (one selection per kv head).
+    The window itself is always kept. Scores are averaged over each GQA group by default (one selection per kv
+    head).
     Queries are recomputed from the layer input, so any attention implementation works (Li et al., 2024,
     "SnapKV: LLM Knows What You are Looking for Before Generation", arXiv 2404.14469). The window must cover the
     question for the method to be query-aware: use the pipeline's ``query_aware=True``.
@@ -25,11 +26,14 @@ class SnapKVPress(ScorerPress):
         window_size: number of final prompt tokens whose queries score the past (kept whole).
         kernel_size: width of the 1-D pooling applied to the scores (odd; 1 disables pooling).
         pooling: ``"max"`` or ``"avg"`` pooling.
+        group_reduction: how the query heads of a GQA group combine their scores: ``"mean"`` or ``"max"`` (a kv head
+            then keeps what any of its query heads needs).
     """
 
     window_size: int = 32
     kernel_size: int = 7
     pooling: Literal["max", "avg"] = "max"
+    group_reduction: Literal["mean", "max"] = "mean"
 
     def __post_init__(self):
         super().__post_init__()
@@ -39,6 +43,8 @@ class SnapKVPress(ScorerPress):
             raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size!r}")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
+        if self.group_reduction not in ("mean", "max"):
+            raise ValueError(f"group_reduction must be 'mean' or 'max', got {self.group_reduction!r}")
 
     def check_length(self, n_tokens: int) -> None:
         if self.window_size > n_tokens:
@@ -52,7 +58,7 @@ class SnapKVPress(ScorerPress):
         w = self.window_size
         attn = window_attention(module, hidden_states, keys, kwargs["position_embeddings"], w)
         past = attn[..., : keys.shape[-2] - w].sum(dim=2)  # (B, H, n - w)
-        past = group_reduce(past, num_heads(module)[1])
+        past = group_reduce(past, num_heads(module)[1], self.group_reduction)
         if self.kernel_size > 1 and past.shape[-1] > 0:
             pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
             b, h, n = past.shape

@@ -14,7 +14,7 @@ from kvpress.visualization._plotting import axes, log_norm, mark_spans
 
 @torch.no_grad()
 def attention_maps(
-    model: nn.Module, input_ids: torch.Tensor, layers: list[int] | None = None
+    model: nn.Module, input_ids: torch.Tensor, layers: list[int] | None = None, last_queries: int | None = None
 ) -> dict[int, torch.Tensor]:
     """Softmax attention weights of every query over every key of one prompt, per layer.
 
@@ -25,9 +25,12 @@ def attention_maps(
     Args:
         input_ids: ``(1, n)`` token ids.
         layers: attention layer indices to return (default: all).
+        last_queries: keep only the rows of the last ``last_queries`` queries (default: all ``n``), which bounds the
+            memory of long prompts: ``heads * last_queries * n`` floats per layer.
 
     Returns:
-        ``{layer_idx: (heads, n, n) float32}`` on CPU; row ``i`` is query ``i``'s distribution over keys ``0..i``.
+        ``{layer_idx: (heads, q, n) float32}`` on CPU, ``q = last_queries or n``; row ``i`` is query
+        ``n - q + i``'s distribution over the keys up to it.
     """
     modules = attention_layers(model)
     layers = list(range(len(modules))) if layers is None else list(layers)
@@ -36,6 +39,11 @@ def attention_maps(
         raise ValueError(f"layers must be attention layer indices in [0, {len(modules)}), got {bad}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError("input_ids must be a (1, n) tensor of token ids (one prompt)")
+    n = input_ids.shape[1]
+    if last_queries is not None and (
+        isinstance(last_queries, bool) or not isinstance(last_queries, int) or not 1 <= last_queries <= n
+    ):
+        raise ValueError(f"last_queries must be None (every query) or an int in [1, {n}], got {last_queries!r}")
     inputs: dict[int, tuple] = {}
 
     def capture(module, args, kwargs):
@@ -50,12 +58,11 @@ def attention_maps(
     finally:
         for handle in handles:
             handle.remove()
-    n = input_ids.shape[1]
     maps = {}
     for i in layers:
         hidden, position_embeddings = inputs[i]
         keys, _ = read_layer(cache, i)
-        maps[i] = window_attention(modules[i], hidden, keys, position_embeddings, n)[0].cpu()
+        maps[i] = window_attention(modules[i], hidden, keys, position_embeddings, last_queries or n)[0].cpu()
     return maps
 
 

@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import torch
 
-def token_spans(tokenizer, text: str, pieces: dict[str, str], offset: int = 0) -> dict[str, tuple[int, int]]:
-    """Token range ``[start, end)`` of each piece of ``text``, as ``tokenizer(text, add_special_tokens=False)``
-    splits it.
+
+def token_spans(tokenizer, ids, pieces: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """Token range ``[start, end)`` of each piece of text inside the prompt ``ids``.
 
     Args:
-        tokenizer: a fast tokenizer (it must return offset mappings).
-        text: the tokenized text.
-        pieces: ``{name: substring}``; each substring is located by its first occurrence in ``text``.
-        offset: added to every position (e.g. the number of tokens that precede ``text`` in the prompt).
+        tokenizer: the prompt's tokenizer.
+        ids: ``(n,)`` token ids (a tensor or a list), e.g. ``CompressionSummary.prompt_ids``.
+        pieces: ``{name: substring}``; each substring is located by its first occurrence in the decoded prompt.
 
     Returns:
-        ``{name: (start, end)}``: the tokens that overlap the substring's characters.
+        ``{name: (start, end)}``: the tokens whose decoded text overlaps the substring's characters.
     """
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoding["offset_mapping"]
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    texts = [tokenizer.decode([i]) for i in ids]
+    text = "".join(texts)
+    if text != tokenizer.decode(ids):
+        raise ValueError("these ids do not decode token by token to the prompt's text (multi-token characters?)")
+    ends = torch.tensor([len(t) for t in texts]).cumsum(0)
+    starts = ends - torch.tensor([len(t) for t in texts])
     spans = {}
     for name, piece in pieces.items():
         begin = text.find(piece) if piece else -1
         if begin < 0:
-            raise ValueError(f"pieces[{name!r}] = {piece!r} does not occur in the text")
-        end = begin + len(piece)
-        tokens = [i for i, (a, b) in enumerate(offsets) if a < end and b > begin]
-        spans[name] = (tokens[0] + offset, tokens[-1] + 1 + offset)
+            raise ValueError(f"pieces[{name!r}] = {piece!r} does not occur in the prompt")
+        overlap = ((starts < begin + len(piece)) & (ends > begin)).nonzero().flatten()
+        spans[name] = (int(overlap[0]), int(overlap[-1]) + 1)
     return spans

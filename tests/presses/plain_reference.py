@@ -191,7 +191,7 @@ def assert_hooks_removed_after_error(model, press, ids):
     assert n_hooks() == before
 
 
-def snapkv_reference(queries, scaling, keys, window, kernel):
+def snapkv_reference(queries, scaling, keys, window, kernel, pooling="max", group_reduction="mean"):
     """float64 SnapKV past scores ``(b, kv_heads, n - window)`` from the recorded queries."""
     q = queries[:, :, -window:].double()
     b, n_q = q.shape[:2]
@@ -202,7 +202,11 @@ def snapkv_reference(queries, scaling, keys, window, kernel):
     for i in range(window):
         logits[:, :, i, n - window + i + 1 :] = float("-inf")
     past = logits.softmax(-1)[..., : n - window].sum(dim=2)
-    past = past.view(b, n_kv, group, n - window).mean(dim=2)
+    past = past.view(b, n_kv, group, n - window)
+    past = past.mean(dim=2) if group_reduction == "mean" else past.amax(dim=2)
     if kernel > 1:
-        past = F.max_pool1d(past.reshape(b * n_kv, 1, -1), kernel, stride=1, padding=kernel // 2).view(b, n_kv, -1)
+        padded = F.pad(past, (kernel // 2, kernel // 2), value=float("-inf") if pooling == "max" else 0.0)
+        windows = padded.unfold(-1, kernel, 1)  # (b, kv, n - window, kernel): each position's neighbourhood
+        # Average pooling divides by the whole kernel, padding included (count_include_pad).
+        past = windows.amax(-1) if pooling == "max" else windows.sum(-1) / kernel
     return past

@@ -23,6 +23,16 @@ def test_maps_match_the_eager_attention_weights(arch):
         assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:2]))
 
 
+def test_last_queries_are_the_last_rows_of_the_full_map():
+    model = tiny_model("qwen3", "eager")
+    ids = torch.randint(3, 128, (1, 33))
+    full = attention_maps(model, ids, layers=[1])[1]
+    for q in (1, 7, 33):
+        torch.testing.assert_close(attention_maps(model, ids, layers=[1], last_queries=q)[1], full[:, -q:])
+    with pytest.raises(ValueError, match=r"last_queries must be None \(every query\) or an int in \[1, 33\]"):
+        attention_maps(model, ids, last_queries=34)
+
+
 def test_any_attention_implementation_gives_the_same_map():
     ids = torch.randint(3, 128, (1, 30))
     eager = attention_maps(tiny_model("llama", "eager"), ids)

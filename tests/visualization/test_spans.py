@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 
 def _tokenizer():
-    vocab = {w: i for i, w in enumerate(["[UNK]", "the", "secret", "is", "7", "3", "9", "2", ".", "vault", "blue"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    """A byte-level BPE with single-digit tokens, like SmolLM2's, trained on a few sentences."""
+    tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    text = ["the blue vault secret is kept in the vault", "the secret of the blue sea"] * 20
+    tok.train_from_iterator(
+        text, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     )
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
@@ -20,11 +25,12 @@ def test_spans_cover_exactly_the_tokens_of_each_piece():
     from kvpress.visualization import token_spans
 
     tok = _tokenizer()
-    text = "the blue vault secret is 7392 . the vault"
-    spans = token_spans(tok, text, {"needle": "7392", "first vault": "vault"}, offset=10)
-    tokens = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False).input_ids)
+    ids = tok("the blue vault secret is 7392 . the vault", add_special_tokens=False, return_tensors="pt").input_ids
+    spans = token_spans(tok, ids[0], {"needle": "7392", "first vault": "vault", "end": "2 . the"})
+    tokens = tok.convert_ids_to_tokens(ids[0])
     start, end = spans["needle"]
-    assert tokens[start - 10 : end - 10] == ["7", "3", "9", "2"]
-    assert spans["first vault"] == (12, 13)
-    with pytest.raises(ValueError, match=r"pieces\['x'\] = 'gold' does not occur in the text"):
-        token_spans(tok, text, {"x": "gold"})
+    assert [t.strip("Ġ") for t in tokens[start:end]] == ["7", "3", "9", "2"]
+    assert "".join(tokens[slice(*spans["first vault"])]).strip("Ġ") == "vault"
+    assert tok.decode(ids[0][slice(*spans["end"])]) == "2 . the"
+    with pytest.raises(ValueError, match=r"pieces\['x'\] = 'gold' does not occur in the prompt"):
+        token_spans(tok, ids[0].tolist(), {"x": "gold"})
