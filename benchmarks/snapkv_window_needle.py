@@ -5,7 +5,7 @@ are answered with the question inside the compressed prompt (``query_aware=True`
 SnapKV with several observation windows and pooling widths, and by AdaKV(SnapKV) with the two windows compared. An
 answer counts when it contains the passkey. ``notebooks/what_a_press_keeps.ipynb`` explains the results.
 
-    nice python benchmarks/snapkv_window_needle.py                           # 4000 and 1000 tokens, ~25 min on 2 cores
+    nice python benchmarks/snapkv_window_needle.py                           # 4000 and 1000 tokens, ~15 min on 2 idle cores
     nice python benchmarks/snapkv_window_needle.py --lengths 2000 --n-per-length 4
 
 Results: ``benchmarks/results/snapkv_window_needle_smollm2_cpu.json`` (every answer) and a markdown table on stdout.
@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def variants(ratio: float) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4000, 1000], help="context lengths in tokens")
-    parser.add_argument("--n-per-length", type=int, default=12, help="contexts per length (each its own passkey)")
+    parser.add_argument("--n-per-length", type=int, default=8, help="contexts per length (each its own passkey)")
     parser.add_argument("--seed", type=int, default=200, help="seed of the first context (then +1 per context)")
     parser.add_argument("--ratio", type=float, default=0.5, help="compression ratio of every press")
     parser.add_argument("--output", type=Path, default=OUT, help=f"JSON results (default: {OUT})")
@@ -97,7 +98,7 @@ def main(argv=None) -> None:
     print("\n".join(table))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
-        "command": "python benchmarks/snapkv_window_needle.py " + " ".join(argv or []),
+        "command": " ".join(["python benchmarks/snapkv_window_needle.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "needle": NEEDLE, "question": QUESTION,
         "compression_ratio": args.ratio, "query_aware": True, "max_new_tokens": 32,
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -98,7 +98,9 @@ def test_speed_and_memory_notebook_plots_the_saved_results(tmp_path):
         " 'legend': [t.get_text() for t in fig.legends[0].get_texts()] if fig.legends else [],"
         " 'variants': variants}))"
     ))  # fmt: skip
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
     probe = json.loads(_text(nb.cells.pop(at)).split("PROBE", 1)[1])
     # Each variant keeps one colour across the panels (also where a panel lacks a variant), the colours differ, and
     # one legend names every variant.
@@ -124,3 +126,51 @@ def test_speed_and_memory_notebook_plots_the_saved_results(tmp_path):
         assert float(row[-5]) == pytest.approx(result["kv_gib"], abs=0.0051)
     pngs = [out for cell in code for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
     assert len(pngs) == 2  # batch-1 curves and the batch-4 bars
+
+
+PRESS_KEEPS_NOTEBOOK = NOTEBOOK.parent / "what_a_press_keeps.ipynb"
+
+
+@pytest.mark.slow
+def test_what_a_press_keeps_notebook_shows_why_snapkv_loses_digits():
+    nb = nbformat.read(PRESS_KEEPS_NOTEBOOK, as_version=4)
+    resources = {"metadata": {"path": str(NOTEBOOK.parent)}}
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources=resources).execute()
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert not [out for cell in code for out in cell.get("outputs", []) if out.output_type == "error"]
+    text = "\n".join(_text(cell) for cell in code)
+    passkey = re.search(r"passkey (\d{7}), \d+ prompt tokens", text).group(1)
+
+    # The example: the uncompressed model and SnapKV with window 8 read the passkey; window 32 cuts it short.
+    answers = dict(re.findall(r"^(no press|SnapKV window \d+):\s+'(.*)'$", text, re.M))
+    assert passkey in answers["no press"] and passkey in answers["SnapKV window 8"]
+    assert passkey not in answers["SnapKV window 32"] and passkey[:3] in answers["SnapKV window 32"]
+
+    # Copy heads: a few heads put most of their attention on the passkey while the answer is written.
+    masses = [float(m) for m in re.findall(r"kv-head \d\): ([\d.]+) of its attention on the passkey", text)]
+    assert len(masses) == 6 and masses[0] > 0.5
+
+    # Tables: one row per press with the answer and the digits each copy head kept ('_' where dropped).
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("| ").split(" | ")]
+        if len(cells) == 9 and cells[0] != "press" and not cells[0].startswith("---"):
+            rows[cells[0]] = cells
+    for name in ("window 8", "window 16", "window 32", "window 64", "window 32, kernel 31", "window 32, group max",
+                 "AdaKV(SnapKV window 8)"):  # fmt: skip
+        assert name in rows and all(re.fullmatch(r"[\d_]{7}", c) for c in rows[name][3:]), rows.get(name)
+    assert passkey in rows["window 8"][1] and passkey in rows["window 32, kernel 31"][1]
+    assert float(rows["window 64"][2].rstrip("%")) > float(rows["window 8"][2].rstrip("%"))  # recency grows
+
+    # The causal check: without one digit, and nothing else, the model no longer reads the passkey back.
+    dropped = dict(re.findall(r"cache without digits ([\d_]{7}): '(.*)'", text))
+    assert passkey in dropped[passkey]
+    assert (
+        passkey not in dropped[passkey[:4] + "_" + passkey[5:]]
+        and passkey[:4] in dropped[passkey[:4] + "_" + passkey[5:]]
+    )
+
+    # The saved benchmark over fresh contexts is shown, and every picture was drawn.
+    assert "| snapkv w=8 k=7 |" in text
+    pngs = [out for cell in code for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+    assert len(pngs) >= 6

@@ -23,14 +23,17 @@ class SnapKVPress(ScorerPress):
     question for the method to be query-aware: use the pipeline's ``query_aware=True``.
 
     Args:
-        window_size: number of final prompt tokens whose queries score the past (kept whole).
+        window_size: number of final prompt tokens whose queries score the past (kept whole). The default, 8, is
+            the window of the published runs this library follows; longer windows sum the attention of context
+            tokens that look mostly at their neighbours, which drowns the question's signal and, on SmolLM2, drops
+            the later digits of a passkey (``notebooks/what_a_press_keeps.ipynb``).
         kernel_size: width of the 1-D pooling applied to the scores (odd; 1 disables pooling).
         pooling: ``"max"`` or ``"avg"`` pooling.
         group_reduction: how the query heads of a GQA group combine their scores: ``"mean"`` or ``"max"`` (a kv head
             then keeps what any of its query heads needs).
     """
 
-    window_size: int = 32
+    window_size: int = 8
     kernel_size: int = 7
     pooling: Literal["max", "avg"] = "max"
     group_reduction: Literal["mean", "max"] = "mean"

@@ -105,7 +105,7 @@ def test_list_prints_every_press_with_its_parameters_and_every_benchmark_with_it
     assert re.search(r"^  none\s+no compression$", out, re.M)
     for name in PRESSES:
         assert f"  {describe_press(name)}\n" in out
-    assert "SnapKVPress(compression_ratio=0.0, target_size=None, window_size=32, kernel_size=7, pooling='max')" in out
+    assert "SnapKVPress(compression_ratio=0.0, target_size=None, window_size=8, kernel_size=7, pooling='max', group_reduction='mean')" in out
     for name in BENCHMARKS:
         assert re.search(rf"^  {name}\s+options: ", out, re.M)
         assert f"tasks: {', '.join(benchmark_class(name).task_names)}" in out

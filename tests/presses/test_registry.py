@@ -25,7 +25,7 @@ def test_every_concrete_press_has_exactly_one_name():
 
 def test_parameters_are_the_constructor_defaults():
     assert press_parameters("snapkv") == {
-        "compression_ratio": 0.0, "target_size": None, "window_size": 32, "kernel_size": 7, "pooling": "max",
+        "compression_ratio": 0.0, "target_size": None, "window_size": 8, "kernel_size": 7, "pooling": "max",
         "group_reduction": "mean",
     }  # fmt: skip
     assert press_parameters("adakv") == {"press": REQUIRED, "alpha_safeguard": 0.2}
