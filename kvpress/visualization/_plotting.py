@@ -32,14 +32,44 @@ def axes(ax, figsize: tuple[float, float]):
     return fig, ax
 
 
-def mark_spans(ax, spans: dict[str, tuple[int, int]] | None, axis: str = "x") -> None:
-    """Shade each ``name: (start, end)`` token range along ``axis`` ("x" or "y") and list the names in a legend."""
+def mark_spans(
+    ax, spans: dict[str, tuple[int, int]] | None, visible: tuple[int, int] | None = None, fill: bool = True
+) -> None:
+    """Mark each ``name: (start, end)`` token range along x and name it in a legend outside the axes.
+
+    A span keeps its colour (its rank in ``spans``) whichever spans fall inside ``visible`` = ``(start, end)``.
+    ``fill=False`` draws the range's edges instead of shading it, leaving the colours of an image underneath true.
+    """
     if not spans:
         return
+    shown = False
     for (name, (start, end)), colour in zip(spans.items(), SPAN_COLOURS * len(spans)):
-        shade = ax.axvspan if axis == "x" else ax.axhspan
-        shade(start - 0.5, end - 0.5, color=colour, alpha=0.25, lw=0, label=f"{name} [{start}, {end})")
-    ax.legend(loc="upper right", fontsize="small", framealpha=0.8)
+        if visible is not None and (end <= visible[0] or start >= visible[1]):
+            continue
+        label = f"{name} [{start}, {end})"
+        if fill:
+            ax.axvspan(start - 0.5, end - 0.5, color=colour, alpha=0.3, lw=0, label=label)
+        else:
+            ax.axvline(start - 0.5, color=colour, lw=1.2, label=label)
+            ax.axvline(end - 0.5, color=colour, lw=1.2)
+        shown = True
+    if shown and fill:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    elif shown:  # an attention map: its upper right is the masked future, empty
+        ax.legend(loc="upper right", fontsize="small", framealpha=0.8)
+
+
+def as_report(report):
+    """The :class:`CompressionReport` of ``report`` (a report, or the pipeline's ``CompressionSummary``)."""
+    from kvpress.presses.report import CompressionReport
+
+    inner = getattr(report, "layers", report)
+    if not isinstance(inner, CompressionReport):
+        raise ValueError(
+            "report must be a CompressionReport (`with press(model, record_kept=True) as report:`) or the pipeline's "
+            f"CompressionSummary (return_report=True, record_kept=True), got {type(report).__name__}"
+        )
+    return inner
 
 
 def check_sequence(sequence: int, batch: int) -> None:

@@ -79,7 +79,7 @@ def plot_attention_map(
     Args:
         weights: ``(heads, n, n)`` from :func:`attention_maps`, or one head's ``(n, n)``.
         head: the head to draw; ``None`` averages over heads.
-        spans: ``{name: (start, end)}`` token ranges to mark (shaded along both axes).
+        spans: ``{name: (start, end)}`` key ranges to mark (by their edges, so the colours stay true).
         vmin: smallest weight drawn in colour (the log scale starts there; masked future cells stay white).
     Returns:
         The matplotlib figure.
@@ -100,6 +100,6 @@ def plot_attention_map(
     fig.colorbar(image, ax=ax, label="attention weight")
     ax.set_xlabel("key position (token)")
     ax.set_ylabel("query position (token)")
-    mark_spans(ax, spans, "x")
+    mark_spans(ax, spans, fill=False)
     ax.set_title(title or ("mean over heads" if head is None else f"head {head}"))
     return fig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvpress.presses.report import CompressionReport
-from kvpress.visualization._plotting import axes, check_sequence
+from kvpress.visualization._plotting import as_report, axes, check_sequence
 
 
 def plot_head_budgets(report: CompressionReport, sequence: int = 0, title: str | None = None, ax=None):
@@ -17,6 +17,7 @@ def plot_head_budgets(report: CompressionReport, sequence: int = 0, title: str |
     Returns:
         The matplotlib figure.
     """
+    report = as_report(report)
     layers = report.compressed_layers
     if not layers:
         raise ValueError("the report holds no compressed layer (was a prefill run inside `with press(model)`?)")
@@ -24,7 +25,7 @@ def plot_head_budgets(report: CompressionReport, sequence: int = 0, title: str |
     share = [report.kept_lengths[i][sequence].double() / report.original_lengths[i] for i in layers]
     grid = torch.stack(share).numpy()
     heads = grid.shape[1]
-    fig, ax = axes(ax, (max(3.5, 0.45 * heads + 2.5), max(3.0, 0.18 * len(layers) + 1.5)))
+    fig, ax = axes(ax, (max(5.5, 0.45 * heads + 3.5), max(3.5, 0.18 * len(layers) + 1.5)))
     image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="none")
     fig.colorbar(image, ax=ax, label="share of the prefill kept")
     ax.set_xticks(range(heads))
@@ -33,5 +34,5 @@ def plot_head_budgets(report: CompressionReport, sequence: int = 0, title: str |
     ax.set_yticks(range(0, len(layers), step))
     ax.set_yticklabels([str(layers[k]) for k in range(0, len(layers), step)])
     ax.set_ylabel("layer")
-    ax.set_title(title or f"per-head budgets (mean kept share {grid.mean():.0%})")
+    ax.set_title(title or f"kept share per head (mean {grid.mean():.0%})", fontsize="medium")
     return fig

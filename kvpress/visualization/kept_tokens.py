@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from kvpress.presses.report import CompressionReport
-from kvpress.visualization._plotting import axes, check_sequence, mark_spans, pyplot
+from kvpress.visualization._plotting import as_report, axes, check_sequence, mark_spans, pyplot
 
 
 def kept_matrix(report: CompressionReport, sequence: int = 0, layers: list[int] | None = None) -> torch.Tensor:
     """``(len(layers) * kv_heads, n)`` bool, row ``l * kv_heads + h`` = tokens kept by kv-head ``h`` of the ``l``-th
     listed layer (default: every compressed layer), for one sequence of the batch."""
+    report = as_report(report)
     layers = _layers(report, layers)
     masks = [report.kept_mask(i) for i in layers]
     check_sequence(sequence, masks[0].shape[0])
@@ -25,6 +26,7 @@ def span_kept_share(
 ) -> torch.Tensor:
     """``(len(layers), kv_heads)`` float: the share of the tokens in ``span`` = ``(start, end)`` that each head kept."""
     start, end = span
+    report = as_report(report)
     layers = _layers(report, layers)
     n = report.original_lengths[layers[0]]
     if not 0 <= start < end <= n:
@@ -45,7 +47,7 @@ def plot_kept_tokens(
     """Draw the kept-token map: context position across, one row per (layer, kv-head), dark = kept.
 
     Args:
-        report: recorded with ``record_kept=True``.
+        report: a ``CompressionReport`` recorded with ``record_kept=True``, or the pipeline's ``CompressionSummary``.
         spans: ``{name: (start, end)}`` token ranges to shade (the needle, the question...).
         layers: compressed layers to draw (default: all), top to bottom.
         sequence: which prompt of the batch.
@@ -53,6 +55,7 @@ def plot_kept_tokens(
     Returns:
         The matplotlib figure.
     """
+    report = as_report(report)
     layers = _layers(report, layers)
     kept = kept_matrix(report, sequence, layers).float()
     heads = kept.shape[0] // len(layers)
@@ -76,7 +79,7 @@ def plot_kept_tokens(
     ax.set_yticklabels([f"layer {layers[k]}" for k in range(0, len(layers), step)])
     ax.set_xlabel("context position (token)")
     ax.set_ylabel(f"layer × kv-head ({heads}/layer)")
-    mark_spans(ax, {k: v for k, v in (spans or {}).items() if v[1] > start and v[0] < end}, "x")
+    mark_spans(ax, spans, visible=(start, end))
     kept_share = kept[:, start:end].mean().item()
     ax.set_title(title or f"tokens kept (dark): {kept_share:.0%} of positions {start}–{end - 1}")
     return fig
@@ -86,8 +89,9 @@ def _layers(report: CompressionReport, layers: list[int] | None) -> list[int]:
     recorded = sorted(report.kept_indices)
     if not recorded:
         raise ValueError(
-            "the report holds no kept tokens: record them with `with press(model, record_kept=True) as report:` "
-            "or kvpress.visualization.record_compression"
+            "the report holds no kept tokens: record them with the pipeline's record_kept=True (with "
+            "return_report=True), `with press(model, record_kept=True) as report:` or "
+            "kvpress.visualization.record_compression"
         )
     if layers is None:
         return recorded

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvpress.presses.report import CompressionReport
-from kvpress.visualization._plotting import axes, check_sequence, mark_spans
+from kvpress.visualization._plotting import as_report, axes, check_sequence, mark_spans
 
 
 def plot_scores(
@@ -22,7 +22,8 @@ def plot_scores(
     """Draw the scores of one layer along the context, one line per kv-head, kept tokens dotted.
 
     Args:
-        report: recorded with ``record_kept=True`` from a press that ranks tokens by a score.
+        report: recorded with ``record_kept=True`` from a press that ranks tokens by a score (a
+            ``CompressionReport`` or the pipeline's ``CompressionSummary``).
         layer: the compressed layer to draw.
         heads: kv-heads to draw (default: all).
         spans: ``{name: (start, end)}`` token ranges to shade.
@@ -32,6 +33,7 @@ def plot_scores(
     Returns:
         The matplotlib figure.
     """
+    report = as_report(report)
     if layer not in report.scores:
         raise ValueError(
             f"no scores recorded for layer {layer}; recorded: {sorted(report.scores)} (scores exist for presses that "
@@ -56,14 +58,13 @@ def plot_scores(
             line[line <= 0] = float("nan")
         ax.plot(positions.numpy(), line.numpy(), lw=0.8, color=colour, label=f"kv-head {head}")
         chosen = kept[head, start:end]
-        ax.plot(positions[chosen].numpy(), line[chosen].numpy(), ".", ms=2.5, color=colour)
+        ax.plot(positions[chosen].numpy(), line[chosen].numpy(), "o", ms=3, color=colour, mec="black", mew=0.4)
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("context position (token)")
     ax.set_ylabel("score (dots: kept)")
-    mark_spans(ax, {k: v for k, v in (spans or {}).items() if v[1] > start and v[0] < end}, "x")
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles, labels, loc="upper left", fontsize="small", ncol=2, framealpha=0.8)
+    mark_spans(ax, spans, visible=(start, end))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     ax.set_title(title or f"layer {layer}: token scores")
     return fig
 

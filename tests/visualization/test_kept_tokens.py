@@ -60,3 +60,23 @@ def test_a_report_without_recorded_tokens_says_how_to_record_them():
         plot_kept_tokens(report, layers=[5])
     with pytest.raises(ValueError, match=r"sequence must be an int in \[0, 1\)"):
         plot_kept_tokens(report, sequence=1)
+
+
+def test_a_span_keeps_its_colour_and_the_pipeline_summary_is_accepted():
+    from kvpress.compression_summary import CompressionSummary
+
+    model = tiny_model("llama")
+    report, _ = record_compression(model, KnormPress(0.5), torch.randint(3, 128, (1, 40)))
+    summary = CompressionSummary(None, "DynamicCache", 40, 0.5, 1, 1, layers=report)
+    spans = {"needle": (5, 9), "question": (30, 36)}
+
+    def colours(fig):
+        return {p.get_label().split(" [")[0]: p.get_facecolor() for p in fig.axes[0].patches}
+
+    both = colours(plot_kept_tokens(summary, spans=spans))
+    question_only = colours(plot_kept_tokens(summary, spans=spans, window=(20, 40)))
+    assert set(both) == {"needle", "question"} and set(question_only) == {"question"}
+    assert question_only["question"] == both["question"] != both["needle"]
+    torch.testing.assert_close(span_kept_share(summary, (5, 9)), span_kept_share(report, (5, 9)))
+    with pytest.raises(ValueError, match="report must be a CompressionReport .* got dict"):
+        plot_kept_tokens({"layers": 1})
