@@ -26,8 +26,8 @@ class CompressedKV:
             holds, in storage order (of a head-variable press, only the first ``head_lengths[b, h]`` are meaningful),
             or ``None`` when the press did not say. Diagnostic only: the cache ignores it, and a
             :class:`~kvpress.presses.report.CompressionReport` records it when asked (``record_kept=True``).
-        scores: ``(batch, kv_heads, n)`` float32 score each prefilled token received from the press that ranked them
-            (higher is kept first), or ``None``. Diagnostic only, like ``indices``.
+        scores: ``(batch, kv_heads, n)`` score each prefilled token received from the press that ranked them (higher
+            is kept first), or ``None``. Diagnostic only, like ``indices`` (the report stores them as float32).
     """
 
     keys: torch.Tensor

@@ -119,8 +119,8 @@ class BasePress(ABC):
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         kv = self.compress(module, hidden_states, keys, values, attentions, kwargs)
         kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
-        indices = kv.indices
-        if indices is None and kv.values.shape[-2] == q_len:
+        indices = kv.indices if report.record_kept else None  # only a recording report reads them
+        if report.record_kept and indices is None and kv.values.shape[-2] == q_len:
             indices = torch.arange(q_len).expand(*kv.values.shape[:2], q_len)  # every token kept, in order
         if report.record_kept and indices is None:
             raise RuntimeError(

@@ -61,13 +61,8 @@ def keep_tokens(
     keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor | None = None
 ) -> CompressedKV:
     """The tokens at ``indices`` ``(batch, kv_heads, k)`` of ``keys`` and ``values``, with the positions (and the
-    ``(batch, kv_heads, n)`` scores that chose them) recorded for the report."""
-    return CompressedKV(
-        gather_tokens(keys, indices),
-        gather_tokens(values, indices),
-        indices=indices,
-        scores=None if scores is None else scores.detach().float(),
-    )
+    ``(batch, kv_heads, n)`` scores that chose them) for the report, which copies them only when recording."""
+    return CompressedKV(gather_tokens(keys, indices), gather_tokens(values, indices), indices=indices, scores=scores)
 
 
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

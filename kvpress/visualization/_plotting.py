@@ -72,6 +72,16 @@ def as_report(report):
     return inner
 
 
+def token_range(value: tuple[int, int] | None, n: int, name: str) -> tuple[int, int]:
+    """``value`` as ``(start, end)`` inside ``n`` tokens (``None``: all of them), or a ValueError naming ``name``."""
+    if value is None:
+        return 0, n
+    start, end = value
+    if not 0 <= start < end <= n:
+        raise ValueError(f"{name} must be (start, end) with 0 <= start < end <= {n} (tokens), got {value!r}")
+    return start, end
+
+
 def check_sequence(sequence: int, batch: int) -> None:
     if isinstance(sequence, bool) or not isinstance(sequence, int) or not 0 <= sequence < batch:
         raise ValueError(f"sequence must be an int in [0, {batch}) (the prompt of the batch to draw), got {sequence!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvpress.presses.report import CompressionReport
-from kvpress.visualization._plotting import as_report, axes, check_sequence, mark_spans, pyplot
+from kvpress.visualization._plotting import as_report, axes, check_sequence, mark_spans, pyplot, token_range
 
 
 def kept_matrix(report: CompressionReport, sequence: int = 0, layers: list[int] | None = None) -> torch.Tensor:
@@ -25,12 +25,9 @@ def span_kept_share(
     report: CompressionReport, span: tuple[int, int], sequence: int = 0, layers: list[int] | None = None
 ) -> torch.Tensor:
     """``(len(layers), kv_heads)`` float: the share of the tokens in ``span`` = ``(start, end)`` that each head kept."""
-    start, end = span
     report = as_report(report)
     layers = _layers(report, layers)
-    n = report.original_lengths[layers[0]]
-    if not 0 <= start < end <= n:
-        raise ValueError(f"span must be (start, end) with 0 <= start < end <= {n} (prefilled tokens), got {span!r}")
+    start, end = token_range(span, report.original_lengths[layers[0]], "span")
     shares = [report.kept_mask(i)[sequence, :, start:end].double().mean(-1) for i in layers]
     return torch.stack(shares).float()
 
@@ -59,9 +56,7 @@ def plot_kept_tokens(
     layers = _layers(report, layers)
     kept = kept_matrix(report, sequence, layers).float()
     heads = kept.shape[0] // len(layers)
-    start, end = window if window is not None else (0, kept.shape[1])
-    if not 0 <= start < end <= kept.shape[1]:
-        raise ValueError(f"window must be (start, end) with 0 <= start < end <= {kept.shape[1]}, got {window!r}")
+    start, end = token_range(window, kept.shape[1], "window")
     fig, ax = axes(ax, (10, max(2.5, 0.06 * kept.shape[0] + 1.5)))
     ax.imshow(
         kept[:, start:end].numpy(),

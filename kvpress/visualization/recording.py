@@ -19,8 +19,8 @@ def record_compression(model: nn.Module, press: BasePress, input_ids: torch.Tens
     ``DynamicCache``), so the report describes exactly what that cache holds.
 
     Returns:
-        ``(report, cache)``: the :class:`~kvpress.presses.report.CompressionReport` (``kept_indices``, ``scores``, ``kept_lengths``) and the
-        compressed cache.
+        ``(report, cache)``: the :class:`~kvpress.presses.report.CompressionReport` (``kept_indices``, ``scores``,
+        ``kept_lengths``) and the compressed cache.
     """
     if not isinstance(press, BasePress):
         raise ValueError(f"press must be a kvpress press (BasePress), got {type(press).__name__}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvpress.presses.report import CompressionReport
-from kvpress.visualization._plotting import as_report, axes, check_sequence, mark_spans
+from kvpress.visualization._plotting import as_report, axes, check_sequence, mark_spans, token_range
 
 
 def plot_scores(
@@ -46,9 +46,7 @@ def plot_scores(
     if not heads or any(not 0 <= h < scores.shape[0] for h in heads):
         raise ValueError(f"heads must be a non-empty list of kv-heads in [0, {scores.shape[0]}), got {heads}")
     n = scores.shape[-1]
-    start, end = window if window is not None else (0, n)
-    if not 0 <= start < end <= n:
-        raise ValueError(f"window must be (start, end) with 0 <= start < end <= {n}, got {window!r}")
+    start, end = token_range(window, n, "window")
     fig, ax = axes(ax, (10, 3.5))
     positions = torch.arange(start, end)
     for head, colour in zip(heads, _colours(len(heads))):
