@@ -8,7 +8,7 @@ import torch
 
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
-from kvpress.presses.scorer_press import ScorerPress, keep_tokens
+from kvpress.presses.scorer_press import ScorerPress, keep_tokens, rank_key
 
 
 @dataclass
@@ -16,13 +16,17 @@ class AdaKVPress(BasePress):
     """Wrap a :class:`ScorerPress` so each layer keeps its top scores across all heads jointly.
 
     The layer keeps ``kv_heads * k`` tokens per sequence (``k`` = the wrapped press's per-head budget), chosen as the
-    largest scores over every head of the layer, with each head guaranteed its own top ``floor(alpha_safeguard * k)``
-    tokens (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation", arXiv
-    2407.11550). Heads then hold different lengths, which a :class:`~kvpress.cache.VarlenCache` stores exactly.
+    largest scores over every head of the layer (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by
+    Adaptive Budget Allocation", arXiv 2407.11550). Tokens the scorer keeps whole (``+inf`` scores: SnapKV's
+    observation window, H2O's recent tokens) stay in every head on top of its share, as in the paper, where the
+    window is added to the budget ``B' = k - window`` that heads compete for. Each head is guaranteed its own top
+    ``floor(alpha_safeguard * B')`` ranked tokens. Heads then hold different lengths, which a
+    :class:`~kvpress.cache.VarlenCache` stores exactly.
 
     Args:
         press: the scorer whose scores rank tokens (its ``compression_ratio``/``target_size`` set the budget).
-        alpha_safeguard: fraction of the uniform per-head share each head keeps regardless of others, in [0, 1].
+        alpha_safeguard: fraction of the uniform per-head share of ranked tokens (the budget beyond the kept-whole
+            tokens) each head keeps regardless of the others, in [0, 1]. The paper's default is 0.2.
     """
 
     press: ScorerPress
@@ -60,7 +64,7 @@ class AdaKVPress(BasePress):
         scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs).float()
         lengths = head_budgets(scores, k, self.alpha_safeguard)
         k_max = int(lengths.max())
-        order = scores.topk(k_max, dim=-1).indices  # each head's own ranking
+        order = rank_key(scores).topk(k_max, dim=-1).indices  # each head's own ranking
         kv = keep_tokens(keys, values, order, scores)
         kv.head_lengths = lengths.cpu()
         return kv
@@ -69,15 +73,17 @@ class AdaKVPress(BasePress):
 def head_budgets(scores: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
     """Per-head kept counts ``(batch, heads)`` summing to ``heads * k`` per sequence.
 
-    ``scores``: ``(batch, heads, n)``. Each head's top ``floor(alpha * k)`` are reserved; the rest of the layer budget
-    goes to the largest remaining scores of any head.
+    ``scores``: ``(batch, heads, n)``. A head's ``+inf`` scores (``p`` tokens kept whole, at most ``k``) come first;
+    each head then reserves its top ``floor(alpha * (k - p))`` finite scores, and the rest of the layer budget goes to
+    the largest remaining scores of any head.
     """
     b, h, n = scores.shape
-    floor = int(alpha * k)
-    ranked = scores.sort(dim=-1, descending=True).values
-    # Reserved slots rank above everything else; +inf scores (e.g. observation windows) stay above them.
-    boosted = ranked.clone()
-    boosted[..., :floor] = torch.finfo(torch.float32).max
+    ranked = rank_key(scores).sort(dim=-1, descending=True).values
+    protected = scores.isposinf().sum(-1).clamp(max=k)  # (b, h)
+    reserved = protected + (alpha * (k - protected)).floor().long()
+    reserved_mask = torch.arange(n, device=scores.device) < reserved.unsqueeze(-1)
+    # Reserved slots rank above everything else, the most recent kept-whole tokens first.
+    boosted = torch.where(reserved_mask, ranked + 1e301, ranked)
     top = boosted.flatten(1).topk(h * k, dim=-1).indices  # (b, h*k) positions in the flattened (head, rank) grid
     return torch.zeros(b, h, dtype=torch.long, device=scores.device).scatter_add_(
         1, top // n, torch.ones_like(top, dtype=torch.long)

@@ -70,6 +70,11 @@ class MemoryBudgetPress(BasePress):
                 f"press must be a ScorerPress with the default per-layer count, or AdaKVPress/KeyRerotationPress "
                 f"around one (e.g. SnapKVPress(), AdaKVPress(SnapKVPress())), got {_describe(self.press)}"
             )
+        if getattr(scorer, "skip_layers", ()):
+            raise ValueError(
+                f"press skips layers {scorer.skip_layers}, which the byte budget cannot plan for; accepted: "
+                "skip_layers=() inside MemoryBudgetPress"
+            )
         if (self.budget_fraction is None) == (self.budget_bytes is None):
             raise ValueError(
                 "give exactly one of budget_fraction (fraction of the full-precision cache, in (0, 1]) and "

@@ -18,7 +18,29 @@ class ObservedAttentionPress(ScorerPress):
     seen by more queries under the causal mask and so score higher; that bias is part of the method. Per-query-head
     sums are averaged over each GQA group. Reads the layer's own attention weights, so the model must run eager
     attention (checked by :meth:`validate` when the press is attached).
+
+    As in the paper, the kept budget is split between the heavy hitters and the most recent tokens: the last
+    ``round(recent_ratio * k)`` of the ``k`` kept tokens are kept whole (``+inf`` scores), the rest go to the highest
+    accumulated attention.
+
+    Args:
+        recent_ratio: share of the kept tokens reserved for the most recent ones, in [0, 1]; the paper's default
+            splits the budget evenly (0.5). 0 gives pure accumulated-attention ranking.
     """
+
+    recent_ratio: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (
+            isinstance(self.recent_ratio, bool)
+            or not isinstance(self.recent_ratio, (int, float))
+            or not 0 <= self.recent_ratio <= 1
+        ):
+            raise ValueError(
+                f"recent_ratio must be a number in [0, 1] (share of the kept tokens that are the most recent), "
+                f"got {self.recent_ratio!r}"
+            )
 
     @property
     def capabilities(self) -> Capabilities:
@@ -31,4 +53,9 @@ class ObservedAttentionPress(ScorerPress):
                 "run the model with attn_implementation='eager' (accepted: 'eager')"
             )
         received = attentions.float().sum(dim=2)  # (batch, heads, n): summed over the query rows
-        return group_reduce(received, num_heads(module)[1])
+        scores = group_reduce(received, num_heads(module)[1])
+        n = scores.shape[-1]
+        recent = round(self.recent_ratio * self.n_kept(n, module))
+        if recent:
+            scores[..., n - recent :] = float("inf")
+        return scores

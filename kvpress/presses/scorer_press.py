@@ -52,9 +52,29 @@ class ScorerPress(BasePress):
         if k >= n:
             return keys, values
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        # Kept tokens stay in their original order, so later presses (windows, recent tokens) see a true suffix.
-        indices = scores.topk(k, dim=-1).indices.sort(dim=-1).values
-        return keep_tokens(keys, values, indices, scores)
+        return keep_tokens(keys, values, top_positions(scores, k), scores)
+
+
+def rank_key(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` ``(..., n)`` as float64 ranking keys in which tied ``+inf`` scores order by position, latest first.
+
+    Presses mark the tokens they keep whole (observation windows, recent tokens) with ``+inf``. When the budget is
+    smaller than that span, the most recent of its tokens are the ones kept, never an arbitrary pick among ties.
+    Finite scores keep their order (float32 and float64 scores convert exactly).
+    """
+    n = scores.shape[-1]
+    # Above any finite score a press returns (all are far below 1e300) and distinct for every position.
+    recency = 1e300 * (1 + torch.arange(n, device=scores.device, dtype=torch.float64) / n)
+    return torch.where(scores.isposinf(), recency, scores.double())
+
+
+def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions ``(..., k)`` of the ``k`` highest of ``scores`` ``(..., n)``, in increasing order.
+
+    Kept tokens stay in their original order, so later presses (windows, recent tokens) see a true suffix. Ties among
+    ``+inf`` scores go to the latest positions (:func:`rank_key`).
+    """
+    return rank_key(scores).topk(k, dim=-1).indices.sort(dim=-1).values
 
 
 def keep_tokens(

@@ -9,7 +9,7 @@ from torch import nn
 
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
-from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_press import ScorerPress, top_positions
 
 
 @dataclass
@@ -55,7 +55,8 @@ class ScorerWrapperPress(BasePress):
         """Positions ``(batch, kv_heads, k)`` of the ``k`` best-scored tokens of every (sequence, kv-head), and the
         ``(batch, kv_heads, n)`` scores that ranked them.
 
-        Positions are sorted in increasing order, so the kept tokens stay in their original order.
+        Positions are sorted in increasing order, so the kept tokens stay in their original order (see
+        :func:`~kvpress.presses.scorer_press.top_positions`).
         """
         scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
-        return scores.topk(k, dim=-1).indices.sort(dim=-1).values, scores
+        return top_positions(scores, k), scores

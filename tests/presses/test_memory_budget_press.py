@@ -140,8 +140,11 @@ def test_snapkv_keeps_the_budgeted_tokens(arch, case):
         assert torch.equal(report.kept_lengths[i], torch.full((batch, kv), k))
         if k == n:  # the budget covers the whole context: nothing to select
             continue
-        # The kept tokens are the inner scorer's top k, in their original order.
-        top = scores[i].scores.topk(k, dim=-1).indices.sort(-1).values
+        # The kept tokens are the inner scorer's top k, in their original order; a budget smaller than the window
+        # keeps the window's latest tokens (window scores are +inf, attention scores at most WINDOW).
+        window = scores[i].scores.isposinf()
+        ranking = torch.where(window, 1e6 + torch.arange(n, dtype=torch.float64), scores[i].scores.double())
+        top = ranking.topk(k, dim=-1).indices.sort(-1).values
         kept = scores[i].keys.gather(2, top[..., None].expand(-1, -1, -1, HEAD_DIM))
         torch.testing.assert_close(cache.layers[i].keys, kept, rtol=0, atol=0)
     assert inner.target_size is None and inner.compression_ratio == 0.0  # the wrapped press is untouched

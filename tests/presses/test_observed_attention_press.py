@@ -47,10 +47,10 @@ def test_cache_holds_exact_budget(arch, ratio, batch):
         assert cache.layers[i].keys.shape[-2] == cache.layers[i].values.shape[-2] == round(n * (1 - ratio))
 
 
-def _check_against_attention_weights(model, ids, ratio):
+def _check_against_attention_weights(model, ids, ratio, recent_ratio):
     n_q, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
     batch, n = ids.shape
-    press = ObservedAttentionPress(ratio)
+    press = ObservedAttentionPress(ratio, recent_ratio=recent_ratio)
     seen = _record(press)
     cache, out = _prefill(model, press, ids, output_attentions=True)
     assert sorted(seen) == _full_layers(model)
@@ -59,19 +59,34 @@ def _check_against_attention_weights(model, ids, ratio):
         # Reference: attention each key received from every query row, averaged over the query heads of its group.
         weights = out.attentions[i].double()  # (batch, heads, n, n), the model's own eager softmax
         ref = weights.sum(dim=2).view(batch, n_kv, n_q // n_kv, n).mean(dim=2)
-        torch.testing.assert_close(rec.scores.double(), ref, rtol=1e-5, atol=1e-6)
-        expected = ref.topk(k, dim=-1).indices.sort(-1).values
+        # The heavy hitters share the budget with the most recent tokens, kept whole.
+        recent = round(recent_ratio * k)
+        torch.testing.assert_close(rec.scores[..., : n - recent].double(), ref[..., : n - recent], rtol=1e-5, atol=1e-6)
+        assert bool(rec.scores[..., n - recent :].isposinf().all())
+        heavy = ref[..., : n - recent].topk(k - recent, dim=-1).indices
+        expected = torch.cat([heavy, torch.arange(n - recent, n).expand(batch, n_kv, recent)], -1).sort(-1).values
         assert torch.equal(_kept_positions(cache.layers[i].keys, rec.keys), expected)
 
 
+@pytest.mark.parametrize("recent_ratio", [0.0, 0.5, 0.8])
 @pytest.mark.parametrize("batch, n, ratio", [(1, 24, 0.5), (3, 31, 0.25)])
-def test_scores_are_column_sums_of_eager_attention(arch, batch, n, ratio):
-    _check_against_attention_weights(tiny_model(arch, "eager"), random_ids(n, batch, seed=n), ratio)
+def test_heavy_hitters_are_column_sums_of_eager_attention_beside_recent_tokens(arch, batch, n, ratio, recent_ratio):
+    _check_against_attention_weights(tiny_model(arch, "eager"), random_ids(n, batch, seed=n), ratio, recent_ratio)
 
 
 @pytest.mark.parametrize("n_kv", [1, 2, 4])
 def test_gqa_ratios(n_kv):
-    _check_against_attention_weights(_llama(n_kv), random_ids(29, 2, seed=n_kv), 0.6)
+    _check_against_attention_weights(_llama(n_kv), random_ids(29, 2, seed=n_kv), 0.6, 0.5)
+
+
+def test_recent_tokens_take_half_the_budget_by_default():
+    assert ObservedAttentionPress().recent_ratio == 0.5
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "half", True])
+def test_bad_recent_ratio_is_named(bad):
+    with pytest.raises(ValueError, match="recent_ratio must be a number in \\[0, 1\\]"):
+        ObservedAttentionPress(0.5, recent_ratio=bad)
 
 
 def test_ratio_zero_is_identical_to_no_press(arch):

@@ -11,7 +11,8 @@ from tests.conftest import random_ids, tiny_model
 from tests.presses.plain_reference import dense_prefill, snapkv_reference
 
 
-@pytest.mark.parametrize(("kernel", "pooling"), [(1, "max"), (5, "max"), (7, "avg")])
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("kernel", [1, 5, 7])
 @pytest.mark.parametrize("group_reduction", ["mean", "max"])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_scores_and_selection_match_reference(kernel, pooling, group_reduction, kv_heads):
@@ -36,6 +37,17 @@ def test_scores_and_selection_match_reference(kernel, pooling, group_reduction, 
         lowest_kept = past.masked_fill(~kept[..., : n - window], float("inf")).amin(-1)
         highest_dropped = past.masked_fill(kept[..., : n - window], float("-inf")).amax(-1)
         assert bool((lowest_kept >= highest_dropped - 1e-6).all())
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize(("n", "window", "budget"), [(30, 8, 3), (30, 8, 7), (12, 12, 5), (41, 16, 1)])
+def test_budget_smaller_than_the_window_keeps_its_latest_tokens(kv_heads, n, window, budget):
+    model = tiny_model("llama", kv_heads=kv_heads)
+    press = SnapKVPress(target_size=budget, window_size=window)
+    report, _ = record_compression(model, press, random_ids(n, 2, seed=n + budget))
+    for layer in report.compressed_layers:
+        kept = report.kept_indices[layer]
+        assert torch.equal(kept, torch.arange(n - budget, n).expand(2, kv_heads, budget))
 
 
 def test_max_over_the_group_keeps_what_one_query_head_needs():
