@@ -22,7 +22,7 @@ MIB = 2**20
 
 # Observation-window presses score tokens by the attention of the prompt's last queries: they compress the context
 # together with the question, as they are designed to (every other press compresses the context alone).
-QUERY_AWARE = ("snapkv", "pyramidkv")
+QUERY_AWARE = ("snapkv", "pyramidkv", "nacl")
 DEFAULT_PRESSES = ("knorm", "snapkv")
 
 

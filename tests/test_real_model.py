@@ -22,6 +22,7 @@ from kvpress.needle import PASSKEY_ANSWER, PASSKEY_NEEDLE, PASSKEY_QUESTION, bui
 from kvpress.offline_model import load_smollm2
 from kvpress.pipeline import TASK
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.nacl_press import NACLPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from tests.fixtures_pipeline import greedy_tokens
 
@@ -37,6 +38,7 @@ METHODS = {
     "no press": (None, False),
     "knorm 0.5": (KnormPress(0.5), False),
     "snapkv 0.5 query-aware": (SnapKVPress(0.5), True),
+    "nacl 0.5 query-aware": (NACLPress(0.5), True),
 }
 
 

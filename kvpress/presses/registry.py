@@ -18,6 +18,7 @@ from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.memory_budget_press import MemoryBudgetPress
+from kvpress.presses.nacl_press import NACLPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
@@ -37,6 +38,7 @@ PRESSES: dict[str, type[BasePress]] = {
     "expected_attention": ExpectedAttentionPress,
     "pyramidkv": PyramidKVPress,
     "think": ThinKPress,
+    "nacl": NACLPress,
     "adakv": AdaKVPress,
     "composed": ComposedPress,
     "per_layer": PerLayerCompressionPress,
