@@ -1,5 +1,5 @@
-"""Markdown table of a `kvpress-eval` RULER sweep: per press and ratio, the mean string-match score over tasks at each
-context length, and the run's average.
+"""Markdown table of a `kvpress-eval` RULER sweep: per press and ratio, the share of the uncompressed KV cache the
+compressed contexts really held, the mean string-match score over tasks at each context length, and the run's average.
 
     python benchmarks/ruler_table.py results/ruler_smollm2_cpu > benchmarks/results/ruler_niah_smollm2_cpu/table.md
 """
@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ("none", "streaming_llm", "knorm", "snapkv", "expected_attention")
+ORDER = ("none", "streaming_llm", "knorm", "snapkv", "expected_attention", "observed_attention", "nacl", "adakv-snapkv")
 
 
 def main(root: Path) -> str:
@@ -22,14 +22,16 @@ def main(root: Path) -> str:
                     per_length.setdefault(int(key.split("@")[1]), []).append(value)
         lengths |= per_length.keys()
         means = {n: sum(v) / len(v) for n, v in per_length.items()}
-        rows.append((metrics["press"], metrics["compression_ratio"], means, metrics["average"]))
+        held = metrics.get("kv_memory")
+        rows.append((metrics["press"], metrics["compression_ratio"], held, means, metrics["average"]))
     rank = {name: i for i, name in enumerate(ORDER)}
     rows.sort(key=lambda r: (rank.get(r[0], len(ORDER)), r[0], r[1]))
     lengths = sorted(lengths)
-    head = ["press", "ratio", *(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths), "average"]
+    head = ["press", "ratio", "KV held", *(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths), "average"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for press, ratio, means, average in rows:
-        cells = [press, f"{ratio:.2f}", *(f"{means[n]:.1f}" if n in means else "" for n in lengths), f"{average:.1f}"]
+    for press, ratio, held, means, average in rows:
+        cells = [press, "" if ratio is None else f"{ratio:.2f}", "" if held is None else f"{held:.0%}"]
+        cells += [*(f"{means[n]:.1f}" if n in means else "" for n in lengths), f"{average:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -284,9 +284,11 @@ def _chat_template(example: Example, config: EvalConfig) -> bool | None:
     return False if example.meta.get("chat_template") is False else None
 
 
-def answer(pipe, batch: list[Example], press, config: EvalConfig) -> list[str]:
-    """The pipeline's answers to ``batch`` (one call: a single context, or several stacked)."""
+def answer(pipe, batch: list[Example], press, config: EvalConfig) -> list[tuple[str, dict]]:
+    """The pipeline's answers to ``batch`` (one call: a single context, or several stacked), each with the KV cache
+    bytes its compressed context held (``{"kv_bytes": ..., "kv_bytes_uncompressed": ...}``, measured from the cache)."""
     kwargs = {
+        "return_report": True,
         "press": press,
         "answer_prefix": batch[0].answer_prefix,
         "max_new_tokens": config.max_new_tokens or batch[0].max_new_tokens,
@@ -298,9 +300,14 @@ def answer(pipe, batch: list[Example], press, config: EvalConfig) -> list[str]:
     if config.kv_quantization is not None:
         kwargs["kv_quantization"] = config.kv_quantization
     if len(batch) == 1:
-        return [pipe(batch[0].context, question=batch[0].question, **kwargs)["answer"]]
+        out = pipe(batch[0].context, question=batch[0].question, **kwargs)
+        return [(out["answer"], _memory(out["report"]))]
     outputs = pipe([e.context for e in batch], questions=[[e.question] for e in batch], **kwargs)
-    return [out["answers"][0] for out in outputs]
+    return [(out["answers"][0], _memory(out["reports"][0])) for out in outputs]
+
+
+def _memory(summary) -> dict:
+    return {"kv_bytes": summary.kv_bytes, "kv_bytes_uncompressed": summary.kv_bytes_uncompressed}
 
 
 # ---- metadata -------------------------------------------------------------------------------------------------------
@@ -410,6 +417,10 @@ def score_run(benchmark: Benchmark, run: RunSpec, examples: list[Example], recor
         for task, exs in by_task.items()
     }
     headline = [next(iter(m.values())) for m in tasks.values()]
+    held = [records[e.id].get("kv_bytes") for e in examples]
+    full = [records[e.id].get("kv_bytes_uncompressed") for e in examples]
+    # Predictions written before the cache was measured have no bytes: no figure rather than a partial one.
+    kv_memory = round(sum(held) / sum(full), 4) if None not in held + full and sum(full) else None
     press = registry.build_press(run.press, seed=config.seed)
     ratio = run.ratio if run.ratio is not None else getattr(press, "compression_ratio", None)
     return {
@@ -419,6 +430,7 @@ def score_run(benchmark: Benchmark, run: RunSpec, examples: list[Example], recor
         "swept": run.ratio is not None and run.label != registry.NO_PRESS,
         "kv_bits": config.kv_quantization.bits if config.kv_quantization is not None else None,
         "n_examples": len(examples),
+        "kv_memory": kv_memory,
         "tasks": tasks,
         "average": round(sum(headline) / len(headline), 2),
     }
@@ -453,8 +465,15 @@ def finish_run(run_dir: Path, run: RunSpec, examples: list[Example], benchmark: 
     return metrics
 
 
-def answer_run(pipe, run: RunSpec, examples: list[Example], config: EvalConfig, shard: Shard, run_dir: Path,
-               on_record: Callable[[dict], None] | None = None) -> None:
+def answer_run(
+    pipe,
+    run: RunSpec,
+    examples: list[Example],
+    config: EvalConfig,
+    shard: Shard,
+    run_dir: Path,
+    on_record: Callable[[dict], None] | None = None,
+) -> None:
     """Answer this shard's examples not yet answered, appending each record to the shard's file as it comes."""
     press = registry.build_press(run.press, seed=config.seed)
     mine = shard.take(examples)
@@ -470,10 +489,11 @@ def answer_run(pipe, run: RunSpec, examples: list[Example], config: EvalConfig, 
                 start = time.perf_counter()
                 predictions = answer(pipe, batch, press, config)
                 seconds = (time.perf_counter() - start) / len(batch)
-                for example, prediction in zip(batch, predictions):
+                for example, (prediction, memory) in zip(batch, predictions):
                     record = {
                         **example.to_dict(),
                         "prediction": prediction,
+                        **memory,
                         "run": run.name,
                         "press": run.label,
                         "compression_ratio": ratio,
@@ -490,14 +510,17 @@ def answer_run(pipe, run: RunSpec, examples: list[Example], config: EvalConfig, 
 
 # ---- summary --------------------------------------------------------------------------------------------------------
 def summary_rows(metrics: list[dict]) -> tuple[list[dict], list[str]]:
-    """One row per run (``run``, ``press``, ``compression_ratio``, ``kv_bits``, ``swept``, ``n_examples``, each
-    task's first metric, ``average``) and the task names in order."""
+    """One row per run (``run``, ``press``, ``compression_ratio``, ``kv_memory``, ``kv_bits``, ``swept``,
+    ``n_examples``, each task's first metric, ``average``) and the task names in order. ``kv_memory`` is the share
+    of the uncompressed KV cache's bytes that the compressed contexts really held (measured from the cache)."""
     tasks: list[str] = []
     for m in metrics:
         tasks += [t for t in m["tasks"] if t not in tasks]
     rows = []
     for m in metrics:
-        row = {k: m[k] for k in ("run", "press", "compression_ratio", "kv_bits", "swept", "n_examples")}
+        row = {
+            k: m.get(k) for k in ("run", "press", "compression_ratio", "kv_memory", "kv_bits", "swept", "n_examples")
+        }
         for task in tasks:
             row[task] = next(iter(m["tasks"][task].values())) if task in m["tasks"] else None
         row["average"] = m["average"]
@@ -510,12 +533,14 @@ def _score_cell(value) -> str:
 
 
 def format_table(rows: list[dict], tasks: list[str]) -> str:
-    """The summary as a Markdown table: run, press, ratio, examples, each task, average (scores to 2 decimals)."""
-    header = ["run", "press", "ratio", "n", *tasks, "average"]
+    """The summary as a Markdown table: run, press, ratio, KV memory held, examples, each task, average (scores to 2
+    decimals)."""
+    header = ["run", "press", "ratio", "KV held", "n", *tasks, "average"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         ratio = "" if row["compression_ratio"] is None else ratio_text(row["compression_ratio"])
-        cells = [row["run"], row["press"], ratio, str(row["n_examples"])]
+        held = "" if row.get("kv_memory") is None else f"{row['kv_memory']:.0%}"
+        cells = [row["run"], row["press"], ratio, held, str(row["n_examples"])]
         cells += [_score_cell(row[t]) for t in tasks] + [_score_cell(row["average"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -525,7 +550,7 @@ def write_summary(rows: list[dict], tasks: list[str], out_dir) -> tuple[Path, Pa
     """``summary.csv`` (every column of the rows) and ``summary.md`` (:func:`format_table`) under ``out_dir``."""
     out_dir = Path(out_dir)
     buffer = io.StringIO()
-    columns = ["run", "press", "compression_ratio", "kv_bits", "swept", "n_examples", *tasks, "average"]
+    columns = ["run", "press", "compression_ratio", "kv_memory", "kv_bits", "swept", "n_examples", *tasks, "average"]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:

@@ -6,6 +6,7 @@ from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
+from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.memory_budget_press import MemoryBudgetPress
@@ -30,6 +31,7 @@ __all__ = [
     "ComposedPress",
     "CompressionReport",
     "ExpectedAttentionPress",
+    "HeadKVPress",
     "KeyRerotationPress",
     "KnormPress",
     "MemoryBudgetPress",

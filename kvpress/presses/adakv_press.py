@@ -8,7 +8,7 @@ import torch
 
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
-from kvpress.presses.scorer_press import ScorerPress, keep_tokens, rank_key
+from kvpress.presses.scorer_press import ScorerPress, keep_per_head, rank_key
 
 
 @dataclass
@@ -62,12 +62,7 @@ class AdaKVPress(BasePress):
         if k >= n:
             return keys, values
         scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs).float()
-        lengths = head_budgets(scores, k, self.alpha_safeguard)
-        k_max = int(lengths.max())
-        order = rank_key(scores).topk(k_max, dim=-1).indices  # each head's own ranking
-        kv = keep_tokens(keys, values, order, scores)
-        kv.head_lengths = lengths.cpu()
-        return kv
+        return keep_per_head(keys, values, scores, head_budgets(scores, k, self.alpha_safeguard))
 
 
 def head_budgets(scores: torch.Tensor, k: int, alpha: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from kvpress.presses.base_press import BasePress
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
+from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.memory_budget_press import MemoryBudgetPress
@@ -40,6 +41,7 @@ PRESSES: dict[str, type[BasePress]] = {
     "think": ThinKPress,
     "nacl": NACLPress,
     "adakv": AdaKVPress,
+    "headkv": HeadKVPress,
     "composed": ComposedPress,
     "per_layer": PerLayerCompressionPress,
     "key_rerotation": KeyRerotationPress,

@@ -85,6 +85,19 @@ def keep_tokens(
     return CompressedKV(gather_tokens(keys, indices), gather_tokens(values, indices), indices=indices, scores=scores)
 
 
+def keep_per_head(
+    keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor
+) -> CompressedKV:
+    """Head ``h`` of sequence ``b`` keeps its ``lengths[b, h]`` best-scored tokens (``lengths`` ``(batch, kv_heads)``).
+
+    Tokens are stored in each head's ranking order up to the longest head; the cache keeps each head's prefix.
+    """
+    order = rank_key(scores).topk(int(lengths.max()), dim=-1).indices
+    kv = keep_tokens(keys, values, order, scores)
+    kv.head_lengths = lengths.cpu()
+    return kv
+
+
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Select tokens: ``x`` ``(batch, heads, n, d)``, ``indices`` ``(batch, heads, k)`` -> ``(batch, heads, k, d)``."""
     return x.gather(2, indices.unsqueeze(-1).expand(*indices.shape, x.shape[-1]))

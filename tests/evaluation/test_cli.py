@@ -155,7 +155,7 @@ def test_local_model_end_to_end_with_interruption_and_resume(tiny_model_dir, tmp
     monkeypatch.setattr(runner, "answer", real_answer)
     assert cli.main(argv) == 0
     table = capsys.readouterr().out
-    assert "| knorm_0.50 | knorm | 0.50 | 2 |" in table
+    assert "| knorm_0.50 | knorm | 0.50 | 50% | 2 |" in table
 
     for run in ("none", "knorm_0.50"):
         got = [json.loads(x) for x in (out / run / "predictions.jsonl").read_text().splitlines()]

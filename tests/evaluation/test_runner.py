@@ -104,6 +104,12 @@ def test_predictions_metrics_and_files_match_direct_pipeline_calls(tmp_path):
         headline = [metrics["tasks"][t]["hit"] for t in ("task0", "task1")]
         assert metrics["average"] == pytest.approx(sum(headline) / 2, abs=0.005)
         assert metrics["compression_ratio"] == run.ratio and metrics["n_examples"] == len(examples)
+        # The bytes the compressed contexts held, measured from each example's cache.
+        assert all(r["kv_bytes"] <= r["kv_bytes_uncompressed"] for r in records)
+        assert metrics["kv_memory"] == round(
+            sum(r["kv_bytes"] for r in records) / sum(r["kv_bytes_uncompressed"] for r in records), 4
+        )
+        assert metrics["kv_memory"] == pytest.approx(1.0 if run.label == "none" else 0.5, abs=0.02)
         resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert parse_config(resolved) == config.for_run(run)
         meta = json.loads((run_dir / "metadata.json").read_text())
@@ -120,11 +126,21 @@ def test_predictions_metrics_and_files_match_direct_pipeline_calls(tmp_path):
         assert float(line["task0"]) == pytest.approx(metrics["tasks"]["task0"]["hit"])
         assert float(line["average"]) == pytest.approx(metrics["average"])
     md = (tmp_path / "summary.md").read_text().splitlines()
-    assert md[0].split("|")[1:-1] == [" run ", " press ", " ratio ", " n ", " task0 ", " task1 ", " average "]
+    assert md[0].split("|")[1:-1] == [
+        " run ",
+        " press ",
+        " ratio ",
+        " KV held ",
+        " n ",
+        " task0 ",
+        " task1 ",
+        " average ",
+    ]
     assert len(md) == 2 + len(rows)
     for line, row in zip(md[2:], rows):  # one rounding: every score cell with 2 decimals
         cells = [c.strip() for c in line.split("|")[1:-1]]
-        assert cells[4:] == [f"{row[k]:.2f}" for k in ("task0", "task1", "average")]
+        assert cells[5:] == [f"{row[k]:.2f}" for k in ("task0", "task1", "average")]
+        assert cells[3] == f"{row['kv_memory']:.0%}"
 
 
 def test_resume_after_interrupt_loses_and_duplicates_nothing(tmp_path):
@@ -155,9 +171,10 @@ def test_resume_after_interrupt_loses_and_duplicates_nothing(tmp_path):
     assert resumed == [r["id"] for r in reference[3:]]  # only the examples not yet answered
     assert [r["id"] for r in records] == [r["id"] for r in reference]
     assert [r["prediction"] for r in records] == [r["prediction"] for r in reference]
-    assert json.loads((run_dir / "metrics.json").read_text())["tasks"] == json.loads(
-        (tmp_path / "full" / "knorm_0.50" / "metrics.json").read_text()
-    )["tasks"]
+    assert (
+        json.loads((run_dir / "metrics.json").read_text())["tasks"]
+        == json.loads((tmp_path / "full" / "knorm_0.50" / "metrics.json").read_text())["tasks"]
+    )
 
     again = []  # a finished run is not answered again
     _evaluate(config, on_record=lambda r: again.append(r["id"]))
@@ -246,8 +263,9 @@ def test_context_longer_than_the_model_is_refused_before_loading(tmp_path, monke
         raise AssertionError("the model must not be loaded")
 
     monkeypatch.setattr(runner, "load_model", no_loading)
-    config = parse_config({"benchmark_options": {"tasks": ["niah_single_1"], "lengths": [9000]},
-                           "output_dir": str(tmp_path)})
+    config = parse_config(
+        {"benchmark_options": {"tasks": ["niah_single_1"], "lengths": [9000]}, "output_dir": str(tmp_path)}
+    )
     with pytest.raises(ValueError, match="8192 positions"):
         runner.evaluate(config, env={})
     config = parse_config({"max_context_length": 8190, "max_new_tokens": 8, "output_dir": str(tmp_path)})
