@@ -160,6 +160,13 @@ class KVPressTextGenerationPipeline(Pipeline):
                 f"{type(press).__name__} keeps a different number of tokens per head, which "
                 f"{type(cache).__name__} cannot store; pass cache=None or a kvpress VarlenCache"
             )
+        if caps.merges_layers and cache is not None and type(cache) is not DynamicCache:
+            raise ValueError(
+                f"{type(press).__name__} merges layer pairs into a transformers DynamicCache; got "
+                f"{type(cache).__name__}; pass cache=None or a DynamicCache"
+            )
+        if caps.merges_layers and cuda_graph:
+            raise ValueError(f"cuda_graph=True decodes from a VarlenCache, which {type(press).__name__} does not use")
         if cuda_graph and not (torch.cuda.is_available() and self.model.device.type == "cuda"):
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         quantization = self._quantization(press, cache, kv_quantization)
@@ -201,6 +208,11 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError(
                 f"{type(press).__name__} prunes key channels, which a quantized cache cannot store; "
                 "pass kv_quantization=None or a press that keeps every key channel"
+            )
+        if press is not None and press.capabilities.merges_layers:
+            raise ValueError(
+                f"{type(press).__name__} merges layer pairs, which a quantized cache cannot store; "
+                "pass kv_quantization=None"
             )
         try:
             kv_quantization.check_head_dim(model_head_dim(self.model.config))
@@ -443,10 +455,11 @@ class KVPressTextGenerationPipeline(Pipeline):
 
     # ---- batches --------------------------------------------------------------------------------------------------
     def _batchable(self, press: BasePress | None) -> bool:
-        """Stacking needs every layer in ragged storage: no sliding-window layers, no channel-pruned keys."""
+        """Stacking needs every layer in ragged storage: no sliding-window layers, no channel-pruned keys, no merged
+        layer pairs."""
         if any(t != "full_attention" for t in layer_types(self.model.config.get_text_config(decoder=True))):
             return False
-        return press is None or not press.capabilities.prunes_channels
+        return press is None or not (press.capabilities.prunes_channels or press.capabilities.merges_layers)
 
     def _call_batch(self, contexts: list[str], questions=None, **kwargs):
         per_context = isinstance(questions, (list, tuple)) and questions and all(

@@ -18,10 +18,12 @@ import pytest
 import torch
 from transformers import DynamicCache, pipeline
 
+from kvpress.cache.merged_layer import MergedLayer
 from kvpress.needle import PASSKEY_ANSWER, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_needle_context
 from kvpress.offline_model import load_smollm2
 from kvpress.pipeline import TASK
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.minicache_press import MiniCachePress
 from kvpress.presses.nacl_press import NACLPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from tests.fixtures_pipeline import greedy_tokens
@@ -39,6 +41,9 @@ METHODS = {
     "knorm 0.5": (KnormPress(0.5), False),
     "snapkv 0.5 query-aware": (SnapKVPress(0.5), True),
     "nacl 0.5 query-aware": (NACLPress(0.5), True),
+    # Merged from layer 24: SmolLM2's adjacent layers hold nearly orthogonal key directions (test below), so merging
+    # from the paper's middle layer loses the needle.
+    "minicache from layer 24": (MiniCachePress(start_layer=24), False),
 }
 
 
@@ -67,13 +72,24 @@ def test_hidden_number_retrieved(smollm2, method, number, depth):
     press, query_aware = METHODS[method]
     cache = DynamicCache(config=smollm2.model.config)
     answer = smollm2(
-        context, question=QUESTION, answer_prefix=ANSWER_PREFIX, press=press, query_aware=query_aware,
-        cache=cache, max_new_tokens=8,
+        context,
+        question=QUESTION,
+        answer_prefix=ANSWER_PREFIX,
+        press=press,
+        query_aware=query_aware,
+        cache=cache,
+        max_new_tokens=8,
     )["answer"]
     found = re.search(r"\d+", answer)
     assert found is not None and found.group() == str(number), f"{method} at depth {depth}: {answer!r}"
     # The cache really holds the (compressed) prompt: half of its tokens in every layer under a 0.5 press.
     n = _prompt_tokens(tokenizer, context, QUESTION if query_aware else "")
+    if isinstance(press, MiniCachePress):  # every token stays; merged pairs share their directions
+        merged = {i for pair in press.pairs(smollm2.model.config) for i in pair}
+        assert merged == set(range(24, 30))
+        assert [isinstance(layer, MergedLayer) for layer in cache.layers] == [i in merged for i in range(30)]
+        assert [layer.get_seq_length() for layer in cache.layers] == [n] * 30
+        return
     kept = n if press is None else round(n * 0.5)
     assert [layer.keys.shape[-2] for layer in cache.layers] == [kept] * smollm2.model.config.num_hidden_layers
 
@@ -96,3 +112,18 @@ def test_quick_start_answer_equals_generate_on_the_same_text(smollm2):
     assert answers[0] == tokenizer.decode(expected, skip_special_tokens=True)
     assert PASSKEY_ANSWER in answers[0]
     assert answers[1] != answers[0] and PASSKEY_ANSWER not in answers[1]
+
+
+def test_minicache_premise_on_smollm2(smollm2):
+    """Adjacent layers' key directions are nearly orthogonal on SmolLM2 (median angle about pi / 2), which is why the
+    README reports MiniCache losing to pruning the same bytes on this model."""
+    from kvpress.cache.forward_keyword import cache_kwargs
+    from kvpress.presses.minicache_press import slerp_merge
+
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    ids = tokenizer(build_needle_context(tokenizer, 800, PASSKEY_NEEDLE, 0.5), return_tensors="pt").input_ids
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, **cache_kwargs(model, cache))
+    angles = [float(slerp_merge(cache.layers[i].keys, cache.layers[i + 1].keys, 0.6)[3].median()) for i in (14, 20, 26)]
+    assert all(0.4 < a < 0.6 for a in angles), angles

@@ -17,6 +17,8 @@ Public functions run the Triton kernel for CUDA tensors (or on CPU when ``KVPRES
 - ``quantize_segments`` / ``append_segment_groups`` / ``dequantize_segments``: ragged segments stored as packed
   2/4/8-bit groups (``QuantizedSegments``; keys per channel, values per token).
 - ``quantized_varlen_attention``: ``varlen_attention`` over ``QuantizedSegments``, dequantized on the fly in-kernel.
+- ``merged_attention``: attention over a cross-layer merged context (shared unit directions, per-layer magnitudes)
+  plus the causal tail, without rebuilding the layer's keys (MiniCache).
 - ``varlen_attention``: queries (B, Hq, Q, D), the newest tail tokens, over segment ++ causal tail; GQA in-kernel,
   split-K for long segments. ``AttentionConfig`` overrides its launch heuristics (tests, tuning).
 
@@ -27,6 +29,7 @@ with ``check=False`` on the decode hot path (``append_tail``, ``varlen_attention
 
 from .append import append_tail, reference_append_tail
 from .compaction import compact_segments, reference_compact_segments
+from .merged_attention import merged_attention, reference_merged_attention
 from .quantization import (
     QuantizedTensor,
     dequantize,
@@ -49,6 +52,7 @@ __all__ = [
     "compact_segments",
     "dequantize",
     "dequantize_segments",
+    "merged_attention",
     "quantize_keys",
     "quantize_segments",
     "quantize_values",
@@ -56,6 +60,7 @@ __all__ = [
     "reference_append_tail",
     "reference_compact_segments",
     "reference_dequantize",
+    "reference_merged_attention",
     "reference_quantize_keys",
     "reference_quantize_values",
     "reference_quantized_varlen_attention",

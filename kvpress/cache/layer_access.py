@@ -7,6 +7,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvpress.cache.channel_pruned_layer import ChannelPrunedLayer
 from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.cache.merged_layer import MergedKV
 from kvpress.utils import kv_geometry, layer_types
 
 
@@ -57,6 +58,23 @@ def write_layer(cache: Cache, layer_idx: int, kv: CompressedKV) -> None:
         raise ValueError(
             f"cannot compress cache layer of type {type(layer).__name__}; accepted: DynamicCache layers or kvpress caches"
         )
+
+
+def write_merged_pair(cache: Cache, layer_a: int, layer_b: int, merged: MergedKV) -> None:
+    """Replace two dense full-attention layers of a ``DynamicCache`` by the merged pair ``merged``."""
+    for idx in (layer_a, layer_b):
+        layer = _layer(cache, idx)
+        if type(layer) is not DynamicLayer:
+            raise ValueError(
+                f"merging layers replaces dense full-attention DynamicCache layers; layer {idx} is a "
+                f"{type(layer).__name__} (accepted: a transformers DynamicCache, which the pipeline uses for "
+                "MiniCachePress)"
+            )
+    old = [cache.layers[layer_a], cache.layers[layer_b]]
+    cache.layers[layer_a], cache.layers[layer_b] = merged.layers()
+    for layer in old:  # a snapshot may still hold the old objects: drop their dense tensors (see write_layer)
+        layer.keys = layer.values = None
+        layer.is_initialized = False
 
 
 def layer_memory_bytes(cache: Cache) -> int:

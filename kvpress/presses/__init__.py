@@ -10,6 +10,7 @@ from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.memory_budget_press import MemoryBudgetPress
+from kvpress.presses.minicache_press import MiniCachePress
 from kvpress.presses.nacl_press import NACLPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
@@ -35,6 +36,7 @@ __all__ = [
     "KeyRerotationPress",
     "KnormPress",
     "MemoryBudgetPress",
+    "MiniCachePress",
     "NACLPress",
     "ObservedAttentionPress",
     "PerLayerCompressionPress",

@@ -20,6 +20,7 @@ class Capabilities:
             compressed length instead of the original one.
         head_variable: the press keeps a different number of tokens per head (needs a head-variable cache).
         prunes_channels: the press drops key channels rather than (or on top of) tokens.
+        merges_layers: the press stores pairs of layers together (shared directions), in a dense cache only.
     """
 
     phase: Literal["prefill", "decode"] = "prefill"
@@ -28,6 +29,7 @@ class Capabilities:
     rerotates_positions: bool = False
     head_variable: bool = False
     prunes_channels: bool = False
+    merges_layers: bool = False
 
     def merge(self, other: "Capabilities") -> "Capabilities":
         """Capabilities of two presses applied together (any need or effect of either)."""
@@ -40,4 +42,5 @@ class Capabilities:
             rerotates_positions=self.rerotates_positions or other.rerotates_positions,
             head_variable=self.head_variable or other.head_variable,
             prunes_channels=self.prunes_channels or other.prunes_channels,
+            merges_layers=self.merges_layers or other.merges_layers,
         )

@@ -57,6 +57,11 @@ class ComposedPress(BasePress):
                     f"presses[{i}] ({name}) prunes key channels or keeps per-head lengths, which later presses cannot "
                     f"read; accepted: such a press at the last position ({last})"
                 )
+            if caps.merges_layers and last > 0:
+                raise ValueError(
+                    f"presses[{i}] ({name}) merges layer pairs, which other presses cannot read or feed; "
+                    "accepted: a layer-merging press on its own"
+                )
             if caps.rerotates_positions and last > 0:
                 raise ValueError(
                     f"presses[{i}] ({name}) re-rotates positions and cannot be composed with other presses; "

@@ -19,6 +19,7 @@ from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.memory_budget_press import MemoryBudgetPress
+from kvpress.presses.minicache_press import MiniCachePress
 from kvpress.presses.nacl_press import NACLPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
@@ -40,6 +41,7 @@ PRESSES: dict[str, type[BasePress]] = {
     "pyramidkv": PyramidKVPress,
     "think": ThinKPress,
     "nacl": NACLPress,
+    "minicache": MiniCachePress,
     "adakv": AdaKVPress,
     "headkv": HeadKVPress,
     "composed": ComposedPress,
