@@ -3,10 +3,12 @@
 For each MiniCache setting, the pipeline answers needle questions (2000-token contexts, 7-digit passkeys at three
 depths, six filler seeds) and reports the cache bytes after prefill. The same questions are then answered by presses
 that prune tokens down to the same share of the full cache: SnapKV (question in the compressed prompt) and Knorm.
-A hit is the passkey as the answer's first number. Also records the median angle between adjacent layers' keys, the
-quantity MiniCache's merge relies on.
+A hit is the passkey as the answer's first number. First it prints (and records) the median angle between every two
+adjacent layers' keys, the quantity MiniCache's merge relies on: near 0 the layers share directions, near 0.5 (in
+units of pi) they are unrelated. ``--angles-only --model DIR`` prints just those for another model.
 
     python benchmarks/minicache_bytes.py --output benchmarks/results/minicache_bytes_smollm2_cpu.json
+    python benchmarks/minicache_bytes.py --angles-only --model path/to/model
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def needles(tokenizer, n_tokens: int, count: int) -> list[tuple[str, str]]:
     out = []
     for i in range(count):
         key = str(rng.randrange(10**6, 10**7))
-        context = build_needle_context(tokenizer, n_tokens, f"The passkey is {key}.", (0.2, 0.5, 0.8)[i % 3], seed=100 + i)
+        context = build_needle_context(
+            tokenizer, n_tokens, f"The passkey is {key}.", (0.2, 0.5, 0.8)[i % 3], seed=100 + i
+        )
         out.append((context, key))
     return out
 
@@ -55,8 +59,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--contexts", type=int, default=6)
     parser.add_argument("--output")
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (offline) or a model directory")
+    parser.add_argument("--angles-only", action="store_true", help="print the adjacent-layer key angles and stop")
     args = parser.parse_args()
-    model, tokenizer = load_smollm2()
+    if args.model == "smollm2":
+        model, tokenizer = load_smollm2()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
     cases = needles(tokenizer, args.tokens, args.contexts)
     cache = DynamicCache(config=model.config)
@@ -65,9 +77,11 @@ def main() -> None:
     n_layers = len(cache.layers)
     angles = {
         f"{i}-{i + 1}": round(float(slerp_merge(cache.layers[i].keys, cache.layers[i + 1].keys, 0.6)[3].median()), 3)
-        for i in range(0, n_layers - 1, 2)
+        for i in range(n_layers - 1)
     }
     print("median angle / pi between adjacent layers' keys:", angles, flush=True)
+    if args.angles_only:
+        return
     hits, _ = score(pipe, cases, None, False)
     rows = [{"press": "none", "kv_memory": 1.0, "hits": hits}]
     print(f"{'none':>32}: KV held 100.0%, {hits}/{len(cases)} hits", flush=True)

@@ -190,18 +190,19 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
     tests = build_probe(tokenizer, args.lengths, args.depths, args.needles, args.seed)
     scores, answers = probe_head_scores(model, tokenizer, tests, args.max_new_tokens, keep_all=args.all_tests)
-    successes = len(next(iter(scores.values())))
-    if successes == 0:
+    scored = len(next(iter(scores.values())))
+    right = sum(answered(a, t) for a, t in zip(answers, tests))
+    if scored == 0:
         raise SystemExit(
             f"the model answered none of the {len(tests)} probe tests (first answers: {answers[:3]}), so there are "
             "no scores to write; use shorter --lengths, more --max-new-tokens, or --all-tests"
         )
     settings = {k: getattr(args, k) for k in ("lengths", "depths", "needles", "seed", "max_new_tokens", "all_tests")}
-    write_head_scores(args.output, scores, model=args.model, settings=settings, tests=len(tests), successes=successes)
+    write_head_scores(args.output, scores, model=args.model, settings=settings, tests=len(tests), answered=right,
+                      scored=scored)  # fmt: skip
     means = {key: sum(v) / len(v) for key, v in scores.items()}
     best = sorted(means, key=means.get, reverse=True)[:5]
-    print(f"{sum(answered(a, t) for a, t in zip(answers, tests))}/{len(tests)} probe tests answered right, {successes} "
-          f"scored; wrote {args.output}")  # fmt: skip
+    print(f"{right}/{len(tests)} probe tests answered right, {scored} scored; wrote {args.output}")
     print("most important heads (layer-head: mean score): " + ", ".join(f"{k}: {means[k]:.3f}" for k in best))
     return scores
 

@@ -95,6 +95,7 @@ def test_real_model_scores_are_reproducible_for_a_seed(tmp_path):
     main([*args, "--seed", "4", "--output", str(other)])
     a, b, c = (json.loads(p.read_text()) for p in (first, second, other))
     assert a == b and a["scores"] != c["scores"]
-    assert len(a["scores"]) == 30 * 9 and a["tests"] == 2 and a["settings"]["seed"] == 3
+    assert len(a["scores"]) == 30 * 9 and a["tests"] == a["scored"] == 2 and a["settings"]["seed"] == 3
+    assert 0 <= a["answered"] <= 2 and a["settings"]["all_tests"] is True
     # The file feeds HeadKVPress directly.
     assert HeadKVPress(0.5, scores=str(first)).importance.shape == (30, 9)
