@@ -120,41 +120,35 @@ def _check_values(q, seg_k, cu_seqlens, tail_k, tail_lens, q_lens):
 def reference_varlen_attention(q, seg_k, seg_v, cu_seqlens, tail_k, tail_v, tail_lens, scale, q_lens=None):
     """Torch reference of `varlen_attention` (same arguments, same results; padding query rows give 0).
 
-    Builds a padded dense (segment ++ tail) K/V per (sequence, kv head), expands it over the G query heads,
-    masks (segment padding, causal tail, padding queries) and takes a float32 softmax (float64 for float64 inputs).
+    One (sequence, kv head) at a time: the G query heads' valid rows against that head's segment and causal tail,
+    read in place (views, no gathered or GQA-repeated copy of the keys), float32 softmax (float64 for float64
+    inputs). This is also the CPU path of `varlen_attention`, so its cost per step is the matmuls alone.
     """
     _validate(q, seg_k, seg_v, cu_seqlens, tail_k, tail_v, tail_lens, scale, q_lens)
     B, Hq, Q, D = q.shape
-    Hkv, cap = tail_k.shape[1], tail_k.shape[2]
+    Hkv = tail_k.shape[1]
     G = Hq // Hkv
-    dev = q.device
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    cu = cu_seqlens.long()
-    seg_lens = (cu[1:] - cu[:-1]).view(B, Hkv)
-    l_max = int(seg_lens.max()) if seg_lens.numel() else 0
-    # Dense segment part: (B, Hkv, l_max, D), rows past each segment's length are masked below.
-    pos = torch.arange(l_max, device=dev)
-    in_seg = pos < seg_lens[..., None]
-    rows = torch.where(in_seg, cu[:-1].view(B, Hkv, 1) + pos, 0)
-    # Tail capacity past tail_lens is uninitialised (maybe NaN): zero it so masked weights (0) times it stay 0.
-    in_tail = (torch.arange(cap, device=dev) < tail_lens.long()[:, None])[:, None, :, None]
-    k = torch.cat([seg_k[rows], torch.where(in_tail, tail_k, 0)], dim=2).to(acc_dtype)  # (B, Hkv, l_max + cap, D)
-    v = torch.cat([seg_v[rows], torch.where(in_tail, tail_v, 0)], dim=2).to(acc_dtype)
-    k = k[:, :, None].expand(B, Hkv, G, l_max + cap, D).reshape(B, Hq, l_max + cap, D)  # GQA repeat
-    v = v[:, :, None].expand(B, Hkv, G, l_max + cap, D).reshape(B, Hq, l_max + cap, D)
-    n_q = (q_lens if q_lens is not None else torch.full((B,), Q, device=dev)).long()
-    i = torch.arange(Q, device=dev)
-    t = torch.arange(cap, device=dev)
-    q_ok = i[None, :] < n_q[:, None]  # (B, Q)
-    tail_ok = t[None, None, :] <= (tail_lens.long() - n_q)[:, None, None] + i[None, :, None]  # (B, Q, cap)
-    seg_ok = in_seg.repeat_interleave(G, dim=1)  # (B, Hq, l_max)
-    mask = torch.cat([seg_ok[:, :, None, :].expand(B, Hq, Q, l_max),
-                      tail_ok[:, None].expand(B, Hq, Q, cap)], dim=-1)  # fmt: skip
-    mask = mask & q_ok[:, None, :, None]
-    scores = torch.matmul(q.to(acc_dtype), k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> 0
-    return torch.matmul(probs, v).to(q.dtype)
+    cu = cu_seqlens.tolist()
+    tails = tail_lens.tolist()
+    n_valid = q_lens.tolist() if q_lens is not None else [Q] * B
+    out = torch.zeros(B, Hq, Q, D, dtype=q.dtype, device=q.device)
+    for b in range(B):
+        T, n = int(tails[b]), int(n_valid[b])
+        if n == 0:
+            continue
+        # Valid query i sits at tail position T - n + i and sees the tail up to there.
+        causal = torch.arange(T, device=q.device)[None, :] <= (T - n + torch.arange(n, device=q.device))[:, None]
+        for h in range(Hkv):
+            s = b * Hkv + h
+            k_seg, v_seg = seg_k[cu[s] : cu[s + 1]].to(acc_dtype), seg_v[cu[s] : cu[s + 1]].to(acc_dtype)
+            k_tail, v_tail = tail_k[b, h, :T].to(acc_dtype), tail_v[b, h, :T].to(acc_dtype)
+            queries = q[b, h * G : (h + 1) * G, :n].to(acc_dtype).reshape(G * n, D)
+            tail_logits = (queries @ k_tail.T).view(G, n, T).masked_fill(~causal, float("-inf")).view(G * n, T)
+            probs = (torch.cat([queries @ k_seg.T, tail_logits], dim=1) * scale).softmax(dim=-1)
+            mixed = probs[:, : k_seg.shape[0]] @ v_seg + probs[:, k_seg.shape[0] :] @ v_tail
+            out[b, h * G : (h + 1) * G, :n] = mixed.view(G, n, D).to(q.dtype)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
