@@ -78,14 +78,14 @@ if triton is not None:
         q_ptr, dk_ptr, dv_ptr, mk_ptr, mv_ptr, tk_ptr, tv_ptr, tail_lens_ptr, acc_ptr, m_ptr, l_ptr,
         q_b, q_h, q_q, q_d, dk_b, dk_h, dk_n, dk_d, dv_b, dv_h, dv_n, dv_d, mk_b, mk_h, mk_n, mv_b, mv_h, mv_n,
         tk_b, tk_h, tk_t, tk_d, tv_b, tv_h, tv_t, tv_d,
-        HKV, N, Q, D, CHUNK, N_SPLITS, qk_scale,
+        HKV, N, Q, D, CHUNK, N_SPLITS, ROWS_PAD, qk_scale,
         G: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // HKV
         h = pid % HKV
-        rows = tl.arange(0, BLOCK_M)  # row r: query head h * G + r // Q, query r % Q
+        rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # row r: query head h * G + r // Q, query r % Q
         row_ok = rows < G * Q
         qi = rows % Q
         d = tl.arange(0, BLOCK_D)
@@ -154,7 +154,7 @@ if triton is not None:
                     pv = tl.dot(p.to(v.dtype), v)
                 acc = acc * alpha[:, None] + pv
                 m_i = m_new
-        base = (pid * (N_SPLITS + 1) + split) * BLOCK_M
+        base = (pid * (N_SPLITS + 1) + split) * ROWS_PAD
         tl.store(acc_ptr + (base + rows)[:, None] * BLOCK_D + d[None, :], acc)
         tl.store(m_ptr + base + rows, m_i)
         tl.store(l_ptr + base + rows, l_i)
@@ -185,7 +185,10 @@ def merged_attention(q, dir_k, dir_v, mag_k, mag_v, tail_k, tail_v, tail_lens, s
     B, Hq, Q, D = q.shape
     Hkv, N = dir_k.shape[1], dir_k.shape[2]
     G = Hq // Hkv
-    block_m = max(16, next_pow2(G * Q))
+    # The G heads x Q queries of a kv head share every K/V tile; long questions take several row blocks.
+    block_m = min(64, max(16, next_pow2(G * Q)))
+    row_blocks = triton.cdiv(G * Q, block_m)
+    rows_pad = row_blocks * block_m
     block_d = max(16, next_pow2(D))
     block_n = 32 if q.dtype == torch.float32 or block_d > 128 else 64
     # About 4 programs per SM over the merged tokens, each split at least 256 tokens.
@@ -193,22 +196,22 @@ def merged_attention(q, dir_k, dir_v, mag_k, mag_v, tail_k, tail_v, tail_lens, s
     chunk = max(256, triton.cdiv(triton.cdiv(max(N, 1), splits_wanted), block_n) * block_n)
     n_splits = triton.cdiv(N, chunk)
     programs = B * Hkv * (n_splits + 1)
-    acc = torch.empty(programs, block_m, block_d, dtype=torch.float32, device=q.device)
-    m = torch.empty(programs, block_m, dtype=torch.float32, device=q.device)
+    acc = torch.empty(programs, rows_pad, block_d, dtype=torch.float32, device=q.device)
+    m = torch.empty(programs, rows_pad, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     ieee = q.dtype == torch.float32 or not q.is_cuda
-    _merged_split_kernel[(B * Hkv, n_splits + 1)](
+    _merged_split_kernel[(B * Hkv, n_splits + 1, row_blocks)](
         q, dir_k, dir_v, mag_k, mag_v, tail_k, tail_v, tail_lens, acc, m, l_sum,
         *q.stride(), *dir_k.stride(), *dir_v.stride(), *mag_k.stride(), *mag_v.stride(),
         *tail_k.stride(), *tail_v.stride(),
-        Hkv, N, Q, D, chunk, n_splits, float(scale) * _LOG2E,
+        Hkv, N, Q, D, chunk, n_splits, rows_pad, float(scale) * _LOG2E,
         G=G, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
     # Merge the splits' softmax states (base-2 logits).
-    m = m.view(B * Hkv, n_splits + 1, block_m)
+    m = m.view(B * Hkv, n_splits + 1, rows_pad)
     top = m.amax(1, keepdim=True)
     weight = torch.exp2(m - torch.where(top == float("-inf"), 0.0, top))
     total = (weight * l_sum.view_as(m)).sum(1)
-    out = (weight[..., None] * acc.view(B * Hkv, n_splits + 1, block_m, block_d)).sum(1) / total[..., None]
+    out = (weight[..., None] * acc.view(B * Hkv, n_splits + 1, rows_pad, block_d)).sum(1) / total[..., None]
     out = out[:, : G * Q, :D].reshape(B, Hkv, G, Q, D).reshape(B, Hq, Q, D)
     return out.to(q.dtype)

@@ -90,6 +90,12 @@ def test_kernel_matches_reference_and_dense_float64(case):
     torch.testing.assert_close(ref.double().cpu(), dense, atol=atol * 4, rtol=rtol * 4)
 
 
+def test_long_questions_span_several_row_blocks():
+    # 4 heads x 20 queries = 80 rows per kv head: two blocks of 64 rows.
+    case = random_merged(7, 1, 2, 4, 16, torch.float32, 300, [26], 20)
+    torch.testing.assert_close(merged_attention(**case).double().cpu(), dense_f64(case), atol=1e-4, rtol=1e-4)
+
+
 def test_float64_inputs_run_the_reference_exactly():
     case = random_merged(3, 2, 2, 2, 16, torch.float64, 50, [5, 9], 2)
     torch.testing.assert_close(merged_attention(**case), dense_f64(case).to(DEVICE), atol=1e-12, rtol=1e-12)
