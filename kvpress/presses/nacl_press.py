@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress.presses.scorer_press import ScorerPress, keep_tokens, top_positions
+from kvpress.presses.scorer_press import ScorerPress, top_positions
 from kvpress.utils import group_reduce, num_heads, window_attention
 
 
@@ -64,18 +64,13 @@ class NACLPress(ScorerPress):
         scores[..., -p:] = float("inf")
         return scores
 
-    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        n = keys.shape[-2]
-        k = self.n_kept(n, module)
-        if k >= n:
-            return keys, values
-        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+    def select(self, scores, k, module):
         proxies = min(self.proxy_size, k)
         sampled = round(self.random_ratio * (k - proxies))
         best = top_positions(scores, k - sampled)
-        if sampled:
-            best = torch.cat([best, self._sample(scores, best, sampled, module.layer_idx)], dim=-1).sort(-1).values
-        return keep_tokens(keys, values, best, scores)
+        if not sampled:
+            return best
+        return torch.cat([best, self._sample(scores, best, sampled, module.layer_idx)], dim=-1).sort(-1).values
 
     def _sample(self, scores: torch.Tensor, taken: torch.Tensor, count: int, layer_idx: int) -> torch.Tensor:
         """``count`` positions per head ``(batch, kv_heads, count)`` drawn without replacement, outside ``taken``."""

@@ -52,7 +52,12 @@ class ScorerPress(BasePress):
         if k >= n:
             return keys, values
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        return keep_tokens(keys, values, top_positions(scores, k), scores)
+        return keep_tokens(keys, values, self.select(scores, k, module), scores)
+
+    def select(self, scores: torch.Tensor, k: int, module: nn.Module) -> torch.Tensor:
+        """Positions ``(batch, kv_heads, k)`` to keep, increasing, given the ``(batch, kv_heads, n)`` scores: the top
+        ``k`` (:func:`top_positions`). Presses that pick otherwise (sampling) override this."""
+        return top_positions(scores, k)
 
 
 def rank_key(scores: torch.Tensor) -> torch.Tensor:
