@@ -17,6 +17,7 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from tests.conftest import random_ids, tiny_model
+from tests.presses.test_adakv_press import reference_budgets
 
 # ---- a dense reference: the full cache, with per-(layer, sequence, head) masks of the kept positions -----------
 _MASKS: dict[int, torch.Tensor] = {}
@@ -45,20 +46,8 @@ def _masked_attention(module, query, key, value, attention_mask, scaling=None, s
 AttentionInterface.register("kvpress_test_masked", _masked_attention)
 
 
-def _reference_budgets(scores: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
-    """Greedy per-sequence allocation: every head first takes its top floor(alpha*k), then the best leftovers."""
-    b, h, n = scores.shape
-    floor = int(alpha * k)
-    out = torch.zeros(b, h, dtype=torch.long)
-    for i in range(b):
-        ranked = scores[i].sort(dim=-1, descending=True).values
-        counts = [floor] * h
-        rest = [(ranked[hh, j].item(), hh) for hh in range(h) for j in range(floor, n)]
-        rest.sort(key=lambda t: -t[0])
-        for _, hh in rest[: h * k - h * floor]:
-            counts[hh] += 1
-        out[i] = torch.tensor(counts)
-    return out
+# AdaKV's per-head counts, recomputed one sequence at a time (window tokens, then the floor, then the best leftovers).
+_reference_budgets = reference_budgets
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.6])
