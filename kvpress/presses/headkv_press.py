@@ -115,8 +115,9 @@ class HeadKVPress(SnapKVPress):
         layers = full_attention_layer_indices(config)
         n_kv = kv_geometry(config)[1]
         table = self.importance[layers].view(len(layers), n_kv, -1).mean(-1)  # a kv head: mean of its query heads
-        window = self.window_size
-        ranked = headkv_budgets(table, self.n_kept(n_tokens) - window, n_tokens - window, self.beta, self.temperature)
+        k = self.n_kept(n_tokens)
+        window = min(self.window_size, k)  # a budget smaller than the window keeps the window's latest tokens
+        ranked = headkv_budgets(table, k - window, n_tokens - window, self.beta, self.temperature)
         return {layer: ranked[i] + window for i, layer in enumerate(layers)}
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):

@@ -126,3 +126,13 @@ def test_published_mapping_and_our_file_read_alike(tmp_path):
         [[sum(scores[f"{layer}-{h}"]) / 3 for h in range(3)] for layer in range(2)], dtype=torch.float64
     )
     torch.testing.assert_close(importance_table(scores), expected)
+
+
+def test_budget_smaller_than_the_window_keeps_the_latest_tokens():
+    model = tiny_model("llama", kv_heads=2)
+    layers, q_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    press = HeadKVPress(target_size=3, window_size=8, scores=random_scores(layers, q_heads))
+    n = 30
+    report, _ = record_compression(model, press, random_ids(n, 1, seed=5))
+    for layer in report.compressed_layers:
+        assert torch.equal(report.kept_indices[layer].sort(-1).values, torch.arange(n - 3, n).expand(1, 2, 3))
