@@ -9,6 +9,7 @@ greedy allocation.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -286,15 +287,15 @@ def test_restore_after_crop_and_append_gives_back_the_snapshot_tokens():
 
 # ---- AdaKV head budgets ------------------------------------------------------------------------------------------
 def _greedy_budgets(scores: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
-    """One token at a time: every head first takes its floor(alpha*k) best, then the best remaining score of any
-    head wins the next slot, until each sequence holds heads*k tokens."""
+    """One token at a time: every head first takes its kept-whole (+inf) tokens and floor(alpha * (k - those)) best
+    others, then the best remaining score of any head wins the next slot, until each sequence holds heads*k tokens."""
     b_size, heads, n = scores.shape
-    floor = int(alpha * k)
     counts = torch.zeros(b_size, heads, dtype=torch.long)
     for b in range(b_size):
         ranked = [sorted(scores[b, h].tolist(), reverse=True) for h in range(heads)]
-        taken = [floor] * heads
-        for _ in range(heads * k - heads * floor):
+        whole = [min(k, sum(x == float("inf") for x in ranked[h])) for h in range(heads)]
+        taken = [w + math.floor(alpha * (k - w)) for w in whole]
+        for _ in range(heads * k - sum(taken)):
             best = max((h for h in range(heads) if taken[h] < n), key=lambda h: ranked[h][taken[h]])
             taken[best] += 1
         counts[b] = torch.tensor(taken)
