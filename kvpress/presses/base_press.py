@@ -101,36 +101,39 @@ class BasePress(ABC):
             self.check_length(hidden_states.shape[1])
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output, report: CompressionReport):
-        """Hook body: compress the layer if this forward is its prefill."""
+        """Hook body: hand the layer to :meth:`compress_prefill` if this forward is its prefill."""
         cache = find_cache(kwargs)
         if cache is None:
             return output
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        layer_idx = module.layer_idx
         q_len = hidden_states.shape[1]
         if is_sliding_layer(module):
             # Sliding-window layers already hold a bounded window; pruning it would break their window semantics.
             return output
-        if _cached_length(cache, layer_idx) != q_len:
+        if _cached_length(cache, module.layer_idx) != q_len:
             return output  # not a prefill: the cache held tokens before this forward
-        keys, values = read_layer(cache, layer_idx)
+        keys, values = read_layer(cache, module.layer_idx)
         if keys is None or keys.shape[-2] != q_len:
             return output
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        self.compress_prefill(module, cache, hidden_states, keys, values, attentions, kwargs, report)
+        return output
+
+    def compress_prefill(self, module, cache, hidden_states, keys, values, attentions, kwargs, report) -> None:
+        """Replace the freshly prefilled ``keys``/``values`` of ``module``'s layer in ``cache`` by :meth:`compress`'s
+        result and record it in ``report``. Presses that act on several layers at once (layer merging) override this
+        instead of :meth:`compress`."""
+        layer_idx, q_len = module.layer_idx, keys.shape[-2]
         kv = self.compress(module, hidden_states, keys, values, attentions, kwargs)
         kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
-        indices = kv.indices if report.record_kept else None  # only a recording report reads them
-        if report.record_kept and indices is None and kv.values.shape[-2] == q_len:
-            indices = torch.arange(q_len).expand(*kv.values.shape[:2], q_len)  # every token kept, in order
-        if report.record_kept and indices is None:
+        if report.record_kept and kv.indices is None and kv.values.shape[-2] != q_len:
             raise RuntimeError(
                 f"{self!r} removed tokens from layer {layer_idx} without saying which (CompressedKV.indices), so "
                 "record_kept=True cannot record them; presses that drop tokens return "
                 "kvpress.presses.scorer_press.keep_tokens(keys, values, indices, scores)"
             )
         write_layer(cache, layer_idx, kv)
-        report.record(layer_idx, n_tokens=q_len, lengths=kv.lengths, indices=indices, scores=kv.scores)
-        return output
+        report.record(layer_idx, n_tokens=q_len, lengths=kv.lengths, indices=kv.indices, scores=kv.scores)
 
     # ---- context manager -----------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -16,7 +16,9 @@ def check_budget(compression_ratio: float, target_size: int | None) -> None:
     check_ratio(compression_ratio)
     if target_size is not None:
         if isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 1:
-            raise ValueError(f"target_size must be a positive int (tokens kept per layer and head), got {target_size!r}")
+            raise ValueError(
+                f"target_size must be a positive int (tokens kept per layer and head), got {target_size!r}"
+            )
         if compression_ratio != 0:
             raise ValueError(
                 "give either compression_ratio or target_size, not both "
@@ -47,4 +49,13 @@ def check_sink_budget(n_sink: int, n_tokens: int, kept: int) -> None:
         raise ValueError(
             f"n_sink={n_sink} exceeds the {kept} tokens kept out of {n_tokens}; accepted: n_sink <= {kept} for this "
             "context (lower n_sink, lower compression_ratio or raise target_size)"
+        )
+
+
+def check_fits_context(name: str, size: int, n_tokens: int) -> None:
+    """Raise ``ValueError`` when ``size`` final prompt tokens (an observation window, proxy tokens) exceed a prefill
+    of ``n_tokens`` tokens; ``name`` is the parameter that set it."""
+    if size > n_tokens:
+        raise ValueError(
+            f"{name}={size} is larger than the context ({n_tokens} tokens); accepted: {name} <= {n_tokens}"
         )

@@ -8,13 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.cache.forward_keyword import find_cache
 from kvpress.cache.layer_access import read_layer, write_merged_pair
 from kvpress.cache.merged_layer import MergedKV
-from kvpress.presses.base_press import BasePress, _cached_length
+from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
-from kvpress.presses.report import CompressionReport
-from kvpress.utils import attention_layers, full_attention_layer_indices, is_sliding_layer
+from kvpress.utils import attention_layers, full_attention_layer_indices
 
 
 def slerp_merge(x_a: torch.Tensor, x_b: torch.Tensor, t: float) -> tuple[torch.Tensor, ...]:
@@ -138,27 +136,18 @@ class MiniCachePress(BasePress):
             )
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        raise NotImplementedError("MiniCachePress merges layer pairs in its forward hook")
+        raise NotImplementedError("MiniCachePress merges layer pairs in compress_prefill, never one layer alone")
 
-    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output, report: CompressionReport):
-        cache = find_cache(kwargs)
-        if cache is None or is_sliding_layer(module):
-            return output
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        n, layer_idx = hidden_states.shape[1], module.layer_idx
-        if _cached_length(cache, layer_idx) != n:
-            return output  # not a prefill
+    def compress_prefill(self, module, cache, hidden_states, keys, values, attentions, kwargs, report) -> None:
+        layer_idx, n = module.layer_idx, keys.shape[-2]
         partner = {b: a for a, b in self.pairs(module.config)}.get(layer_idx)
         if partner is None:
-            return output  # an unmerged layer, or the first of a pair (merged when its partner has run)
+            return  # an unmerged layer, or the first of a pair (merged when its partner has run)
         keys_a, values_a = read_layer(cache, partner)
-        keys_b, values_b = read_layer(cache, layer_idx)
-        if keys_a is None or keys_b is None or keys_a.shape != keys_b.shape:
+        if keys_a is None or keys_a.shape != keys.shape:
             raise ValueError(f"layers {partner} and {layer_idx} must both hold this prefill's {n} tokens to be merged")
-        merged, retained = merge_layers(keys_a, values_a, keys_b, values_b, self.interpolation, self.retention_ratio)
+        merged, _ = merge_layers(keys_a, values_a, keys, values, self.interpolation, self.retention_ratio)
         write_merged_pair(cache, partner, layer_idx, merged)
-        every = torch.full(keys_a.shape[:2], n, dtype=torch.long)
-        indices = torch.arange(n).expand(*keys_a.shape[:2], n) if report.record_kept else None
+        every = torch.full(keys.shape[:2], n, dtype=torch.long)
         for idx in (partner, layer_idx):
-            report.record(idx, n_tokens=n, lengths=every, indices=indices)
-        return output
+            report.record(idx, n_tokens=n, lengths=every)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpress.presses.budget import check_fits_context
 from kvpress.presses.scorer_press import ScorerPress, top_positions
 from kvpress.utils import group_reduce, num_heads, window_attention
 
@@ -51,11 +52,7 @@ class NACLPress(ScorerPress):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     def check_length(self, n_tokens: int) -> None:
-        if self.proxy_size > n_tokens:
-            raise ValueError(
-                f"proxy_size={self.proxy_size} is larger than the context ({n_tokens} tokens); "
-                f"accepted: proxy_size <= {n_tokens}"
-            )
+        check_fits_context("proxy_size", self.proxy_size, n_tokens)
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs):
         p = self.proxy_size

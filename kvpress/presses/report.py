@@ -43,8 +43,9 @@ class CompressionReport:
         """Store the outcome of one layer: ``n_tokens`` prefilled, ``lengths`` ``(batch, kv_heads)`` kept.
 
         With ``record_kept``, ``indices`` ``(batch, kv_heads, >= max kept)`` (positions of the kept tokens, the first
-        ``lengths[b, h]`` of each head meaningful) is required and ``scores`` ``(batch, kv_heads, n_tokens)`` stored
-        when given; otherwise both are ignored.
+        ``lengths[b, h]`` of each head meaningful) is required unless every token was kept (then they are
+        ``0..n_tokens-1``), and ``scores`` ``(batch, kv_heads, n_tokens)`` is stored when given; otherwise both are
+        ignored.
         """
         self.n_records += 1
         self.original_lengths[layer_idx] = n_tokens
@@ -52,6 +53,8 @@ class CompressionReport:
         self.kept_lengths[layer_idx] = lengths
         if not self.record_kept:
             return
+        if indices is None and bool((lengths == n_tokens).all()):
+            indices = torch.arange(n_tokens).expand(*lengths.shape, n_tokens)  # every token kept, in order
         if indices is None:
             raise ValueError(f"record_kept=True needs the kept positions of layer {layer_idx}; got indices=None")
         indices = indices.detach().to("cpu", torch.long)[..., : int(lengths.max()) if lengths.numel() else 0].clone()

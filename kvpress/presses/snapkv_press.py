@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from kvpress.presses.budget import check_fits_context
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.utils import group_reduce, num_heads, window_attention
 
@@ -50,11 +51,7 @@ class SnapKVPress(ScorerPress):
             raise ValueError(f"group_reduction must be 'mean' or 'max', got {self.group_reduction!r}")
 
     def check_length(self, n_tokens: int) -> None:
-        if self.window_size > n_tokens:
-            raise ValueError(
-                f"window_size={self.window_size} is larger than the context ({n_tokens} tokens); "
-                f"accepted: window_size <= {n_tokens}"
-            )
+        check_fits_context("window_size", self.window_size, n_tokens)
 
     def window_scores(self, module, hidden_states, keys, kwargs) -> torch.Tensor:
         """Pooled window attention to past tokens, ``(batch, kv_heads, n - window)``, float32."""

@@ -9,7 +9,7 @@ import torch
 
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.presses.base_press import BasePress
-from kvpress.presses.budget import check_ratio
+from kvpress.presses.budget import check_fits_context, check_ratio
 from kvpress.presses.capabilities import Capabilities
 from kvpress.utils import group_reduce, num_heads, query_states
 
@@ -46,11 +46,7 @@ class ThinKPress(BasePress):
         return Capabilities(prunes_channels=True)
 
     def check_length(self, n_tokens: int) -> None:
-        if self.window_size > n_tokens:
-            raise ValueError(
-                f"window_size={self.window_size} is larger than the context ({n_tokens} tokens); "
-                f"accepted: window_size <= {n_tokens}"
-            )
+        check_fits_context("window_size", self.window_size, n_tokens)
 
     def n_channels_kept(self, head_dim: int) -> int:
         """Key channels kept out of ``head_dim``: ``head_dim − floor(head_dim · ratio)``."""
