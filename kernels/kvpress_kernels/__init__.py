@@ -17,6 +17,10 @@ Public functions run the Triton kernel for CUDA tensors (or on CPU when ``KVPRES
 - ``quantize_segments`` / ``append_segment_groups`` / ``dequantize_segments``: ragged segments stored as packed
   2/4/8-bit groups (``QuantizedSegments``; keys per channel, values per token).
 - ``quantized_varlen_attention``: ``varlen_attention`` over ``QuantizedSegments``, dequantized on the fly in-kernel.
+- ``decompose_segments`` / ``append_decomposed_groups`` / ``dequantize_decomposed``: quantized segments with
+  corrections (``DecomposedSegments``): non-uniform levels (``fit_levels``), sparse exact outliers, low-rank residual
+  factors, pre-RoPE keys (``RotaryTable``) - the storage of KVQuant and GEAR.
+- ``decomposed_attention``: attention over ``DecomposedSegments``, each tile rebuilt in registers from that storage.
 - ``merged_attention``: attention over a cross-layer merged context (shared unit directions, per-layer magnitudes)
   plus the causal tail, without rebuilding the layer's keys (MiniCache).
 - ``varlen_attention``: queries (B, Hq, Q, D), the newest tail tokens, over segment ++ causal tail; GQA in-kernel,
@@ -29,6 +33,17 @@ with ``check=False`` on the decode hot path (``append_tail``, ``varlen_attention
 
 from .append import append_tail, reference_append_tail
 from .compaction import compact_segments, reference_compact_segments
+from .decomposed_attention import decomposed_attention, reference_decomposed_attention
+from .decomposed_segments import (
+    DecomposedSegments,
+    LowRankFactors,
+    RotaryTable,
+    SparseOutliers,
+    append_decomposed_groups,
+    decompose_segments,
+    dequantize_decomposed,
+    fit_levels,
+)
 from .merged_attention import merged_attention, reference_merged_attention
 from .quantization import (
     QuantizedTensor,
@@ -45,6 +60,16 @@ from .varlen_attention import AttentionConfig, reference_varlen_attention, varle
 
 __all__ = [
     "AttentionConfig",
+    "DecomposedSegments",
+    "LowRankFactors",
+    "RotaryTable",
+    "SparseOutliers",
+    "append_decomposed_groups",
+    "decompose_segments",
+    "decomposed_attention",
+    "dequantize_decomposed",
+    "fit_levels",
+    "reference_decomposed_attention",
     "QuantizedSegments",
     "QuantizedTensor",
     "append_segment_groups",

@@ -1,0 +1,607 @@
+"""Ragged quantized segments with corrections: non-uniform levels, sparse outliers, low-rank residuals, pre-RoPE keys.
+
+A `DecomposedSegments` is a `QuantizedSegments` (quantized_segments.py: KIVI groups, keys per channel, values per
+token, codes packed across groups) whose element ``x`` at token slot ``t``, channel ``c`` is reconstructed as
+
+    x = levels[code] * scale + zero  +  (a_t . b_block)[c]  +  sparse[t, c]
+
+- ``levels``: ``2**bits`` float32 reconstruction points in ``[0, 2**bits - 1]``. Uniform quantization is
+  ``levels = arange(2**bits)``; a non-uniform datatype (KVQuant's) stores its calibrated points. Codes pick the
+  nearest level of ``(x - zero) / scale``.
+- low rank (GEAR): ``a`` ``(slots, r)`` per token slot and ``b`` ``(blocks, r, D)`` per block, a block being the
+  groups quantized together (a segment's context, or the groups one flush appended to it). ``a . b`` is a rank-``r``
+  approximation of the quantization residual of the block (one power-iteration step, as GEAR).
+- sparse outliers: per group, a list of ``(slot in group * D + channel, value)``. The elements furthest from their
+  vector's median, in units of the vector's median absolute deviation (vectors: a key channel over the group's
+  ``G`` tokens, a value token over its ``G`` channels), are left out of the group's min/max, and their remainder is
+  stored:
+  ``value = x - (everything above)``. Rows marked exact (attention sinks) put every element there.
+- pre-RoPE keys (KVQuant): with ``positions`` given, keys are stored un-rotated and reconstructed as
+  ``rope(x, positions[t])`` (rotate-half convention, ``inv_freq`` ``(D / 2,)`` and ``rope_scale`` supplied by the
+  caller), so that each channel's range is not smeared by the rotation.
+
+Everything here is plain torch: quantizing happens once per compaction or flush, off the decode hot path. Decoding
+attention reads this storage in a Triton kernel (decomposed_attention.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ._common import INT_DTYPES, check_shape, check_tensor
+from .quantization import FLOAT_DTYPES, _round_up_to
+from .quantized_segments import QuantizedSegments, _segment_of_slots, check_params, check_segments, valid_slots
+
+__all__ = [
+    "DecomposedSegments",
+    "LowRankFactors",
+    "RotaryTable",
+    "SparseOutliers",
+    "append_decomposed_groups",
+    "decompose_segments",
+    "dequantize_decomposed",
+    "fit_levels",
+    "rotate",
+]
+
+
+@dataclass(frozen=True)
+class RotaryTable:
+    """Rotary embedding of a model: ``inv_freq`` ``(D / 2,)`` float32 and the ``scale`` cos/sin are multiplied by."""
+
+    inv_freq: torch.Tensor
+    scale: float = 1.0
+
+
+@dataclass
+class SparseOutliers:
+    """Per-group lists of exact corrections. ``cu`` ``(n_groups + 1,)`` int32 prefix sums; ``pos`` ``(nnz,)`` int16
+    or int32: ``slot in group * D + channel``; ``val`` ``(nnz,)`` in the model dtype."""
+
+    cu: torch.Tensor
+    pos: torch.Tensor
+    val: torch.Tensor
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.cu, self.pos, self.val))
+
+
+@dataclass
+class LowRankFactors:
+    """Rank-r residual: ``a`` ``(n_groups * G, r)`` per slot, ``b`` ``(n_blocks, r, D)`` per block, ``block``
+    ``(n_groups,)`` int32 the block of each group (model dtype for ``a`` and ``b``)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    block: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.block))
+
+
+@dataclass
+class DecomposedSegments:
+    """Quantized ragged storage plus its corrections (module docstring); each correction is optional.
+
+    Attributes:
+        segs: codes (indices into ``*_levels``), scales, zeros and the ragged layout.
+        k_levels, v_levels: ``(2**bits,)`` float32 reconstruction points, or None for uniform codes.
+        k_outliers, v_outliers: sparse exact corrections, or None.
+        k_lowrank, v_lowrank: low-rank residual factors, or None.
+        positions: ``(n_groups * G,)`` int32 position of every slot when keys are stored pre-RoPE, else None.
+    """
+
+    segs: QuantizedSegments
+    k_levels: torch.Tensor | None = None
+    v_levels: torch.Tensor | None = None
+    k_outliers: SparseOutliers | None = None
+    v_outliers: SparseOutliers | None = None
+    k_lowrank: LowRankFactors | None = None
+    v_lowrank: LowRankFactors | None = None
+    positions: torch.Tensor | None = None
+
+    def __post_init__(self):
+        check_segments(self.segs)
+        s = self.segs
+        dev, n, G, D = s.device, s.n_groups, s.group_size, s.head_dim
+        for name in ("k_levels", "v_levels"):
+            t = getattr(self, name)
+            if t is not None:
+                check_tensor(t, name, ndim=1, dtypes=(torch.float32,), device=dev)
+                check_shape(t, name, (1 << s.bits,))
+        for name in ("k_outliers", "v_outliers"):
+            o = getattr(self, name)
+            if o is not None:
+                check_tensor(o.cu, f"{name}.cu", ndim=1, dtypes=(torch.int32,), device=dev)
+                check_shape(o.cu, f"{name}.cu", (n + 1,))
+                check_tensor(o.pos, f"{name}.pos", ndim=1, dtypes=(torch.int16, torch.int32), device=dev)
+                check_tensor(o.val, f"{name}.val", ndim=1, dtypes=(s.dtype,), device=dev)
+                check_shape(o.val, f"{name}.val", tuple(o.pos.shape))
+        for name in ("k_lowrank", "v_lowrank"):
+            lr = getattr(self, name)
+            if lr is not None:
+                check_tensor(lr.a, f"{name}.a", ndim=2, dtypes=(s.dtype,), device=dev)
+                check_shape(lr.a, f"{name}.a", (n * G, None))
+                check_tensor(lr.b, f"{name}.b", ndim=3, dtypes=(s.dtype,), device=dev)
+                check_shape(lr.b, f"{name}.b", (None, lr.rank, D))
+                check_tensor(lr.block, f"{name}.block", ndim=1, dtypes=(torch.int32,), device=dev)
+                check_shape(lr.block, f"{name}.block", (n,))
+        if self.positions is not None:
+            check_tensor(self.positions, "positions", ndim=1, dtypes=(torch.int32,), device=dev)
+            check_shape(self.positions, "positions", (n * G,))
+            if D % 2:
+                raise ValueError(f"pre-RoPE keys need an even head_dim, got {D}")
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor: codes, scales, zeros, metadata, levels, outliers, low-rank factors, positions."""
+        total = self.segs.nbytes()
+        for t in (self.k_levels, self.v_levels, self.positions):
+            total += 0 if t is None else t.numel() * t.element_size()
+        for part in (self.k_outliers, self.v_outliers, self.k_lowrank, self.v_lowrank):
+            total += 0 if part is None else part.nbytes()
+        return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary embedding (rotate-half convention)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, rope: RotaryTable, inverse: bool = False) -> torch.Tensor:
+    """``x`` ``(N, D)`` rotated to ``positions`` ``(N,)`` (``inverse``: un-rotated), computed in float32."""
+    half = x.shape[-1] // 2
+    theta = positions.float()[:, None] * rope.inv_freq.float().to(x.device)[None, :]
+    cos, sin = theta.cos() * rope.scale, theta.sin() * rope.scale
+    x1, x2 = x.float()[:, :half], x.float()[:, half:]
+    if inverse:  # R(theta)^-1 = R(-theta) / scale**2 applied to scale * R(theta) x gives x
+        cos, sin = cos / rope.scale**2, -sin / rope.scale**2
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-uniform levels
+
+
+def fit_levels(normalized: torch.Tensor, bits: int, iters: int = 20, max_samples: int = 1 << 18) -> torch.Tensor:
+    """1-d k-means of ``normalized`` values (in ``[0, 2**bits - 1]``): ``(2**bits,)`` float32 sorted levels.
+
+    Starts from the uniform levels, so it never does worse than uniform codes on the samples (k-means only lowers
+    the squared error); at most ``max_samples`` evenly strided samples are used.
+    """
+    n_levels = 1 << bits
+    x = normalized.reshape(-1).float()
+    if x.numel() > max_samples:
+        x = x[:: -(-x.numel() // max_samples)]
+    levels = torch.arange(n_levels, dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return levels
+    for _ in range(iters):
+        idx = _nearest(x, levels)
+        sums = torch.zeros_like(levels).index_add_(0, idx, x)
+        counts = torch.zeros_like(levels).index_add_(0, idx, torch.ones_like(x))
+        levels = torch.where(counts > 0, sums / counts.clamp(min=1), levels)
+        levels = levels.sort().values
+    return levels
+
+
+def _nearest(t: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level (sorted ``levels``) of every element of ``t``; ties go to the upper level, as
+    ``floor(t + 0.5)`` rounds uniform codes."""
+    mid = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(t.contiguous(), mid, right=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _outlier_mask(x: torch.Tensor, ratio: float, valid: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``(R, V, L)``: R rows of V vectors of length L. The top ``ratio`` of the valid elements by
+    ``|x - median| / MAD`` of their valid elements (robust, so that several outliers in one vector do not hide each
+    other), plus every element where ``exact``. Padding elements (``~valid``) are never chosen."""
+    mask = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)
+    k = round(ratio * int(valid.sum()))
+    if k > 0:
+        xf = torch.where(valid, x.float(), float("nan"))
+        med = xf.nanmedian(-1, keepdim=True).values
+        mad = (xf - med).abs().nanmedian(-1, keepdim=True).values
+        # A vector of a few valid elements has a MAD near 0: floor it at a tenth of the typical vector's.
+        floor = 0.1 * mad[mad.isfinite()].median() if bool(mad.isfinite().any()) else mad.new_tensor(0.0)
+        score = torch.where(valid, (xf - med).abs() / torch.maximum(mad, floor).clamp(min=1e-6), -1.0)
+        top = score.reshape(-1).topk(k).indices
+        mask.view(-1)[top] = True
+    if exact is not None:
+        mask |= exact & valid
+    return mask
+
+
+def _encode(x: torch.Tensor, out: torch.Tensor, levels: torch.Tensor, bits: int, dtype: torch.dtype):
+    """Quantize ``x`` ``(R, V, L)`` over its last axis, ignoring ``out`` elements (outliers, padding) for the range.
+
+    Returns (codes (R, V, L) int64, scale (R, V), zero (R, V), reconstruction (R, V, L) float32)."""
+    L_max = (1 << bits) - 1
+    mn = torch.where(out, float("inf"), x).amin(-1)
+    mx = torch.where(out, float("-inf"), x).amax(-1)
+    empty = ~torch.isfinite(mn)  # nothing left (a padding token, an exact row): the plain range
+    mn, mx = torch.where(empty, x.amin(-1), mn), torch.where(empty, x.amax(-1), mx)
+    scale = _round_up_to((mx - mn) / torch.full_like(mx, L_max), dtype)
+    zero = mn.to(dtype)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    t = torch.where(s > 0, (x - z) / torch.where(s > 0, s, 1.0), 0.0).clamp(0, L_max)
+    codes = _nearest(t, levels)
+    recon = levels[codes] * s + z
+    return codes, scale, zero, recon
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``codes`` ``(..., n)`` int64 with n a multiple of 32 // bits -> ``(..., n * bits / 32)`` int32 words; code j of
+    a word at bits ``j * bits`` upward."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
+    words = (codes.reshape(*codes.shape[:-1], -1, per_word) << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _low_rank(resid: torch.Tensor, seg_of_slot: torch.Tensor, n_seg: int, rank: int, generator: torch.Generator):
+    """One power-iteration step per block: ``resid`` ``(slots, D)`` float32 whose rows belong to blocks
+    ``seg_of_slot`` (rows of other blocks -1 are ignored). Returns ``a`` ``(slots, r)`` and ``b`` ``(n_seg, r, D)``."""
+    D = resid.shape[1]
+    omega = torch.randn(D, rank, generator=generator, dtype=torch.float32).to(resid.device)
+    y = resid @ omega  # (slots, r): each block's R @ omega, row by row
+    ok = seg_of_slot >= 0
+    counts = torch.bincount(seg_of_slot[ok], minlength=n_seg)
+    longest = int(counts.max()) if n_seg else 0
+    # Rows of each block side by side (zero-padded) for a batched QR.
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(torch.where(ok, seg_of_slot, n_seg), stable=True)[: int(ok.sum())]
+    rank_in = torch.arange(order.numel(), device=resid.device) - start[seg_of_slot[order]]
+    y_pad = resid.new_zeros(n_seg, max(longest, rank), rank)
+    r_pad = resid.new_zeros(n_seg, max(longest, rank), D)
+    y_pad[seg_of_slot[order], rank_in] = y[order]
+    r_pad[seg_of_slot[order], rank_in] = resid[order]
+    p = torch.linalg.qr(y_pad).Q  # (n_seg, rows, r) orthonormal columns
+    b = p.transpose(1, 2) @ r_pad  # (n_seg, r, D): the block's best fit in span(p)
+    a = resid.new_zeros(resid.shape[0], rank)
+    a[order] = p[seg_of_slot[order], rank_in]
+    return a, b
+
+
+@dataclass(frozen=True)
+class _Options:
+    bits: int
+    group_size: int
+    k_levels: torch.Tensor | None
+    v_levels: torch.Tensor | None
+    outlier_ratio: float
+    rank: int
+    rope: RotaryTable | None
+    seed: int
+
+
+def _encode_slots(k, v, valid, block_of_slot, n_blocks, positions, exact, opt: _Options):
+    """Encode padded slots ``k, v`` ``(n_groups * G, D)`` (whole groups); ``valid`` marks real tokens.
+
+    Returns the group-ordered storage pieces: dict of tensors for QuantizedSegments fields plus corrections."""
+    G, bits, dtype = opt.group_size, opt.bits, k.dtype
+    n_slots, D = k.shape
+    n = n_slots // G
+    dev = k.device
+    uniform = torch.arange(1 << bits, dtype=torch.float32, device=dev)
+    kf = k.float()
+    if positions is not None:
+        kf = rotate(kf, positions, opt.rope, inverse=True)
+    vf = v.float()
+    exact_slots = None if exact is None else exact[:, None].expand(n_slots, D)
+
+    # Keys: vectors are channels over a group's G tokens -> (n, D, G).
+    kx = kf.view(n, G, D).transpose(1, 2)
+    k_valid = valid.view(n, G)[:, None, :].expand(n, D, G)
+    k_exact = None if exact_slots is None else exact_slots.reshape(n, G, D).transpose(1, 2)
+    k_out = _outlier_mask(kx, opt.outlier_ratio, k_valid, k_exact)
+    k_lv = uniform if opt.k_levels is None else opt.k_levels.to(dev)
+    k_codes, k_scale, k_zero, k_rec = _encode(kx, k_out | ~k_valid, k_lv, bits, dtype)
+    k_codes, k_rec, k_out = (t.transpose(1, 2).reshape(n_slots, D) for t in (k_codes, k_rec, k_out))
+
+    # Values: vectors are G channels of one token -> (n_slots, D / G, G).
+    vx = vf.view(n_slots, D // G, G)
+    v_valid = valid[:, None, None].expand(n_slots, D // G, G)
+    v_exact = None if exact_slots is None else exact_slots.reshape(n_slots, D // G, G)
+    v_out = _outlier_mask(vx, opt.outlier_ratio, v_valid, v_exact)
+    v_lv = uniform if opt.v_levels is None else opt.v_levels.to(dev)
+    v_codes, v_scale, v_zero, v_rec = _encode(vx, v_out | ~v_valid, v_lv, bits, dtype)
+    v_codes, v_rec, v_out = (t.reshape(n_slots, D) for t in (v_codes, v_rec, v_out))
+
+    pieces = {
+        "k_packed": _pack(k_codes, bits),
+        "k_scale": k_scale,
+        "k_zero": k_zero,
+        # Values pack along tokens: word row w of a group holds tokens w * P + [0, P) of every channel.
+        "v_packed": _pack(v_codes.view(n, G, D).transpose(1, 2), bits).transpose(1, 2).reshape(-1, D),
+        "v_scale": v_scale.reshape(n_slots, D // G),
+        "v_zero": v_zero.reshape(n_slots, D // G),
+    }
+    pieces = {name: t.contiguous() for name, t in pieces.items()}  # the kernel assumes row-major storage
+    generator = torch.Generator().manual_seed(opt.seed)
+    for name, x, rec, out in (("k", kf, k_rec, k_out), ("v", vf, v_rec, v_out)):
+        if opt.rank > 0:
+            resid = torch.where(out | ~valid[:, None], 0.0, x - rec)
+            blocks = torch.where(valid, block_of_slot, -1)
+            a, b = _low_rank(resid, blocks, n_blocks, opt.rank, generator)
+            a, b = a.to(dtype), b.to(dtype)
+            rec = rec + _low_rank_rows(a, b, block_of_slot)
+            pieces[f"{name}_a"], pieces[f"{name}_b"] = a, b
+        # Exact remainders of the outliers, after everything else is reconstructed (rounded to the model dtype).
+        out = out & valid[:, None]
+        flat = out.reshape(n, G * D)
+        idx = flat.nonzero()  # (nnz, 2): group, slot-in-group * D + channel, sorted by group
+        rows = idx[:, 0] * G + idx[:, 1] // D
+        cols = idx[:, 1] % D
+        pieces[f"{name}_out_val"] = (x[rows, cols] - rec[rows, cols]).to(dtype)
+        pieces[f"{name}_out_pos"] = idx[:, 1].to(torch.int16 if G * D <= 32767 else torch.int32)
+        pieces[f"{name}_out_count"] = flat.sum(1)
+    return pieces
+
+
+def _low_rank_rows(a: torch.Tensor, b: torch.Tensor, block_of_slot: torch.Tensor) -> torch.Tensor:
+    """``a[t] . b[block_of_slot[t]]`` for every slot: ``(slots, D)`` float32."""
+    return torch.einsum("sr,srd->sd", a.float(), b.float()[block_of_slot.long()])
+
+
+def _corrections(pieces: dict, n_blocks_b: dict, block_of_group: torch.Tensor | None) -> dict:
+    """Wrap encoded pieces (group order) into SparseOutliers / LowRankFactors keyword arguments."""
+    out = {}
+    for name in ("k", "v"):
+        count = pieces[f"{name}_out_count"]
+        if count is not None:
+            cu = torch.cat([count.new_zeros(1), count.cumsum(0)]).to(torch.int32)
+            out[f"{name}_outliers"] = SparseOutliers(cu, pieces[f"{name}_out_pos"], pieces[f"{name}_out_val"])
+        if f"{name}_a" in pieces:
+            out[f"{name}_lowrank"] = LowRankFactors(pieces[f"{name}_a"], n_blocks_b[name], block_of_group)
+    return out
+
+
+def _check_options(bits, group_size, head_dim, k_levels, v_levels, outlier_ratio, rank, positions, rope, n_rows, dev):
+    check_params(bits, group_size, head_dim)
+    for name, lv in (("k_levels", k_levels), ("v_levels", v_levels)):
+        if lv is not None:
+            check_tensor(lv, name, ndim=1, dtypes=(torch.float32,))
+            check_shape(lv, name, (1 << bits,))
+    if not 0.0 <= float(outlier_ratio) < 1.0:
+        raise ValueError(f"outlier_ratio must be in [0, 1), got {outlier_ratio!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= head_dim:
+        raise ValueError(f"rank must be an int in [0, head_dim = {head_dim}], got {rank!r}")
+    if positions is not None:
+        check_tensor(positions, "positions", ndim=1, dtypes=INT_DTYPES, device=dev)
+        check_shape(positions, "positions", (n_rows,))
+        if not isinstance(rope, RotaryTable):
+            raise ValueError("pre-RoPE keys (positions given) need rope, a RotaryTable of the model")
+        check_shape(rope.inv_freq, "rope.inv_freq", (head_dim // 2,))
+
+
+def decompose_segments(
+    seg_k: torch.Tensor,
+    seg_v: torch.Tensor,
+    seg_lens: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    k_levels: torch.Tensor | None = None,
+    v_levels: torch.Tensor | None = None,
+    outlier_ratio: float = 0.0,
+    exact_rows: torch.Tensor | None = None,
+    rank: int = 0,
+    positions: torch.Tensor | None = None,
+    rope: RotaryTable | None = None,
+    seed: int = 0,
+) -> DecomposedSegments:
+    """Quantize ragged segments with corrections; each segment's context is one low-rank block.
+
+    Args:
+        seg_k, seg_v: (N, D) float16/bfloat16/float32 rows of S segments back to back; keys post-RoPE.
+        seg_lens: (S,) int lengths summing to N.
+        bits: 2, 4 or 8. group_size: a power of two >= 16 dividing D.
+        k_levels, v_levels: (2**bits,) float32 sorted levels in [0, 2**bits - 1]; None: uniform codes.
+        outlier_ratio: share of the elements kept exactly as sparse outliers (per-vector standardized ranking).
+        exact_rows: optional (N,) bool rows stored exactly (attention sinks).
+        rank: rank of the residual approximation per block (0: none).
+        positions: optional (N,) int positions: keys are then stored pre-RoPE (needs ``rope``).
+        rope: the model's rotary table (with ``positions``).
+        seed: seed of the power iteration's random start.
+
+    Returns:
+        DecomposedSegments (``ctx_len = seg_lens``); corrections present only when asked for.
+    """
+    check_tensor(seg_k, "seg_k", ndim=2, dtypes=FLOAT_DTYPES)
+    dev, dtype = seg_k.device, seg_k.dtype
+    check_tensor(seg_v, "seg_v", ndim=2, dtypes=(dtype,), device=dev)
+    check_shape(seg_v, "seg_v", tuple(seg_k.shape))
+    check_tensor(seg_lens, "seg_lens", ndim=1, dtypes=INT_DTYPES, device=dev)
+    N, D = seg_k.shape
+    _check_options(bits, group_size, D, k_levels, v_levels, outlier_ratio, rank, positions, rope, N, dev)
+    if exact_rows is not None:
+        check_tensor(exact_rows, "exact_rows", ndim=1, dtypes=(torch.bool,), device=dev)
+        check_shape(exact_rows, "exact_rows", (N,))
+    G = group_size
+    lens = seg_lens.long()
+    if bool((lens < 0).any()) or int(lens.sum()) != N:
+        raise ValueError(f"seg_lens must be >= 0 and sum to seg_k.shape[0] = {N}, got {seg_lens.tolist()}")
+    n_groups = (lens + G - 1) // G
+    cu_groups = torch.cat([n_groups.new_zeros(1), n_groups.cumsum(0)])
+    total = int(cu_groups[-1])
+    seg, off = _segment_of_slots(cu_groups, total, G)
+    starts = lens.cumsum(0) - lens
+    rows = starts[seg] + torch.minimum(off, lens[seg] - 1)  # padding slots repeat the segment's last row
+    valid = off < lens[seg]
+    opt = _Options(bits, G, k_levels, v_levels, float(outlier_ratio), rank, rope, seed)
+    pos = None if positions is None else positions.long()[rows]
+    exact = None if exact_rows is None else exact_rows[rows]
+    pieces = _encode_slots(seg_k[rows], seg_v[rows], valid, seg, lens.numel(), pos, exact, opt)
+    _drop_unused_outliers(pieces, outlier_ratio, exact_rows)
+    i32 = {"dtype": torch.int32}
+    segs = QuantizedSegments(
+        pieces["k_packed"], pieces["k_scale"], pieces["k_zero"], pieces["v_packed"], pieces["v_scale"],
+        pieces["v_zero"], cu_groups.to(**i32), lens.to(**i32), n_groups.to(**i32), bits, G, D, dtype,
+    )  # fmt: skip
+    block_of_group = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), n_groups).to(**i32)
+    corrections = _corrections(pieces, {"k": pieces.get("k_b"), "v": pieces.get("v_b")}, block_of_group)
+    return DecomposedSegments(
+        segs, k_levels=None if k_levels is None else k_levels.to(dev), v_levels=None if v_levels is None else
+        v_levels.to(dev), positions=None if pos is None else pos.to(**i32), **corrections,
+    )  # fmt: skip
+
+
+def _drop_unused_outliers(pieces: dict, outlier_ratio: float, exact_rows) -> None:
+    if outlier_ratio == 0 and exact_rows is None:
+        for name in ("k", "v"):
+            pieces[f"{name}_out_count"] = None
+
+
+def append_decomposed_groups(
+    ds: DecomposedSegments,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    *,
+    outlier_ratio: float = 0.0,
+    positions: torch.Tensor | None = None,
+    rope: RotaryTable | None = None,
+    seed: int = 0,
+) -> DecomposedSegments:
+    """Encode ``n`` whole groups per segment as ``ds`` does and append them after each segment's groups.
+
+    Args:
+        ds: current storage (not modified). Its levels, rank and pre-RoPE mode are reused.
+        new_k, new_v: (S, n * G, D) full-precision tokens (keys post-RoPE) of ``ds``'s dtype.
+        outlier_ratio: as in `decompose_segments` (the owner keeps it).
+        positions: (S, n * G) int positions of the new tokens; required iff ``ds`` stores pre-RoPE keys.
+        rope: the rotary table (with positions).
+        seed: seed of the power iteration.
+
+    Returns:
+        New DecomposedSegments; the appended groups of each segment form one new low-rank block.
+    """
+    check_segments(ds.segs)
+    segs = ds.segs
+    S, G, D, dev, dtype = segs.num_segments, segs.group_size, segs.head_dim, segs.device, segs.dtype
+    check_tensor(new_k, "new_k", ndim=3, dtypes=(dtype,), device=dev)
+    check_tensor(new_v, "new_v", ndim=3, dtypes=(dtype,), device=dev)
+    check_shape(new_k, "new_k", (S, None, D))
+    check_shape(new_v, "new_v", tuple(new_k.shape))
+    if new_k.shape[1] % G:
+        raise ValueError(f"new_k.shape[1] = {new_k.shape[1]} tokens must be a multiple of group_size = {G}")
+    if (positions is None) != (ds.positions is None):
+        raise ValueError("positions must be given exactly when the storage holds pre-RoPE keys")
+    rank = 0 if ds.k_lowrank is None else ds.k_lowrank.rank
+    n_new = new_k.shape[1]
+    flat_pos = None if positions is None else positions.reshape(-1)
+    _check_options(segs.bits, G, D, ds.k_levels, ds.v_levels, outlier_ratio, rank, flat_pos, rope, S * n_new, dev)
+    n = n_new // G
+    old = segs.n_groups
+    opt = _Options(segs.bits, G, ds.k_levels, ds.v_levels, float(outlier_ratio), rank, rope, seed)
+    n_old_blocks = 0 if ds.k_lowrank is None else ds.k_lowrank.b.shape[0]
+    block_of_slot = torch.arange(S, device=dev).repeat_interleave(n_new)
+    valid = torch.ones(S * n_new, dtype=torch.bool, device=dev)
+    pieces = _encode_slots(new_k.reshape(-1, D), new_v.reshape(-1, D), valid, block_of_slot, S,
+                           None if flat_pos is None else flat_pos.long(), None, opt)  # fmt: skip
+    if ds.k_outliers is None:
+        pieces["k_out_count"] = pieces["v_out_count"] = None
+
+    cu = segs.cu_groups.long()
+    new_cu = cu + torch.arange(S + 1, device=dev) * n
+    seg_of_old = torch.repeat_interleave(torch.arange(S, device=dev), cu[1:] - cu[:-1], output_size=old)
+    dest_old = torch.arange(old, device=dev) + seg_of_old * n
+    dest_new = ((new_cu[1:] - n)[:, None] + torch.arange(n, device=dev)).reshape(-1)
+    total = old + S * n
+
+    def merge(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
+        out = a.new_empty((total, rows, *a.shape[1:]))
+        out.index_copy_(0, dest_old, a.reshape(old, rows, *a.shape[1:]))
+        out.index_copy_(0, dest_new, b.reshape(S * n, rows, *b.shape[1:]))
+        return out.reshape(total * rows, *a.shape[1:])
+
+    W = segs.words_per_group
+    fields = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero")
+    merged = [merge(getattr(segs, f), pieces[f], r) for f, r in zip(fields, (G, 1, 1, W, G, G))]
+    new_segs = QuantizedSegments(*merged, new_cu.to(torch.int32), segs.ctx_len, segs.ctx_groups, segs.bits, G, D,
+                                 dtype)  # fmt: skip
+    extra = {}
+    if ds.positions is not None:
+        extra["positions"] = merge(ds.positions[:, None], flat_pos.to(torch.int32)[:, None], G).reshape(-1)
+    for name in ("k", "v"):
+        lr = getattr(ds, f"{name}_lowrank")
+        if lr is not None:
+            new_block = (n_old_blocks + torch.arange(S, device=dev)).repeat_interleave(n).to(torch.int32)
+            extra[f"{name}_lowrank"] = LowRankFactors(
+                merge(lr.a, pieces[f"{name}_a"], G), torch.cat([lr.b, pieces[f"{name}_b"]]),
+                merge(lr.block[:, None], new_block[:, None], 1).reshape(-1),
+            )  # fmt: skip
+        o = getattr(ds, f"{name}_outliers")
+        if o is not None:
+            extra[f"{name}_outliers"] = _merge_outliers(o, pieces, name, dest_old, dest_new, total)
+    return dataclasses.replace(ds, segs=new_segs, **extra)
+
+
+def _merge_outliers(o: SparseOutliers, pieces: dict, name: str, dest_old, dest_new, total: int) -> SparseOutliers:
+    """Old and new per-group outlier lists, reordered to the merged group order."""
+    old_counts = (o.cu[1:] - o.cu[:-1]).long()
+    new_counts = pieces[f"{name}_out_count"].long()
+    counts = torch.zeros(total, dtype=torch.long, device=o.cu.device)
+    counts[dest_old], counts[dest_new] = old_counts, new_counts
+    group_of_entry = torch.cat([dest_old.repeat_interleave(old_counts), dest_new.repeat_interleave(new_counts)])
+    order = torch.argsort(group_of_entry, stable=True)
+    pos = torch.cat([o.pos, pieces[f"{name}_out_pos"].to(o.pos.dtype)])[order]
+    val = torch.cat([o.val, pieces[f"{name}_out_val"]])[order]
+    cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return SparseOutliers(cu, pos, val)
+
+
+def _reconstruct_slots(ds: DecomposedSegments, rope: RotaryTable | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slot's key (post-RoPE) and value, float32 ``(n_groups * G, D)``."""
+    s = ds.segs
+    G, D, bits, n = s.group_size, s.head_dim, s.bits, s.n_groups
+    per_word, mask = 32 // bits, (1 << bits) - 1
+    shifts = torch.arange(per_word, device=s.device, dtype=torch.int64) * bits
+    uniform = torch.arange(1 << bits, dtype=torch.float32, device=s.device)
+    k_lv = uniform if ds.k_levels is None else ds.k_levels
+    v_lv = uniform if ds.v_levels is None else ds.v_levels
+    kw = s.k_packed.long() & 0xFFFFFFFF  # (slots, D / P)
+    k_codes = ((kw[..., None] >> shifts) & mask).reshape(n * G, D)
+    vw = s.v_packed.long().view(n, s.words_per_group, D) & 0xFFFFFFFF  # (n, W, D)
+    v_codes = ((vw[:, :, None, :] >> shifts[None, None, :, None]) & mask).reshape(n * G, D)
+    k = k_lv[k_codes] * s.k_scale.float().repeat_interleave(G, 0) + s.k_zero.float().repeat_interleave(G, 0)
+    v = v_lv[v_codes] * s.v_scale.float().repeat_interleave(G, 1) + s.v_zero.float().repeat_interleave(G, 1)
+    out = []
+    for name, x in (("k", k), ("v", v)):
+        lr = getattr(ds, f"{name}_lowrank")
+        if lr is not None:
+            x = x + _low_rank_rows(lr.a, lr.b, lr.block.long().repeat_interleave(G))
+        o = getattr(ds, f"{name}_outliers")
+        if o is not None:
+            group = torch.repeat_interleave(torch.arange(n, device=s.device), (o.cu[1:] - o.cu[:-1]).long(),
+                                            output_size=o.pos.shape[0])  # fmt: skip
+            p = o.pos.long()
+            x = x.index_put((group * G + p // D, p % D), o.val.float(), accumulate=True)
+        out.append(x)
+    k, v = out
+    if ds.positions is not None:
+        if rope is None:
+            raise ValueError("this storage holds pre-RoPE keys: pass rope, the model's RotaryTable")
+        k = rotate(k, ds.positions, rope)
+    return k, v
+
+
+def dequantize_decomposed(ds: DecomposedSegments, rope: RotaryTable | None = None):
+    """The valid tokens as plain ragged rows, keys post-RoPE: ``(seg_k, seg_v, seg_lens)``, rows in ``segs.dtype``
+    (each element reconstructed in float32, then rounded once) and ``(S,)`` int64 lengths."""
+    if not isinstance(ds, DecomposedSegments):
+        raise ValueError(f"ds must be a DecomposedSegments, got {type(ds).__name__}")  # noqa: TRY004
+    ds.__post_init__()
+    k, v = _reconstruct_slots(ds, rope)
+    valid, lens = valid_slots(ds.segs)
+    dtype = ds.segs.dtype
+    return k[valid].to(dtype), v[valid].to(dtype), lens
