@@ -41,6 +41,7 @@ __all__ = [
     "RotaryTable",
     "SparseOutliers",
     "append_decomposed_groups",
+    "calibrate_levels",
     "decompose_segments",
     "dequantize_decomposed",
     "fit_levels",
@@ -605,3 +606,41 @@ def dequantize_decomposed(ds: DecomposedSegments, rope: RotaryTable | None = Non
     valid, lens = valid_slots(ds.segs)
     dtype = ds.segs.dtype
     return k[valid].to(dtype), v[valid].to(dtype), lens
+
+
+def calibrate_levels(
+    seg_k: torch.Tensor,
+    seg_v: torch.Tensor,
+    seg_lens: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    outlier_ratio: float = 0.0,
+    positions: torch.Tensor | None = None,
+    rope: RotaryTable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-uniform levels for keys and values fitted (`fit_levels`) on these tokens' own normalized codes.
+
+    Each element is placed in ``[0, 2**bits - 1]`` by its group's range, as `decompose_segments` would place it
+    (outliers excluded, keys un-rotated when ``positions`` is given), and the levels are the 1-d k-means of those
+    points: ``(k_levels, v_levels)``, each ``(2**bits,)`` float32.
+    """
+    ds = decompose_segments(seg_k, seg_v, seg_lens, bits, group_size, outlier_ratio=outlier_ratio,
+                            positions=positions, rope=rope)  # fmt: skip
+    s, G = ds.segs, group_size
+    valid, _ = valid_slots(s)
+    top = float((1 << bits) - 1)
+    kx = seg_k.float()
+    if positions is not None:
+        kx = rotate(kx, positions, rope, inverse=True)
+    order = valid.nonzero().squeeze(1)  # valid slots, in row order
+    ks = s.k_scale.float().repeat_interleave(G, 0)[order]
+    kz = s.k_zero.float().repeat_interleave(G, 0)[order]
+    vs = s.v_scale.float().repeat_interleave(G, 1)[order]
+    vz = s.v_zero.float().repeat_interleave(G, 1)[order]
+
+    def normalized(x, scale, zero):
+        t = (x - zero) / torch.where(scale > 0, scale, 1.0)
+        return t[(scale > 0) & (t >= 0) & (t <= top)]  # outliers fall outside their group's range
+
+    return fit_levels(normalized(kx, ks, kz), bits), fit_levels(normalized(seg_v.float(), vs, vz), bits)
