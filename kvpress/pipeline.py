@@ -13,6 +13,7 @@ from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.layer_access import dense_cache_bytes, layer_memory_bytes, restore_cache, snapshot_cache
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache, model_head_dim
+from kvpress.cache.rotary import rotary_table
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.compression_summary import CompressionSummary
 from kvpress.presses.base_press import BasePress
@@ -214,6 +215,11 @@ class KVPressTextGenerationPipeline(Pipeline):
                 f"{type(press).__name__} merges layer pairs, which a quantized cache cannot store; "
                 "pass kv_quantization=None"
             )
+        if press is not None and press.capabilities.rerotates_positions and kv_quantization.pre_rope:
+            raise ValueError(
+                f"{type(press).__name__} moves kept keys to new positions, and method={kv_quantization.method!r} "
+                "with pre_rope=True stores keys by their prefill positions; pass pre_rope=False in kv_quantization"
+            )
         try:
             kv_quantization.check_head_dim(model_head_dim(self.model.config))
         except ValueError as err:
@@ -310,9 +316,13 @@ class KVPressTextGenerationPipeline(Pipeline):
             prompt_ids=prompt[0].cpu(),
         )
 
+    def _rope(self, quantization: QuantizationConfig):
+        """The model's rotary table when the quantized storage keeps keys before RoPE, else None."""
+        return rotary_table(self.model) if quantization.pre_rope else None
+
     def _make_cache(self, press: BasePress | None, quantization: QuantizationConfig | None = None):
         if quantization is not None:
-            return QuantizedCache(config=self.model.config, quantization=quantization)
+            return QuantizedCache(config=self.model.config, quantization=quantization, rope=self._rope(quantization))
         head_variable = press is not None and press.capabilities.head_variable
         return VarlenCache(config=self.model.config) if head_variable else DynamicCache(config=self.model.config)
 
@@ -497,8 +507,9 @@ class KVPressTextGenerationPipeline(Pipeline):
         self._check_press(press, [item["prompts"][0] for item in items])
         caches, positions, summaries = [], [], []
         kind = VarlenCache if quantization is None else QuantizedCache
+        extra = {} if quantization is None else {"quantization": quantization, "rope": self._rope(quantization)}
         for item in items:
-            cache = kind(config=self.model.config, **({} if quantization is None else {"quantization": quantization}))
+            cache = kind(config=self.model.config, **extra)
             prompt = item["prompts"][0].to(device)
             position, report = self._prefill(prompt, cache, press, record_kept)
             positions.append(position)

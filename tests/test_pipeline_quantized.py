@@ -15,9 +15,11 @@ from kvpress.cache.layer_access import layer_memory_bytes
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer
+from kvpress.cache.rotary import rotary_table
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.pipeline import TASK
 from kvpress.presses.adakv_press import AdaKVPress
+from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.think_press import ThinKPress
@@ -54,7 +56,8 @@ def manual_answer(model, tokenizer, context, question, press, quantization, max_
         return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
     ids, tail = encode(full[:cut]), encode(full[cut:])
-    cache = QuantizedCache(config=model.config, quantization=quantization)
+    rope = rotary_table(model) if quantization.pre_rope else None
+    cache = QuantizedCache(config=model.config, quantization=quantization, rope=rope)
     eos, generated = eos_ids(model, tokenizer), []
     with torch.no_grad():
         if press is None:
@@ -66,7 +69,9 @@ def manual_answer(model, tokenizer, context, question, press, quantization, max_
         with compressed_attention(model):
             for _ in range(max_new_tokens):
                 positions = torch.arange(position, position + tail.shape[1])[None]
-                token = model(input_ids=tail, **cache_kwargs(model, cache), position_ids=positions).logits[0, -1].argmax()
+                token = (
+                    model(input_ids=tail, **cache_kwargs(model, cache), position_ids=positions).logits[0, -1].argmax()
+                )
                 if int(token) in eos:
                     break
                 generated.append(int(token))
@@ -93,6 +98,38 @@ def test_answers_equal_decoding_by_hand_across_flushes(arch, press_name, bits):
     ]
     assert out["answers"] == expected
     assert len(set(expected)) == len(expected)  # distinct answers: restoring between questions matters
+
+
+@pytest.mark.parametrize(
+    ("arch", "press_name", "method", "bits"),
+    [("llama", "none", "kvquant", 2), ("llama", "adakv", "kvquant", 4), ("qwen3", "snapkv", "gear", 2),
+     ("gemma3", "knorm", "gear", 4)],
+)  # fmt: skip
+def test_kvquant_and_gear_answers_equal_decoding_by_hand_across_flushes(arch, press_name, method, bits):
+    """The pipeline builds the storage the method names (with the model's rotary table for KVQuant's pre-RoPE keys)
+    and answers as greedy decoding by hand over the same cache, across flushes and between questions."""
+    pipe = quant_pipeline(arch)
+    quantization = {"bits": bits, "group_size": 32, "residual_length": 32, "method": method}
+    context = random_text(70, seed=4)
+    out = pipe(context, questions=QUESTIONS, press=PRESSES[press_name](), kv_quantization=quantization,
+               max_new_tokens=40)  # fmt: skip
+    config = QuantizationConfig(**quantization)
+    expected = [
+        manual_answer(pipe.model, pipe.tokenizer, context, q, PRESSES[press_name](), config, 40) for q in QUESTIONS
+    ]
+    assert out["answers"] == expected
+
+
+def test_key_rerotation_is_refused_with_pre_rope_keys():
+    pipe = quant_pipeline("llama")
+    press = KeyRerotationPress(KnormPress(0.5))
+    with pytest.raises(ValueError, match="pre_rope=False"):
+        pipe(
+            random_text(40), question=QUESTIONS[0], press=press, kv_quantization={"method": "kvquant", "group_size": 32}
+        )
+    out = pipe(random_text(40), question=QUESTIONS[0], press=press, max_new_tokens=3,
+               kv_quantization={"method": "kvquant", "group_size": 32, "pre_rope": False})  # fmt: skip
+    assert isinstance(out["answer"], str)
 
 
 def test_query_aware_equals_decoding_by_hand():
@@ -140,10 +177,13 @@ def test_user_cache_ends_up_quantized_even_without_compression(press_name, tmp_p
     assert pipe(None, question=QUESTIONS[0], cache=loaded, max_new_tokens=6) == out
 
 
-@pytest.mark.parametrize("press_name", ["none", "knorm", "adakv"])
-def test_batch_equals_each_context_alone(press_name):
+@pytest.mark.parametrize(
+    ("press_name", "method"), [("none", "kivi"), ("knorm", "kivi"), ("adakv", "kivi"), ("adakv", "kvquant"),
+                               ("knorm", "gear")],
+)  # fmt: skip
+def test_batch_equals_each_context_alone(press_name, method):
     pipe = quant_pipeline("llama")
-    quantization = {"bits": 4, "group_size": 32}
+    quantization = {"bits": 4, "group_size": 32, "method": method}
     contexts = [random_text(40 + 17 * i, seed=i) for i in range(3)]  # different lengths: no padding may enter
     stacked = []
     original = QuantizedCache.concatenate

@@ -73,10 +73,10 @@ if triton is not None:
     from .varlen_attention import _attend_tail, _load_queries, _locate_split, _online_step, _write_split
 
     @triton.jit
-    def _rebuild(codes, lut_ptr, LUT: tl.constexpr):
-        """Level of each code (float32): a table lookup, or the code itself for uniform levels."""
+    def _rebuild(codes, lut_ptr, seg, LUT: tl.constexpr, NLEV: tl.constexpr):
+        """Level of each code (float32): a lookup in the segment's table, or the code itself for uniform levels."""
         if LUT:
-            return tl.load(lut_ptr + codes.to(tl.int32))
+            return tl.load(lut_ptr + seg * NLEV + codes.to(tl.int32))
         else:
             return codes.to(tl.float32)
 
@@ -179,7 +179,7 @@ if triton is not None:
             codes = (words.to(tl.uint32, bitcast=True) >> dshift[None, :]) & MASK
             k_s = tl.load(ks_ptr + grp * D + d, mask=d_ok, other=0.0).to(tl.float32)
             k_z = tl.load(kz_ptr + grp * D + d, mask=d_ok, other=0.0).to(tl.float32)
-            k = _rebuild(codes, klut_ptr, K_LUT) * k_s[None, :] + k_z[None, :]
+            k = _rebuild(codes, klut_ptr, seg, K_LUT, 1 << BITS) * k_s[None, :] + k_z[None, :]
             if K_RANK > 0:
                 k = _add_low_rank(k, ka_ptr, kb_ptr, kblk_ptr, slot, c_ok, grp, d, d_ok, D, K_RANK, RP)
             if K_OUT:
@@ -196,7 +196,7 @@ if triton is not None:
             sz = slot[:, None] * (D // GS) + (d // GS)[None, :]
             v_s = tl.load(vs_ptr + sz, mask=tile_ok, other=0.0).to(tl.float32)
             v_z = tl.load(vz_ptr + sz, mask=tile_ok, other=0.0).to(tl.float32)
-            v = _rebuild(codes, vlut_ptr, V_LUT) * v_s + v_z
+            v = _rebuild(codes, vlut_ptr, seg, V_LUT, 1 << BITS) * v_s + v_z
             if V_RANK > 0:
                 v = _add_low_rank(v, va_ptr, vb_ptr, vblk_ptr, slot, c_ok, grp, d, d_ok, D, V_RANK, RP)
             if V_OUT:

@@ -5,14 +5,15 @@ token, codes packed across groups) whose element ``x`` at token slot ``t``, chan
 
     x = levels[code] * scale + zero  +  (a_t . b_block)[c]  +  sparse[t, c]
 
-- ``levels``: ``2**bits`` float32 reconstruction points in ``[0, 2**bits - 1]``. Uniform quantization is
-  ``levels = arange(2**bits)``; a non-uniform datatype (KVQuant's) stores its calibrated points. Codes pick the
+- ``levels``: ``2**bits`` float32 reconstruction points in ``[0, 2**bits - 1]`` per segment (so that sequences
+  calibrated apart can share a batch). Uniform quantization is ``levels = arange(2**bits)``; a non-uniform datatype
+  (KVQuant's) stores its calibrated points. Codes pick the
   nearest level of ``(x - zero) / scale``.
 - low rank (GEAR): ``a`` ``(slots, r)`` per token slot and ``b`` ``(blocks, r, D)`` per block, a block being the
   groups quantized together (a segment's context, or the groups one flush appended to it). ``a . b`` is a rank-``r``
   approximation of the quantization residual of the block (one power-iteration step, as GEAR).
-- sparse outliers: per group, a list of ``(slot in group * D + channel, value)``. The elements furthest from their
-  vector's median, in units of the vector's median absolute deviation (vectors: a key channel over the group's
+- sparse outliers: per group, a list of ``(slot in group * D + channel, value)``. In each segment, the elements
+  furthest from their vector's median, in units of the vector's median absolute deviation (vectors: a key channel over the group's
   ``G`` tokens, a value token over its ``G`` channels), are left out of the group's min/max, and their remainder is
   stored:
   ``value = x - (everything above)``. Rows marked exact (attention sinks) put every element there.
@@ -33,7 +34,15 @@ import torch
 
 from ._common import INT_DTYPES, check_shape, check_tensor
 from .quantization import FLOAT_DTYPES, _round_up_to
-from .quantized_segments import QuantizedSegments, _segment_of_slots, check_params, check_segments, valid_slots
+from .quantized_segments import (
+    QuantizedSegments,
+    _segment_of_slots,
+    check_params,
+    check_segments,
+    concat_segments,
+    select_segments,
+    valid_slots,
+)
 
 __all__ = [
     "DecomposedSegments",
@@ -42,10 +51,12 @@ __all__ = [
     "SparseOutliers",
     "append_decomposed_groups",
     "calibrate_levels",
+    "concat_decomposed",
     "decompose_segments",
     "dequantize_decomposed",
     "fit_levels",
     "rotate",
+    "select_decomposed",
 ]
 
 
@@ -93,7 +104,8 @@ class DecomposedSegments:
 
     Attributes:
         segs: codes (indices into ``*_levels``), scales, zeros and the ragged layout.
-        k_levels, v_levels: ``(2**bits,)`` float32 reconstruction points, or None for uniform codes.
+        k_levels, v_levels: ``(S, 2**bits)`` float32 reconstruction points of each segment, or None for uniform
+            codes.
         k_outliers, v_outliers: sparse exact corrections, or None.
         k_lowrank, v_lowrank: low-rank residual factors, or None.
         positions: ``(n_groups * G,)`` int32 position of every slot when keys are stored pre-RoPE, else None.
@@ -115,8 +127,8 @@ class DecomposedSegments:
         for name in ("k_levels", "v_levels"):
             t = getattr(self, name)
             if t is not None:
-                check_tensor(t, name, ndim=1, dtypes=(torch.float32,), device=dev)
-                check_shape(t, name, (1 << s.bits,))
+                check_tensor(t, name, ndim=2, dtypes=(torch.float32,), device=dev)
+                check_shape(t, name, (s.num_segments, 1 << s.bits))
         for name in ("k_outliers", "v_outliers"):
             o = getattr(self, name)
             if o is not None:
@@ -198,32 +210,70 @@ def _nearest(t: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(t.contiguous(), mid, right=True)
 
 
+def _nearest_rows(t: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """`_nearest` with one sorted level table per row: ``t`` ``(R, V, L)``, ``levels`` ``(R, M)``."""
+    R, V, L = t.shape
+    mid = (levels[:, 1:] + levels[:, :-1]) / 2
+    mid = mid[:, None, :].expand(R, V, mid.shape[1]).reshape(R * V, -1)
+    return torch.searchsorted(mid.contiguous(), t.reshape(R * V, L).contiguous(), right=True).view(R, V, L)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Encoding
 
 
-def _outlier_mask(x: torch.Tensor, ratio: float, valid: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
-    """``x`` ``(R, V, L)``: R rows of V vectors of length L. The top ``ratio`` of the valid elements by
-    ``|x - median| / MAD`` of their valid elements (robust, so that several outliers in one vector do not hide each
-    other), plus every element where ``exact``. Padding elements (``~valid``) are never chosen."""
+def _outlier_mask(x, ratio: float, valid, exact, seg_of_row: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """``x`` ``(R, V, L)``: R rows of V vectors of length L, row r in segment ``seg_of_row[r]``. In each segment, the
+    top ``ratio`` of its valid elements by ``|x - median| / MAD`` of their vector (robust, so that several outliers
+    in one vector do not hide each other), plus every element where ``exact``. Padding elements (``~valid``) are
+    never chosen. Each segment is ranked on its own, so a sequence's storage does not depend on its batch."""
     mask = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)
-    k = round(ratio * int(valid.sum()))
-    if k > 0:
+    if ratio > 0:
+        R, V, L = x.shape
         xf = torch.where(valid, x.float(), float("nan"))
         med = xf.nanmedian(-1, keepdim=True).values
-        mad = (xf - med).abs().nanmedian(-1, keepdim=True).values
-        # A vector of a few valid elements has a MAD near 0: floor it at a tenth of the typical vector's.
-        floor = 0.1 * mad[mad.isfinite()].median() if bool(mad.isfinite().any()) else mad.new_tensor(0.0)
+        mad = (xf - med).abs().nanmedian(-1, keepdim=True).values  # (R, V, 1)
+        # A vector of a few valid elements has a MAD near 0: floor it at a tenth of its segment's typical MAD.
+        floor = 0.1 * _segment_medians(mad.view(R, V), seg_of_row, n_seg)[seg_of_row].view(R, 1, 1)
         score = torch.where(valid, (xf - med).abs() / torch.maximum(mad, floor).clamp(min=1e-6), -1.0)
-        top = score.reshape(-1).topk(k).indices
-        mask.view(-1)[top] = True
+        element_seg = seg_of_row.view(R, 1, 1).expand(R, V, L).reshape(-1)
+        budget = torch.round(ratio * torch.bincount(element_seg[valid.reshape(-1)], minlength=n_seg)).long()
+        rank = _rank_in_segment(score.reshape(-1), element_seg, n_seg)
+        mask.view(-1)[:] = (rank < budget[element_seg]) & valid.reshape(-1)
     if exact is not None:
         mask |= exact & valid
     return mask
 
 
+def _rank_in_segment(score: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """Rank (0 = highest score) of every element among the elements of its segment."""
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(seg[order], stable=True)]  # by segment, best first inside each
+    counts = torch.bincount(seg, minlength=n_seg)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(seg)
+    rank[order] = torch.arange(seg.numel(), device=seg.device) - starts[seg[order]]
+    return rank
+
+
+def _segment_medians(values: torch.Tensor, seg_of_row: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """Median of the finite ``values`` ``(R, V)`` of each segment's rows: ``(n_seg,)`` (0 where there are none)."""
+    flat = values.reshape(-1)
+    seg = seg_of_row[:, None].expand_as(values).reshape(-1)
+    ok = flat.isfinite()
+    flat, seg = flat[ok], seg[ok]
+    order = torch.argsort(flat, stable=True)
+    order = order[torch.argsort(seg[order], stable=True)]
+    counts = torch.bincount(seg, minlength=n_seg)
+    starts = torch.cumsum(counts, 0) - counts
+    pick = (starts + (counts - 1).clamp(min=0) // 2).clamp(max=max(flat.numel() - 1, 0))
+    medians = flat[order][pick] if flat.numel() else torch.zeros(n_seg, device=values.device)
+    return torch.where(counts > 0, medians, 0.0)
+
+
 def _encode(x: torch.Tensor, out: torch.Tensor, levels: torch.Tensor, bits: int, dtype: torch.dtype):
-    """Quantize ``x`` ``(R, V, L)`` over its last axis, ignoring ``out`` elements (outliers, padding) for the range.
+    """Quantize ``x`` ``(R, V, L)`` over its last axis with the level table ``levels[r]`` ``(R, M)`` of each row,
+    ignoring ``out`` elements (outliers, padding) for the range.
 
     Returns (codes (R, V, L) int64, scale (R, V), zero (R, V), reconstruction (R, V, L) float32)."""
     L_max = (1 << bits) - 1
@@ -235,8 +285,8 @@ def _encode(x: torch.Tensor, out: torch.Tensor, levels: torch.Tensor, bits: int,
     zero = mn.to(dtype)
     s, z = scale.float()[..., None], zero.float()[..., None]
     t = torch.where(s > 0, (x - z) / torch.where(s > 0, s, 1.0), 0.0).clamp(0, L_max)
-    codes = _nearest(t, levels)
-    recon = levels[codes] * s + z
+    codes = _nearest_rows(t, levels)
+    recon = torch.gather(levels[:, None, :].expand(*t.shape[:2], levels.shape[1]), 2, codes) * s + z
     return codes, scale, zero, recon
 
 
@@ -285,15 +335,17 @@ class _Options:
     seed: int
 
 
-def _encode_slots(k, v, valid, block_of_slot, n_blocks, positions, exact, opt: _Options):
-    """Encode padded slots ``k, v`` ``(n_groups * G, D)`` (whole groups); ``valid`` marks real tokens.
+def _encode_slots(k, v, valid, seg_of_slot, n_seg, positions, exact, opt: _Options):
+    """Encode padded slots ``k, v`` ``(n_groups * G, D)`` (whole groups) of ``n_seg`` segments (``seg_of_slot``; each
+    segment's slots here form one low-rank block and use the segment's level tables); ``valid`` marks real tokens.
 
     Returns the group-ordered storage pieces: dict of tensors for QuantizedSegments fields plus corrections."""
     G, bits, dtype = opt.group_size, opt.bits, k.dtype
     n_slots, D = k.shape
     n = n_slots // G
     dev = k.device
-    uniform = torch.arange(1 << bits, dtype=torch.float32, device=dev)
+    uniform = torch.arange(1 << bits, dtype=torch.float32, device=dev).expand(n_seg, -1)
+    seg_of_group = seg_of_slot[::G]
     kf = k.float()
     if positions is not None:
         kf = rotate(kf, positions, opt.rope, inverse=True)
@@ -304,8 +356,8 @@ def _encode_slots(k, v, valid, block_of_slot, n_blocks, positions, exact, opt: _
     kx = kf.view(n, G, D).transpose(1, 2)
     k_valid = valid.view(n, G)[:, None, :].expand(n, D, G)
     k_exact = None if exact_slots is None else exact_slots.reshape(n, G, D).transpose(1, 2)
-    k_out = _outlier_mask(kx, opt.outlier_ratio, k_valid, k_exact)
-    k_lv = uniform if opt.k_levels is None else opt.k_levels.to(dev)
+    k_out = _outlier_mask(kx, opt.outlier_ratio, k_valid, k_exact, seg_of_group, n_seg)
+    k_lv = (uniform if opt.k_levels is None else opt.k_levels.to(dev))[seg_of_group]
     k_codes, k_scale, k_zero, k_rec = _encode(kx, k_out | ~k_valid, k_lv, bits, dtype)
     k_codes, k_rec, k_out = (t.transpose(1, 2).reshape(n_slots, D) for t in (k_codes, k_rec, k_out))
 
@@ -313,8 +365,8 @@ def _encode_slots(k, v, valid, block_of_slot, n_blocks, positions, exact, opt: _
     vx = vf.view(n_slots, D // G, G)
     v_valid = valid[:, None, None].expand(n_slots, D // G, G)
     v_exact = None if exact_slots is None else exact_slots.reshape(n_slots, D // G, G)
-    v_out = _outlier_mask(vx, opt.outlier_ratio, v_valid, v_exact)
-    v_lv = uniform if opt.v_levels is None else opt.v_levels.to(dev)
+    v_out = _outlier_mask(vx, opt.outlier_ratio, v_valid, v_exact, seg_of_slot, n_seg)
+    v_lv = (uniform if opt.v_levels is None else opt.v_levels.to(dev))[seg_of_slot]
     v_codes, v_scale, v_zero, v_rec = _encode(vx, v_out | ~v_valid, v_lv, bits, dtype)
     v_codes, v_rec, v_out = (t.reshape(n_slots, D) for t in (v_codes, v_rec, v_out))
 
@@ -332,10 +384,10 @@ def _encode_slots(k, v, valid, block_of_slot, n_blocks, positions, exact, opt: _
     for name, x, rec, out in (("k", kf, k_rec, k_out), ("v", vf, v_rec, v_out)):
         if opt.rank > 0:
             resid = torch.where(out | ~valid[:, None], 0.0, x - rec)
-            blocks = torch.where(valid, block_of_slot, -1)
-            a, b = _low_rank(resid, blocks, n_blocks, opt.rank, generator)
+            blocks = torch.where(valid, seg_of_slot, -1)
+            a, b = _low_rank(resid, blocks, n_seg, opt.rank, generator)
             a, b = a.to(dtype), b.to(dtype)
-            rec = rec + _low_rank_rows(a, b, block_of_slot)
+            rec = rec + _low_rank_rows(a, b, seg_of_slot)
             pieces[f"{name}_a"], pieces[f"{name}_b"] = a, b
         # Exact remainders of the outliers, after everything else is reconstructed (rounded to the model dtype).
         out = out & valid[:, None]
@@ -367,12 +419,20 @@ def _corrections(pieces: dict, n_blocks_b: dict, block_of_group: torch.Tensor | 
     return out
 
 
-def _check_options(bits, group_size, head_dim, k_levels, v_levels, outlier_ratio, rank, positions, rope, n_rows, dev):
+def _per_segment_levels(levels: torch.Tensor | None, name: str, bits: int, n_seg: int, dev) -> torch.Tensor | None:
+    """``(2**bits,)`` (shared) or ``(S, 2**bits)`` levels as ``(S, 2**bits)`` on ``dev``."""
+    if levels is None:
+        return None
+    check_tensor(levels, name, dtypes=(torch.float32,))
+    if levels.dim() == 1:
+        check_shape(levels, name, (1 << bits,))
+        levels = levels.expand(n_seg, -1)
+    check_shape(levels, name, (n_seg, 1 << bits))
+    return levels.to(dev).contiguous()
+
+
+def _check_options(bits, group_size, head_dim, outlier_ratio, rank, positions, rope, n_rows, dev):
     check_params(bits, group_size, head_dim)
-    for name, lv in (("k_levels", k_levels), ("v_levels", v_levels)):
-        if lv is not None:
-            check_tensor(lv, name, ndim=1, dtypes=(torch.float32,))
-            check_shape(lv, name, (1 << bits,))
     if not 0.0 <= float(outlier_ratio) < 1.0:
         raise ValueError(f"outlier_ratio must be in [0, 1), got {outlier_ratio!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= head_dim:
@@ -407,7 +467,8 @@ def decompose_segments(
         seg_k, seg_v: (N, D) float16/bfloat16/float32 rows of S segments back to back; keys post-RoPE.
         seg_lens: (S,) int lengths summing to N.
         bits: 2, 4 or 8. group_size: a power of two >= 16 dividing D.
-        k_levels, v_levels: (2**bits,) float32 sorted levels in [0, 2**bits - 1]; None: uniform codes.
+        k_levels, v_levels: (2**bits,) float32 sorted levels in [0, 2**bits - 1] shared by every segment, or
+            (S, 2**bits) one table per segment; None: uniform codes.
         outlier_ratio: share of the elements kept exactly as sparse outliers (per-vector standardized ranking).
         exact_rows: optional (N,) bool rows stored exactly (attention sinks).
         rank: rank of the residual approximation per block (0: none).
@@ -424,7 +485,9 @@ def decompose_segments(
     check_shape(seg_v, "seg_v", tuple(seg_k.shape))
     check_tensor(seg_lens, "seg_lens", ndim=1, dtypes=INT_DTYPES, device=dev)
     N, D = seg_k.shape
-    _check_options(bits, group_size, D, k_levels, v_levels, outlier_ratio, rank, positions, rope, N, dev)
+    _check_options(bits, group_size, D, outlier_ratio, rank, positions, rope, N, dev)
+    k_levels = _per_segment_levels(k_levels, "k_levels", bits, seg_lens.numel(), dev)
+    v_levels = _per_segment_levels(v_levels, "v_levels", bits, seg_lens.numel(), dev)
     if exact_rows is not None:
         check_tensor(exact_rows, "exact_rows", ndim=1, dtypes=(torch.bool,), device=dev)
         check_shape(exact_rows, "exact_rows", (N,))
@@ -452,8 +515,7 @@ def decompose_segments(
     block_of_group = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), n_groups).to(**i32)
     corrections = _corrections(pieces, {"k": pieces.get("k_b"), "v": pieces.get("v_b")}, block_of_group)
     return DecomposedSegments(
-        segs, k_levels=None if k_levels is None else k_levels.to(dev), v_levels=None if v_levels is None else
-        v_levels.to(dev), positions=None if pos is None else pos.to(**i32), **corrections,
+        segs, k_levels=k_levels, v_levels=v_levels, positions=None if pos is None else pos.to(**i32), **corrections,
     )  # fmt: skip
 
 
@@ -500,14 +562,14 @@ def append_decomposed_groups(
     rank = 0 if ds.k_lowrank is None else ds.k_lowrank.rank
     n_new = new_k.shape[1]
     flat_pos = None if positions is None else positions.reshape(-1)
-    _check_options(segs.bits, G, D, ds.k_levels, ds.v_levels, outlier_ratio, rank, flat_pos, rope, S * n_new, dev)
+    _check_options(segs.bits, G, D, outlier_ratio, rank, flat_pos, rope, S * n_new, dev)
     n = n_new // G
     old = segs.n_groups
     opt = _Options(segs.bits, G, ds.k_levels, ds.v_levels, float(outlier_ratio), rank, rope, seed)
     n_old_blocks = 0 if ds.k_lowrank is None else ds.k_lowrank.b.shape[0]
-    block_of_slot = torch.arange(S, device=dev).repeat_interleave(n_new)
+    seg_of_slot = torch.arange(S, device=dev).repeat_interleave(n_new)
     valid = torch.ones(S * n_new, dtype=torch.bool, device=dev)
-    pieces = _encode_slots(new_k.reshape(-1, D), new_v.reshape(-1, D), valid, block_of_slot, S,
+    pieces = _encode_slots(new_k.reshape(-1, D), new_v.reshape(-1, D), valid, seg_of_slot, S,
                            None if flat_pos is None else flat_pos.long(), None, opt)  # fmt: skip
     if ds.k_outliers is None:
         pieces["k_out_count"] = pieces["v_out_count"] = None
@@ -568,14 +630,20 @@ def _reconstruct_slots(ds: DecomposedSegments, rope: RotaryTable | None) -> tupl
     per_word, mask = 32 // bits, (1 << bits) - 1
     shifts = torch.arange(per_word, device=s.device, dtype=torch.int64) * bits
     uniform = torch.arange(1 << bits, dtype=torch.float32, device=s.device)
-    k_lv = uniform if ds.k_levels is None else ds.k_levels
-    v_lv = uniform if ds.v_levels is None else ds.v_levels
+    seg, _ = _segment_of_slots(s.cu_groups, n, G)
+    k_lv = uniform.expand(s.num_segments, -1) if ds.k_levels is None else ds.k_levels
+    v_lv = uniform.expand(s.num_segments, -1) if ds.v_levels is None else ds.v_levels
     kw = s.k_packed.long() & 0xFFFFFFFF  # (slots, D / P)
     k_codes = ((kw[..., None] >> shifts) & mask).reshape(n * G, D)
     vw = s.v_packed.long().view(n, s.words_per_group, D) & 0xFFFFFFFF  # (n, W, D)
     v_codes = ((vw[:, :, None, :] >> shifts[None, None, :, None]) & mask).reshape(n * G, D)
-    k = k_lv[k_codes] * s.k_scale.float().repeat_interleave(G, 0) + s.k_zero.float().repeat_interleave(G, 0)
-    v = v_lv[v_codes] * s.v_scale.float().repeat_interleave(G, 1) + s.v_zero.float().repeat_interleave(G, 1)
+    k_lv, v_lv = k_lv[seg], v_lv[seg]  # (slots, 2**bits): the table of each slot's segment
+    k = torch.gather(k_lv, 1, k_codes) * s.k_scale.float().repeat_interleave(G, 0) + s.k_zero.float().repeat_interleave(
+        G, 0
+    )
+    v = torch.gather(v_lv, 1, v_codes) * s.v_scale.float().repeat_interleave(G, 1) + s.v_zero.float().repeat_interleave(
+        G, 1
+    )
     out = []
     for name, x in (("k", k), ("v", v)):
         lr = getattr(ds, f"{name}_lowrank")
@@ -644,3 +712,81 @@ def calibrate_levels(
         return t[(scale > 0) & (t >= 0) & (t <= top)]  # outliers fall outside their group's range
 
     return fit_levels(normalized(kx, ks, kz), bits), fit_levels(normalized(seg_v.float(), vs, vz), bits)
+
+
+def _ranges(cu: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Concatenated ``arange(cu[i], cu[i + 1])`` for every ``i`` of ``items`` (cpu long)."""
+    counts = cu[items + 1] - cu[items]
+    starts = torch.repeat_interleave(cu[items] - torch.cumsum(counts, 0) + counts, counts)
+    return starts + torch.arange(int(counts.sum()))
+
+
+def select_decomposed(ds: DecomposedSegments, segments: torch.Tensor) -> DecomposedSegments:
+    """The segments numbered ``segments`` (long, in that order) of ``ds``, as new storage (only the low-rank blocks
+    they use are kept)."""
+    s = ds.segs
+    G, dev = s.group_size, s.device
+    segments = segments.to("cpu", torch.long)
+    groups = _ranges(s.cu_groups.to("cpu", torch.long), segments)
+    slots = (groups[:, None] * G + torch.arange(G)).flatten().to(dev)
+    dev_groups, dev_segments = groups.to(dev), segments.to(dev)
+    extra = {}
+    for name in ("k", "v"):
+        lv = getattr(ds, f"{name}_levels")
+        extra[f"{name}_levels"] = None if lv is None else lv[dev_segments]
+        lr = getattr(ds, f"{name}_lowrank")
+        if lr is not None:
+            used, block = torch.unique(lr.block[dev_groups].long(), return_inverse=True)
+            extra[f"{name}_lowrank"] = LowRankFactors(lr.a[slots], lr.b[used], block.to(torch.int32))
+        o = getattr(ds, f"{name}_outliers")
+        if o is not None:
+            cu = o.cu.to("cpu", torch.long)
+            entries = _ranges(cu, groups).to(dev)
+            counts = cu[groups + 1] - cu[groups]
+            cu_new = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(dev, torch.int32)
+            extra[f"{name}_outliers"] = SparseOutliers(cu_new, o.pos[entries], o.val[entries])
+        else:
+            extra[f"{name}_outliers"] = None
+    positions = None if ds.positions is None else ds.positions[slots]
+    return DecomposedSegments(select_segments(s, segments), positions=positions, **extra)
+
+
+def concat_decomposed(parts: list[DecomposedSegments]) -> DecomposedSegments:
+    """The segments of every part, in order, as one storage. Parts must use the same corrections (levels, outliers,
+    low-rank rank, pre-RoPE keys); their level tables and low-rank blocks stay their own."""
+    first = parts[0]
+
+    def layout(p):
+        return tuple(
+            (getattr(p, f"{n}_levels") is not None, getattr(p, f"{n}_outliers") is not None,
+             None if getattr(p, f"{n}_lowrank") is None else getattr(p, f"{n}_lowrank").rank)
+            for n in ("k", "v")
+        ) + (p.positions is not None,)  # fmt: skip
+
+    for p in parts:
+        if layout(p) != layout(first):
+            raise ValueError(
+                "storages to stack must use the same corrections (levels, outliers, low-rank rank, pre-RoPE keys); "
+                f"got {layout(p)} and {layout(first)}"
+            )
+    extra = {}
+    for name in ("k", "v"):
+        if getattr(first, f"{name}_levels") is not None:
+            extra[f"{name}_levels"] = torch.cat([getattr(p, f"{name}_levels") for p in parts])
+        if getattr(first, f"{name}_lowrank") is not None:
+            lrs = [getattr(p, f"{name}_lowrank") for p in parts]
+            offsets = torch.tensor([0] + [lr.b.shape[0] for lr in lrs[:-1]]).cumsum(0).tolist()
+            extra[f"{name}_lowrank"] = LowRankFactors(
+                torch.cat([lr.a for lr in lrs]), torch.cat([lr.b for lr in lrs]),
+                torch.cat([lr.block + off for lr, off in zip(lrs, offsets)]),
+            )  # fmt: skip
+        if getattr(first, f"{name}_outliers") is not None:
+            os_ = [getattr(p, f"{name}_outliers") for p in parts]
+            counts = torch.cat([(o.cu[1:] - o.cu[:-1]).long() for o in os_])
+            cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+            pos_dtype = torch.int32 if any(o.pos.dtype == torch.int32 for o in os_) else torch.int16
+            extra[f"{name}_outliers"] = SparseOutliers(
+                cu, torch.cat([o.pos.to(pos_dtype) for o in os_]), torch.cat([o.val for o in os_])
+            )
+    positions = torch.cat([p.positions for p in parts]) if first.positions is not None else None
+    return DecomposedSegments(concat_segments([p.segs for p in parts]), positions=positions, **extra)

@@ -20,6 +20,7 @@ Each group's storage is that of ``quantize_keys`` / ``quantize_values`` (quantiz
 width (2, 4, 8), a key row fills whole words, and value groups tile a token.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,14 @@ from .quantization import (
     words_per_group,
 )
 
-__all__ = ["QuantizedSegments", "append_segment_groups", "dequantize_segments", "quantize_segments"]
+__all__ = [
+    "QuantizedSegments",
+    "append_segment_groups",
+    "concat_segments",
+    "dequantize_segments",
+    "quantize_segments",
+    "select_segments",
+]
 
 MIN_GROUP_SIZE = 16  # 16 * 2 bits = one int32 word: smaller groups would leave words partly empty
 
@@ -282,3 +290,54 @@ def dequantize_segments(segs: QuantizedSegments, *, reference: bool = False):
     k, v = _dequantize_all(segs, reference)
     valid, lens = valid_slots(segs)
     return k[valid], v[valid], lens
+
+
+def _prefix_sums(counts: torch.Tensor, device) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device=device, dtype=torch.int32)
+
+
+def select_segments(segs: QuantizedSegments, segments: torch.Tensor) -> QuantizedSegments:
+    """The segments numbered ``segments`` (cpu long, in that order) of ``segs``, as new storage."""
+    cu = segs.cu_groups.to("cpu", torch.long)
+    segments = segments.to("cpu", torch.long)
+    groups = torch.cat(
+        [torch.arange(int(cu[s]), int(cu[s + 1])) for s in segments.tolist()] + [torch.zeros(0, dtype=torch.long)]
+    )
+    w, g = words_per_group(segs.bits, segs.group_size), segs.group_size
+    device = segs.k_packed.device
+    slot_rows = (groups[:, None] * g + torch.arange(g)).flatten().to(device)  # key codes, value scales: per slot
+    v_word_rows = (groups[:, None] * w + torch.arange(w)).flatten().to(device)  # value codes: w word rows per group
+    groups, dev_segments = groups.to(device), segments.to(device)
+    return dataclasses.replace(
+        segs,
+        k_packed=segs.k_packed[slot_rows],
+        k_scale=segs.k_scale[groups],
+        k_zero=segs.k_zero[groups],
+        v_packed=segs.v_packed[v_word_rows],
+        v_scale=segs.v_scale[slot_rows],
+        v_zero=segs.v_zero[slot_rows],
+        cu_groups=_prefix_sums((cu[1:] - cu[:-1])[segments], device),
+        ctx_len=segs.ctx_len[dev_segments],
+        ctx_groups=segs.ctx_groups[dev_segments],
+    )
+
+
+def concat_segments(parts: list[QuantizedSegments]) -> QuantizedSegments:
+    """The segments of every part, in order, as one storage (all parts share bits, group size, head dim, dtype)."""
+    first = parts[0]
+    for p in parts:
+        if (p.bits, p.group_size, p.head_dim, p.dtype) != (first.bits, first.group_size, first.head_dim, first.dtype):
+            raise ValueError(
+                "quantized layers to stack must share bits, group_size, head_dim and dtype; got "
+                f"{(p.bits, p.group_size, p.head_dim, p.dtype)} and "
+                f"{(first.bits, first.group_size, first.head_dim, first.dtype)}"
+            )
+    counts = torch.cat([(p.cu_groups[1:] - p.cu_groups[:-1]).to("cpu", torch.long) for p in parts])
+    return dataclasses.replace(
+        first,
+        **{name: torch.cat([getattr(p, name) for p in parts]) for name in _GROUP_FIELDS},
+        cu_groups=_prefix_sums(counts, first.cu_groups.device),
+    )
+
+
+_GROUP_FIELDS = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "ctx_len", "ctx_groups")

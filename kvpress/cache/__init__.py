@@ -8,6 +8,7 @@ from kvpress.cache.layer_access import layer_memory_bytes, read_layer, restore_c
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer
+from kvpress.cache.rotary import rotary_table
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
 
@@ -29,6 +30,7 @@ __all__ = [
     "read_layer",
     "register_attention",
     "restore_cache",
+    "rotary_table",
     "snapshot_cache",
     "write_layer",
 ]

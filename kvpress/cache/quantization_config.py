@@ -1,15 +1,37 @@
-"""`QuantizationConfig`: bit width, group size and full-precision window of a quantized KV cache."""
+"""`QuantizationConfig`: method, bit width, group size and full-precision window of a quantized KV cache."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 BITS = (2, 4, 8)
 GROUP_SIZES = (32, 64, 128)
+METHODS = ("kivi", "kvquant", "gear")
+# Each method's own options and their defaults (the papers'): options of another method are refused.
+_METHOD_OPTIONS = {
+    "kivi": {},
+    "kvquant": {"outlier_ratio": 0.01, "sink_tokens": 1, "pre_rope": True, "levels": "prompt"},
+    "gear": {"outlier_ratio": 0.02, "rank": 4},
+}
 
 
 class QuantizationConfig(BaseModel):
     """How a quantized cache stores keys and values (KIVI layout: keys per channel, values per token).
+
+    ``method`` picks what is stored beside the uniform groups:
+
+    - ``"kivi"``: nothing (uniform asymmetric groups).
+    - ``"kvquant"``: non-uniform levels (``levels="prompt"``: a 1-d k-means datatype fitted per layer and sequence
+      on the prompt's own keys and values when the context is first quantized), keys quantized before RoPE
+      (``pre_rope``; the kernel rotates them back), the ``outlier_ratio`` of elements furthest from their vector kept
+      exactly, and the first ``sink_tokens`` positions kept whole.
+    - ``"gear"``: the ``outlier_ratio`` of elements kept exactly, plus a rank-``rank`` approximation of the
+      quantization residual of each block of groups (the context, then each flush).
+
+    Options left at ``None`` take the method's defaults (kvquant: outlier_ratio 0.01, sink_tokens 1, pre_rope True,
+    levels "prompt"; gear: outlier_ratio 0.02, rank 4); an option of another method is an error.
 
     Attributes:
         bits: code width of every layer, one of 2, 4, 8.
@@ -27,6 +49,12 @@ class QuantizationConfig(BaseModel):
     group_size: int = 64
     residual_length: int = 128
     layer_bits: dict[int, int] | None = None
+    method: Literal["kivi", "kvquant", "gear"] = "kivi"
+    outlier_ratio: float | None = None
+    rank: int | None = None
+    sink_tokens: int | None = None
+    pre_rope: bool | None = None
+    levels: Literal["prompt", "uniform"] | None = None
 
     @field_validator("bits")
     @classmethod
@@ -52,6 +80,47 @@ class QuantizationConfig(BaseModel):
                 raise ValueError(f"layer_bits[{layer}] must be one of {', '.join(map(str, BITS))}, got {bits!r}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", "kivi")
+        if method not in METHODS:
+            return data  # the Literal check reports it
+        own = _METHOD_OPTIONS[method]
+        for option in ("outlier_ratio", "rank", "sink_tokens", "pre_rope", "levels"):
+            if data.get(option) is not None and option not in own:
+                takers = [m for m, opts in _METHOD_OPTIONS.items() if option in opts]
+                raise ValueError(f"{option} is an option of method {' / '.join(takers)}, not of method={method!r}")
+        return {**data, **{k: v for k, v in own.items() if data.get(k) is None}}
+
+    @field_validator("outlier_ratio")
+    @classmethod
+    def _check_outlier_ratio(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 <= value < 0.5:
+            raise ValueError(f"outlier_ratio must be in [0, 0.5) (a share of the elements), got {value!r}")
+        return value
+
+    @field_validator("rank")
+    @classmethod
+    def _check_rank(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError(f"rank must be >= 0, got {value!r}")
+        return value
+
+    @field_validator("sink_tokens")
+    @classmethod
+    def _check_sinks(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {value!r}")
+        return value
+
+    @property
+    def decomposed(self) -> bool:
+        """True when groups carry corrections (KVQuant, GEAR); False for plain KIVI groups."""
+        return self.method != "kivi"
+
     @model_validator(mode="after")
     def _check_residual(self) -> QuantizationConfig:
         if self.residual_length < self.group_size or self.residual_length % self.group_size:
@@ -72,7 +141,7 @@ class QuantizationConfig(BaseModel):
         if not isinstance(value, dict):
             raise ValueError(  # noqa: TRY004  (bad input is a ValueError throughout the library)
                 f"{name} must be a QuantizationConfig or a dict of its fields (bits, group_size, residual_length, "
-                f"layer_bits), got {type(value).__name__}"
+                f"layer_bits, method, outlier_ratio, rank, sink_tokens, pre_rope, levels), got {type(value).__name__}"
             )
         try:
             return cls(**value)
@@ -97,12 +166,20 @@ class QuantizationConfig(BaseModel):
 
     def bytes_per_token(self, layer_idx: int, head_dim: int, scale_bytes: int = 2) -> float:
         """Bytes one quantized token costs per kv-head in ``layer_idx``: packed key and value codes plus their
-        share of the per-group scale and zero (``scale_bytes`` each, the model dtype's size)."""
+        share of the per-group scale and zero (``scale_bytes`` each, the model dtype's size), and for KVQuant / GEAR
+        the expected outliers (value plus position, keys and values), low-rank rows and key positions. Per-block
+        low-rank factors, level tables and sink rows are a fixed cost per head, not counted per token."""
         bits, g = self.bits_for(layer_idx), self.group_size
         group_words_bytes = -(-g * bits // 32) * 4  # a group's codes fill whole int32 words
         per_channel_keys = (group_words_bytes + 2 * scale_bytes) / g  # one channel, averaged over g tokens
         per_token_values = (head_dim // g) * (group_words_bytes + 2 * scale_bytes)
-        return head_dim * per_channel_keys + per_token_values
+        extra = 0.0
+        if self.decomposed:
+            position_bytes = 2 if g * head_dim <= 32767 else 4
+            extra += 2 * head_dim * self.outlier_ratio * (scale_bytes + position_bytes)
+            extra += 2 * (self.rank or 0) * scale_bytes
+            extra += 4 if self.pre_rope else 0
+        return head_dim * per_channel_keys + per_token_values + extra
 
     def compression_of_bytes(self, layer_idx: int, head_dim: int, dtype_bytes: int = 2) -> float:
         """Quantized bytes per token over full-precision bytes per token (``2 * head_dim * dtype_bytes``)."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from kvpress.cache.quantization_config import QuantizationConfig
-from kvpress.cache.quantized_layer import QuantizedVarlenLayer, concat_segments
+from kvpress.cache.quantized_layer import QuantizedVarlenLayer
+from kvpress.cache.quantized_storage import make_storage
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
 from kvpress.utils import kv_geometry
-from kvpress_kernels import QuantizedSegments
+from kvpress_kernels import QuantizedSegments, RotaryTable
 
 _SEGMENT_FIELDS = (
     "k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "cu_groups", "ctx_len", "ctx_groups"
@@ -25,14 +26,19 @@ class QuantizedCache(VarlenCache):
     :meth:`compact` quantizes layers no press touched. Tokens added later stay in full precision until
     ``residual_length`` of them have accumulated (see :class:`QuantizedVarlenLayer`).
 
-    ``quantization`` may also be a dict of :class:`QuantizationConfig` fields; ``None`` takes its defaults.
+    ``quantization`` may also be a dict of :class:`QuantizationConfig` fields; ``None`` takes its defaults. With
+    ``method="kvquant"`` and ``pre_rope`` (its default), ``rope`` is the model's rotary table
+    (:func:`kvpress.cache.rotary_table`; the pipeline passes it).
     """
 
     _FORMAT = "kvpress.QuantizedCache"
 
-    def __init__(self, config=None, quantization: QuantizationConfig | dict | None = None, **kwargs):
+    def __init__(self, config=None, quantization: QuantizationConfig | dict | None = None,
+                 rope: RotaryTable | None = None, **kwargs):  # fmt: skip
         quantization = QuantizationConfig() if quantization is None else quantization
         self.quantization = QuantizationConfig.coerce(quantization, "quantization")
+        self.rope = rope
+        make_storage(self.quantization, 0, rope)  # a missing rotary table fails here, not at the first compression
         if config is not None:
             self.quantization.check_head_dim(model_head_dim(config))
         super().__init__(config=config, **kwargs)
@@ -45,7 +51,8 @@ class QuantizedCache(VarlenCache):
 
     def _dense_layer(self, layer_idx: int) -> QuantizedVarlenLayer:
         q = self.quantization
-        return QuantizedVarlenLayer(q.bits_for(layer_idx), q.group_size, q.residual_length)
+        storage = make_storage(q, layer_idx, self.rope)
+        return QuantizedVarlenLayer(q.bits_for(layer_idx), q.group_size, q.residual_length, storage=storage)
 
     def _next_layer(self) -> QuantizedVarlenLayer:
         # transformers appends lazily created layers in order, so the next one's index is the current count.
@@ -70,7 +77,7 @@ class QuantizedCache(VarlenCache):
                     "caches must all be QuantizedCache objects with the same number of layers and the same quantization"
                 )
             c.compact()
-        out = cls(quantization=quantization)
+        out = cls(quantization=quantization, rope=caches[0].rope)
         out.layer_class_to_replicate = None
         for i in range(n_layers):
             parts = [c.layers[i] for c in caches]
@@ -79,7 +86,11 @@ class QuantizedCache(VarlenCache):
                     f"layer {i}: only quantized layers with no tokens added after compression can be stacked"
                 )
             layer = out._dense_layer(i)
-            layer.adopt_quantized(concat_segments([p.segs for p in parts]), torch.cat([p.seg_lens for p in parts]))
+            starts = [p.tail_start for p in parts]
+            layer.adopt_quantized(
+                layer.storage.concat([p.store for p in parts]), torch.cat([p.seg_lens for p in parts]),
+                torch.cat(starts) if all(t is not None for t in starts) else None,
+            )  # fmt: skip
             out.layers.append(layer)
         positions = [c.next_positions for c in caches]
         out.next_positions = [x for p in positions for x in p] if all(p is not None for p in positions) else None
@@ -96,6 +107,11 @@ class QuantizedCache(VarlenCache):
     def _save_layer(self, layer) -> tuple[dict, dict[str, torch.Tensor]]:
         if not (isinstance(layer, QuantizedVarlenLayer) and layer.ragged):
             return super()._save_layer(layer)
+        if self.quantization.decomposed:
+            raise ValueError(
+                f"saving a QuantizedCache with method={self.quantization.method!r} is not supported yet; "
+                "method='kivi' caches can be saved"
+            )
         n = layer.tail_len
         segs = layer.segs
         tensors = {f"segs.{name}": getattr(segs, name) for name in _SEGMENT_FIELDS}
@@ -137,4 +153,3 @@ class QuantizedCache(VarlenCache):
 def model_head_dim(config) -> int:
     """Head dimension of a transformers model config (its text decoder's)."""
     return kv_geometry(config)[0]
-

@@ -2,43 +2,54 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress.cache.quantized_storage import KiviStorage, positions_of
 from kvpress.cache.varlen_layer import VarlenLayer, VarlenView
-from kvpress_kernels import QuantizedSegments, append_segment_groups, quantize_segments, quantized_varlen_attention
-from kvpress_kernels.quantization import words_per_group
 
 
 class QuantizedVarlenLayer(VarlenLayer):
     """Head-variable storage of one layer with the context quantized (KIVI layout: keys per channel, values per token).
 
     Dense during prefill, as :class:`VarlenLayer`. When a press compresses the layer (:meth:`replace`), or when a
-    later forward reaches it still dense, its tokens are stored as :class:`~kvpress_kernels.QuantizedSegments`
-    (``bits``-bit codes, one scale and zero per group of ``group_size``). A uniform press gives every head the same
-    length; a head-variable one (AdaKV) different ones: the layout is the same.
+    later forward reaches it still dense, its tokens are encoded by the layer's ``storage``
+    (:mod:`kvpress.cache.quantized_storage`): plain KIVI groups (:class:`~kvpress_kernels.QuantizedSegments`,
+    ``bits``-bit codes, one scale and zero per group of ``group_size``), or the same groups with KVQuant's or GEAR's
+    corrections (:class:`~kvpress_kernels.DecomposedSegments`). A uniform press gives every head the same length; a
+    head-variable one (AdaKV) different ones: the layout is the same.
 
     Tokens added afterwards go to the full-precision tail exactly as in :class:`VarlenLayer` (appended in place). At
     the start of an ``update``, once every sequence's tail holds at least ``residual_length`` tokens, the oldest
     complete groups of the tail are quantized and appended to the segments, and the rest of the tail moves to its
     front. This is skipped while a CUDA graph is captured: replays only grow the tail, the next eager update flushes.
 
-    Extra state (compressed layer): ``segs`` (the quantized context and flushed groups), ``seg_lens``
-    ``(batch, kv_heads)`` cpu long valid quantized tokens per head, ``tail_spread`` (host int: ``tail_len`` minus
-    the shortest sequence's tail, so the flush test needs no device sync).
+    Extra state (compressed layer): ``store`` (the quantized context and flushed groups; ``segs`` is its code part),
+    ``seg_lens`` ``(batch, kv_heads)`` cpu long valid quantized tokens per head, ``tail_spread`` (host int:
+    ``tail_len`` minus the shortest sequence's tail, so the flush test needs no device sync), and for storages that
+    need positions (pre-RoPE keys, sink tokens) ``tail_start`` ``(batch,)`` cpu long: the position of each
+    sequence's first tail token. Positions assume the keys stay where the prefill put them (not re-rotated).
     """
 
-    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128, **kwargs):
+    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128, storage=None, **kwargs):
         self.quantization = QuantizationConfig.coerce(
             {"bits": bits, "group_size": group_size, "residual_length": residual_length}, "QuantizedVarlenLayer"
         )
         super().__init__(**kwargs)
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
-        self.segs: QuantizedSegments | None = None
+        self.storage = storage if storage is not None else KiviStorage(bits, group_size)
+        if (self.storage.bits, self.storage.group_size) != (bits, group_size):
+            raise ValueError(f"storage has bits={self.storage.bits}, group_size={self.storage.group_size}; the layer "
+                             f"takes bits={bits}, group_size={group_size}")  # fmt: skip
+        self.store = None
+        self.tail_start: torch.Tensor | None = None
         self.tail_spread = 0
+
+    @property
+    def segs(self):
+        """The quantized codes, scales and layout of the context (of ``store``), or None before compression."""
+        return None if self.store is None else self.storage.codes(self.store)
 
     # ---- compaction ------------------------------------------------------------------------------------------
     def replace(self, kv: CompressedKV) -> None:
@@ -49,20 +60,43 @@ class QuantizedVarlenLayer(VarlenLayer):
                 "drop the quantization or use a press that keeps every key channel"
             )
         self.quantization.check_head_dim(kv.keys.shape[-1])
-        super().replace(kv)  # validates the lengths, packs the rows and hands them to adopt
+        n_dense = self.keys.shape[-2] if self.keys is not None else kv.keys.shape[-2]  # the prefill's length
+        positions = None
+        if self.storage.needs_positions:
+            positions = positions_of(kv.lengths, kv.indices, n_dense)
+            if positions is None:
+                raise ValueError(
+                    "this quantized storage (pre-RoPE keys or sink tokens) needs the positions of the kept tokens, "
+                    "and the press did not report them (CompressedKV.indices); use a press that does, or "
+                    "pre_rope=False with sink_tokens=0"
+                )
+        seg_k, seg_v, seg_lens, d = self.pack_rows(kv)
+        self.adopt(seg_k, seg_v, seg_lens, d, positions=positions, tail_start=n_dense)
 
-    def adopt(self, seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.Tensor, head_dim: int) -> None:
-        """Quantize ragged rows: ``seg_k, seg_v`` ``(N, head_dim)`` for ``seg_lens`` ``(batch, kv_heads)``."""
+    def adopt(self, seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.Tensor, head_dim: int,
+              positions: torch.Tensor | None = None, tail_start: int | None = None) -> None:  # fmt: skip
+        """Quantize ragged rows: ``seg_k, seg_v`` ``(N, head_dim)`` for ``seg_lens`` ``(batch, kv_heads)``.
+
+        ``positions`` ``(N,)``: each row's position (needed by storages with pre-RoPE keys or sinks; default: each
+        segment's rows at ``0, 1, ...``); ``tail_start``: position of the first token appended later (default: the
+        longest segment)."""
         if int(seg_lens.sum()) != seg_k.shape[0] or seg_v.shape[0] != seg_k.shape[0]:
             raise ValueError(f"seg_lens sum to {int(seg_lens.sum())} rows but seg_k has {seg_k.shape[0]}")
         self.quantization.check_head_dim(head_dim)
         flat = seg_lens.reshape(-1).to(seg_k.device, torch.long)
-        segs = quantize_segments(seg_k, seg_v, flat, self.bits, self.group_size)
-        self.adopt_quantized(segs, seg_lens)
+        if self.storage.needs_positions and positions is None:
+            positions = torch.cat([torch.arange(int(n)) for n in flat.tolist()] + [torch.zeros(0, dtype=torch.long)])
+        if positions is not None:
+            positions = positions.to(seg_k.device)
+        store = self.storage.encode(seg_k, seg_v, flat, positions)
+        start = tail_start if tail_start is not None else int(seg_lens.max()) if seg_lens.numel() else 0
+        self.adopt_quantized(store, seg_lens, torch.full((seg_lens.shape[0],), start, dtype=torch.long))
 
-    def adopt_quantized(self, segs: QuantizedSegments, seg_lens: torch.Tensor) -> None:
-        """Take quantized storage as is; ``seg_lens`` ``(batch, kv_heads)``: valid tokens of each segment."""
+    def adopt_quantized(self, store, seg_lens: torch.Tensor, tail_start: torch.Tensor | None = None) -> None:
+        """Take quantized storage as is; ``seg_lens`` ``(batch, kv_heads)``: valid tokens of each segment;
+        ``tail_start`` ``(batch,)``: position of each sequence's next token (storages that track positions)."""
         b, h = seg_lens.shape
+        segs = self.storage.codes(store)
         if segs.cu_groups.shape[0] != b * h + 1:
             raise ValueError(f"segs holds {segs.cu_groups.shape[0] - 1} segments, seg_lens {b * h}")
         if (segs.bits, segs.group_size) != (self.bits, self.group_size):
@@ -71,8 +105,9 @@ class QuantizedVarlenLayer(VarlenLayer):
                 f"group_size={self.group_size}"
             )
         device, d = segs.k_packed.device, segs.head_dim
-        self.segs = segs
+        self.store = store
         self.seg_lens = seg_lens.to("cpu", torch.long)
+        self.tail_start = None if tail_start is None else tail_start.to("cpu", torch.long)
         self.seg_k = self.seg_v = self.cu_seqlens = None  # full-precision context storage of VarlenLayer: unused
         self.dtype, self.device = segs.dtype, device
         self.batch_size, self.num_heads, self.head_dim = b, h, d
@@ -113,8 +148,12 @@ class QuantizedVarlenLayer(VarlenLayer):
         b, h, d = self.batch_size, self.num_heads, self.head_dim
         new_k = self.tail_k[:, :, :n].reshape(b * h, n, d)
         new_v = self.tail_v[:, :, :n].reshape(b * h, n, d)
-        # A new segments object: snapshots keep referring to the old one, which is never written.
-        self.segs = append_segment_groups(self.segs, new_k, new_v)
+        positions = None
+        if self.storage.needs_positions:
+            positions = (self.tail_start[:, None] + torch.arange(n)).repeat_interleave(h, 0).to(new_k.device)
+            self.tail_start = self.tail_start + n  # a new tensor: snapshots keep the old one
+        # A new storage object: snapshots keep referring to the old one, which is never written.
+        self.store = self.storage.append(self.store, new_k, new_v, positions)
         rest = self.tail_len - n
         # In place (same buffer): captured graphs and snapshots hold this tensor; clone as the ranges overlap.
         self.tail_k[:, :, :rest] = self.tail_k[:, :, n : self.tail_len].clone()
@@ -125,11 +164,12 @@ class QuantizedVarlenLayer(VarlenLayer):
         return n
 
     def memory_bytes(self) -> int:
-        """Bytes allocated: packed codes, scales, zeros and int32 metadata of ``segs``, tail capacity, tail lengths."""
+        """Bytes allocated: every tensor of the quantized storage (codes, scales, zeros, int32 metadata and any
+        levels, outliers, low-rank factors and positions), tail capacity, tail lengths."""
         if not self.ragged:
             return super().memory_bytes()
         tensors = (self.tail_k, self.tail_v, self.tail_lens)
-        return self.segs.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
+        return self.store.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens; only full-precision tail tokens can be removed."""
@@ -151,8 +191,10 @@ class QuantizedVarlenLayer(VarlenLayer):
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
             raise ValueError(f"batch indices must be in [0, {self.batch_size}), got {indices.tolist()}")
         segments = (indices[:, None] * self.num_heads + torch.arange(self.num_heads)).flatten()
-        self.segs = select_segments(self.segs, segments)
+        self.store = self.storage.select(self.store, segments)
         self.seg_lens = self.seg_lens[indices]
+        if self.tail_start is not None:
+            self.tail_start = self.tail_start[indices]
         dev_idx = indices.to(self.tail_k.device)
         self.tail_k, self.tail_v = self.tail_k[dev_idx], self.tail_v[dev_idx]
         self.tail_lens = self.tail_lens[dev_idx]
@@ -169,62 +211,9 @@ class QuantizedView(VarlenView):
             raise ValueError("QuantizedVarlenLayer holds full-attention layers only; sliding-window layers stay dense")
         layer = self.layer
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = quantized_varlen_attention(
-            query, layer.segs, layer.tail_k, layer.tail_v, layer.tail_lens, scale, self.q_lens, check=False
-        )
+        out = layer.storage.attend(query, layer.store, layer.tail_k, layer.tail_v, layer.tail_lens, scale, self.q_lens)
         return out.transpose(1, 2).contiguous()
 
 
 def _capturing(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _prefix_sums(counts: torch.Tensor, device) -> torch.Tensor:
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device=device, dtype=torch.int32)
-
-
-def select_segments(segs: QuantizedSegments, segments: torch.Tensor) -> QuantizedSegments:
-    """The segments numbered ``segments`` (cpu long, in that order) of ``segs``, as new storage."""
-    cu = segs.cu_groups.to("cpu", torch.long)
-    segments = segments.to("cpu", torch.long)
-    groups = torch.cat(
-        [torch.arange(int(cu[s]), int(cu[s + 1])) for s in segments.tolist()] + [torch.zeros(0, dtype=torch.long)]
-    )
-    w, g = words_per_group(segs.bits, segs.group_size), segs.group_size
-    device = segs.k_packed.device
-    slot_rows = (groups[:, None] * g + torch.arange(g)).flatten().to(device)  # key codes, value scales: per slot
-    v_word_rows = (groups[:, None] * w + torch.arange(w)).flatten().to(device)  # value codes: w word rows per group
-    groups, dev_segments = groups.to(device), segments.to(device)
-    return dataclasses.replace(
-        segs,
-        k_packed=segs.k_packed[slot_rows],
-        k_scale=segs.k_scale[groups],
-        k_zero=segs.k_zero[groups],
-        v_packed=segs.v_packed[v_word_rows],
-        v_scale=segs.v_scale[slot_rows],
-        v_zero=segs.v_zero[slot_rows],
-        cu_groups=_prefix_sums((cu[1:] - cu[:-1])[segments], device),
-        ctx_len=segs.ctx_len[dev_segments],
-        ctx_groups=segs.ctx_groups[dev_segments],
-    )
-
-
-def concat_segments(parts: list[QuantizedSegments]) -> QuantizedSegments:
-    """The segments of every part, in order, as one storage (all parts share bits, group size, head dim, dtype)."""
-    first = parts[0]
-    for p in parts:
-        if (p.bits, p.group_size, p.head_dim, p.dtype) != (first.bits, first.group_size, first.head_dim, first.dtype):
-            raise ValueError(
-                "quantized layers to stack must share bits, group_size, head_dim and dtype; got "
-                f"{(p.bits, p.group_size, p.head_dim, p.dtype)} and "
-                f"{(first.bits, first.group_size, first.head_dim, first.dtype)}"
-            )
-    counts = torch.cat([(p.cu_groups[1:] - p.cu_groups[:-1]).to("cpu", torch.long) for p in parts])
-    return dataclasses.replace(
-        first,
-        **{name: torch.cat([getattr(p, name) for p in parts]) for name in _GROUP_FIELDS},
-        cu_groups=_prefix_sums(counts, first.cu_groups.device),
-    )
-
-
-_GROUP_FIELDS = ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "ctx_len", "ctx_groups")

@@ -39,6 +39,10 @@ class VarlenLayer(DynamicLayer):
     # ---- compaction ------------------------------------------------------------------------------------------
     def replace(self, kv: CompressedKV) -> None:
         """Store the kept tokens of ``kv`` (``lengths[b, h]`` valid rows per head) as ragged segments."""
+        self.adopt(*self.pack_rows(kv))
+
+    def pack_rows(self, kv: CompressedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The kept rows of ``kv`` back to back: ``(seg_k, seg_v, seg_lens, head_dim)`` as :meth:`adopt` takes them."""
         if kv.key_channels is not None:
             raise ValueError("VarlenLayer stores whole keys; channel-pruned keys need a ChannelPrunedLayer")
         keys, values = kv.keys, kv.values
@@ -49,7 +53,7 @@ class VarlenLayer(DynamicLayer):
         order = torch.arange(k, device=keys.device).expand(b, h, k)
         seg_k, _ = compact_segments(keys, order, lengths)
         seg_v, _ = compact_segments(values, order, lengths)
-        self.adopt(seg_k, seg_v, lengths.to("cpu", torch.long), d)
+        return seg_k, seg_v, lengths.to("cpu", torch.long), d
 
     def adopt(self, seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.Tensor, head_dim: int) -> None:
         """Take ragged storage as is: ``seg_k, seg_v`` ``(N, head_dim)`` rows for ``seg_lens`` ``(batch, kv_heads)``."""
