@@ -33,9 +33,11 @@ from transformers import DynamicCache, pipeline
 from kvpress.cache.layer_access import layer_memory_bytes
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
+from kvpress.cache.rotary import rotary_table
 from kvpress.needle import build_needle_context
 from kvpress.offline_model import load_smollm2
 from kvpress.pipeline import TASK
+from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.memory_budget_press import MemoryBudgetPress
 from kvpress.presses.snapkv_press import SnapKVPress
@@ -50,7 +52,10 @@ METHODS = {
     # The saved results were measured with a 32-token observation window (SnapKVPress's default until it became 8).
     "snapkv": (functools.partial(SnapKVPress, window_size=32), False),
     "snapkv-qa": (functools.partial(SnapKVPress, window_size=32), True),
+    "snapkv8-qa": (functools.partial(SnapKVPress, window_size=8), True),
+    "adakv8-qa": (lambda: AdaKVPress(SnapKVPress(window_size=8)), True),
 }
+QUANTIZERS = ("kivi", "kvquant", "gear")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 OUT = Path(__file__).parent / "results" / "quantized_needle_smollm2_cpu.json"
 
@@ -72,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="precisions compared; 16 means unquantized (default: 16 4 2)",
     )
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["snapkv-qa", "knorm", "snapkv"])
+    parser.add_argument(
+        "--quantizers", nargs="+", choices=QUANTIZERS, default=["kivi"],
+        help="storage of the quantized variants (QuantizationConfig.method, its default options; default: kivi)",
+    )  # fmt: skip
     parser.add_argument("--numbers", type=int, nargs="+", default=[48213, 73915], help="hidden numbers")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75], help="needle depths in [0, 1]")
     parser.add_argument("--context-tokens", type=int, default=1500)
@@ -106,11 +115,11 @@ def run_one(pipe, context, number, press, query_aware, max_new_tokens) -> dict:
     """Answer one needle question under ``press`` (``None``: full cache); what was kept and what it costs."""
     model, tokenizer = pipe.model, pipe.tokenizer
     quantization = getattr(press, "quantization", None)
-    cache = (
-        QuantizedCache(config=model.config, quantization=quantization)
-        if quantization
-        else DynamicCache(config=model.config)
-    )
+    if quantization:
+        rope = rotary_table(model) if quantization.pre_rope else None
+        cache = QuantizedCache(config=model.config, quantization=quantization, rope=rope)
+    else:
+        cache = DynamicCache(config=model.config)
     start = time.perf_counter()
     answer = pipe(
         context,
@@ -211,13 +220,15 @@ def main(argv=None) -> None:
         for method in args.methods:
             scorer, query_aware = METHODS[method]
             for bits in args.bits:
-                quantization = None
-                if bits != 16:
-                    quantization = QuantizationConfig(
-                        bits=bits, group_size=args.group_size, residual_length=args.group_size
-                    )
-                press = MemoryBudgetPress(scorer(), budget_fraction=budget, quantization=quantization)
-                variants.append((budget, method, bits if quantization else bits_name, press, query_aware))
+                for quantizer in ["kivi"] if bits == 16 else args.quantizers:
+                    quantization = None
+                    if bits != 16:
+                        quantization = QuantizationConfig(
+                            bits=bits, group_size=args.group_size, residual_length=args.group_size, method=quantizer
+                        )
+                    press = MemoryBudgetPress(scorer(), budget_fraction=budget, quantization=quantization)
+                    label = method if quantizer == "kivi" else f"{method} {quantizer}"
+                    variants.append((budget, label, bits if quantization else bits_name, press, query_aware))
 
     runs = []
     for number in args.numbers:
