@@ -13,10 +13,10 @@ token, codes packed across groups) whose element ``x`` at token slot ``t``, chan
   groups quantized together (a segment's context, or the groups one flush appended to it). ``a . b`` is a rank-``r``
   approximation of the quantization residual of the block (one power-iteration step, as GEAR).
 - sparse outliers: per group, a list of ``(slot in group * D + channel, value)``. In each segment, the elements
-  furthest from their vector's median, in units of the vector's median absolute deviation (vectors: a key channel over the group's
-  ``G`` tokens, a value token over its ``G`` channels), are left out of the group's min/max, and their remainder is
-  stored:
-  ``value = x - (everything above)``. Rows marked exact (attention sinks) put every element there.
+  furthest from their vector's median, in units of the vector's median absolute deviation (vectors: a key channel
+  over the group's ``G`` tokens, a value token over its ``G`` channels), are left out of the group's min/max, and
+  their remainder is stored: ``value = x - (everything above)``. Rows marked exact (attention sinks) put every
+  element there.
 - pre-RoPE keys (KVQuant): with ``positions`` given, keys are stored un-rotated and reconstructed as
   ``rope(x, positions[t])`` (rotate-half convention, ``inv_freq`` ``(D / 2,)`` and ``rope_scale`` supplied by the
   caller), so that each channel's range is not smeared by the rotation.
@@ -33,13 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from ._common import INT_DTYPES, check_shape, check_tensor
-from .quantization import FLOAT_DTYPES, _round_up_to
+from .quantization import _round_up_to
 from .quantized_segments import (
     QuantizedSegments,
     _segment_of_slots,
     check_params,
     check_segments,
     concat_segments,
+    ragged_slots,
     select_segments,
     valid_slots,
 )
@@ -479,11 +480,8 @@ def decompose_segments(
     Returns:
         DecomposedSegments (``ctx_len = seg_lens``); corrections present only when asked for.
     """
-    check_tensor(seg_k, "seg_k", ndim=2, dtypes=FLOAT_DTYPES)
+    slots = ragged_slots(seg_k, seg_v, seg_lens, bits, group_size)
     dev, dtype = seg_k.device, seg_k.dtype
-    check_tensor(seg_v, "seg_v", ndim=2, dtypes=(dtype,), device=dev)
-    check_shape(seg_v, "seg_v", tuple(seg_k.shape))
-    check_tensor(seg_lens, "seg_lens", ndim=1, dtypes=INT_DTYPES, device=dev)
     N, D = seg_k.shape
     _check_options(bits, group_size, D, outlier_ratio, rank, positions, rope, N, dev)
     k_levels = _per_segment_levels(k_levels, "k_levels", bits, seg_lens.numel(), dev)
@@ -491,17 +489,15 @@ def decompose_segments(
     if exact_rows is not None:
         check_tensor(exact_rows, "exact_rows", ndim=1, dtypes=(torch.bool,), device=dev)
         check_shape(exact_rows, "exact_rows", (N,))
-    G = group_size
-    lens = seg_lens.long()
-    if bool((lens < 0).any()) or int(lens.sum()) != N:
-        raise ValueError(f"seg_lens must be >= 0 and sum to seg_k.shape[0] = {N}, got {seg_lens.tolist()}")
-    n_groups = (lens + G - 1) // G
-    cu_groups = torch.cat([n_groups.new_zeros(1), n_groups.cumsum(0)])
-    total = int(cu_groups[-1])
-    seg, off = _segment_of_slots(cu_groups, total, G)
-    starts = lens.cumsum(0) - lens
-    rows = starts[seg] + torch.minimum(off, lens[seg] - 1)  # padding slots repeat the segment's last row
-    valid = off < lens[seg]
+    G, lens, n_groups, cu_groups, seg, rows = (
+        group_size,
+        slots.lens,
+        slots.n_groups,
+        slots.cu_groups,
+        slots.seg,
+        slots.rows,
+    )
+    valid = slots.off < lens[seg]
     opt = _Options(bits, G, k_levels, v_levels, float(outlier_ratio), rank, rope, seed)
     pos = None if positions is None else positions.long()[rows]
     exact = None if exact_rows is None else exact_rows[rows]

@@ -166,21 +166,25 @@ def _from_quantized(qk: QuantizedTensor, qv: QuantizedTensor):
     return tuple(t[0, 0] for t in (qk.packed, qk.scale, qk.zero, qv.packed, qv.scale, qv.zero))
 
 
-def quantize_segments(seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.Tensor, bits: int,
-                      group_size: int) -> QuantizedSegments:  # fmt: skip
-    """Quantize ragged segments: each padded to whole groups by repeating its last valid row.
+@dataclass
+class RaggedSlots:
+    """Where the rows of ragged segments go in whole groups of slots: ``lens`` ``(S,)`` long, ``n_groups`` ``(S,)``
+    groups per segment, ``cu_groups`` ``(S + 1,)`` their prefix sums, ``total`` groups in all, and per slot its
+    segment ``seg``, offset ``off`` and source row ``rows`` (padding slots repeat their segment's last row)."""
 
-    Args:
-        seg_k, seg_v: (N, D) float16/bfloat16/float32 rows of S segments, back to back.
-        seg_lens: (S,) int lengths (>= 0) summing to N; empty segments own no groups.
-        bits: 2, 4 or 8. group_size: a power of two >= 16 dividing D.
+    lens: torch.Tensor
+    n_groups: torch.Tensor
+    cu_groups: torch.Tensor
+    total: int
+    seg: torch.Tensor
+    off: torch.Tensor
+    rows: torch.Tensor
 
-    Returns:
-        QuantizedSegments with ``ctx_len = seg_lens`` and ``ctx_groups = ceil(seg_lens / group_size)``.
 
-    Raises:
-        ValueError: bad bits/group_size, shapes, dtypes, or lengths that are negative or do not sum to N.
-    """
+def ragged_slots(seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.Tensor, bits: int,
+                 group_size: int) -> RaggedSlots:  # fmt: skip
+    """Validate ragged rows (``seg_k, seg_v`` ``(N, D)``, ``seg_lens`` ``(S,)``, bits, group size) and lay them out
+    in whole groups (one host sync)."""
     check_tensor(seg_k, "seg_k", ndim=2, dtypes=FLOAT_DTYPES)
     dev, dtype = seg_k.device, seg_k.dtype
     check_tensor(seg_v, "seg_v", ndim=2, dtypes=(dtype,), device=dev)
@@ -198,11 +202,32 @@ def quantize_segments(seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.
     seg, off = _segment_of_slots(cu_groups, total, G)
     starts = lens.cumsum(0) - lens
     rows = starts[seg] + torch.minimum(off, lens[seg] - 1)  # padding slots repeat the segment's last row
+    return RaggedSlots(lens, n_groups, cu_groups, total, seg, off, rows)
+
+
+def quantize_segments(seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.Tensor, bits: int,
+                      group_size: int) -> QuantizedSegments:  # fmt: skip
+    """Quantize ragged segments: each padded to whole groups by repeating its last valid row.
+
+    Args:
+        seg_k, seg_v: (N, D) float16/bfloat16/float32 rows of S segments, back to back.
+        seg_lens: (S,) int lengths (>= 0) summing to N; empty segments own no groups.
+        bits: 2, 4 or 8. group_size: a power of two >= 16 dividing D.
+
+    Returns:
+        QuantizedSegments with ``ctx_len = seg_lens`` and ``ctx_groups = ceil(seg_lens / group_size)``.
+
+    Raises:
+        ValueError: bad bits/group_size, shapes, dtypes, or lengths that are negative or do not sum to N.
+    """
+    slots = ragged_slots(seg_k, seg_v, seg_lens, bits, group_size)
+    G, D, total, rows = group_size, seg_k.shape[1], slots.total, slots.rows
     k_pad = seg_k[rows].view(1, 1, total * G, D)
     v_pad = seg_v[rows].view(1, 1, total * G, D)
     tensors = _from_quantized(quantize_keys(k_pad, bits, G), quantize_values(v_pad, bits, G))
     i32 = {"dtype": torch.int32}
-    return QuantizedSegments(*tensors, cu_groups.to(**i32), lens.to(**i32), n_groups.to(**i32), bits, G, D, dtype)
+    return QuantizedSegments(*tensors, slots.cu_groups.to(**i32), slots.lens.to(**i32), slots.n_groups.to(**i32),
+                             bits, G, D, seg_k.dtype)  # fmt: skip
 
 
 def append_segment_groups(segs: QuantizedSegments, new_k: torch.Tensor, new_v: torch.Tensor) -> QuantizedSegments:
