@@ -135,7 +135,8 @@ if triton is not None:
         BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         PW: tl.constexpr = 32 // BITS
-        W: tl.constexpr = GS // PW  # value word rows per group
+        W: tl.constexpr = (GS + PW - 1) // PW  # value word rows per group (3 bits: 10 codes a word, the last partial)
+        KW = (D + PW - 1) // PW  # key words per slot
         MASK: tl.constexpr = (1 << BITS) - 1
         pid = tl.program_id(0)
         mb = tl.program_id(1)
@@ -175,7 +176,7 @@ if triton is not None:
             tile_ok = c_ok[:, None] & d_ok[None, :]
 
             # Keys: one row of D / PW words per slot, channel d at word d // PW, bits (d % PW) * BITS.
-            words = tl.load(kp_ptr + slot[:, None] * (D // PW) + dw[None, :], mask=tile_ok, other=0)
+            words = tl.load(kp_ptr + slot[:, None] * KW + dw[None, :], mask=tile_ok, other=0)
             codes = (words.to(tl.uint32, bitcast=True) >> dshift[None, :]) & MASK
             k_s = tl.load(ks_ptr + grp * D + d, mask=d_ok, other=0.0).to(tl.float32)
             k_z = tl.load(kz_ptr + grp * D + d, mask=d_ok, other=0.0).to(tl.float32)

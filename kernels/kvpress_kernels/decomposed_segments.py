@@ -292,9 +292,12 @@ def _encode(x: torch.Tensor, out: torch.Tensor, levels: torch.Tensor, bits: int,
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``codes`` ``(..., n)`` int64 with n a multiple of 32 // bits -> ``(..., n * bits / 32)`` int32 words; code j of
-    a word at bits ``j * bits`` upward."""
+    """``codes`` ``(..., n)`` int64 -> ``(..., ceil(n / P))`` int32 words of ``P = 32 // bits`` codes, code j of a word
+    at bits ``j * bits`` upward (a partial last word padded with zero codes)."""
     per_word = 32 // bits
+    pad = -codes.shape[-1] % per_word
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
     shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
     words = (codes.reshape(*codes.shape[:-1], -1, per_word) << shifts).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -629,10 +632,10 @@ def _reconstruct_slots(ds: DecomposedSegments, rope: RotaryTable | None) -> tupl
     seg, _ = _segment_of_slots(s.cu_groups, n, G)
     k_lv = uniform.expand(s.num_segments, -1) if ds.k_levels is None else ds.k_levels
     v_lv = uniform.expand(s.num_segments, -1) if ds.v_levels is None else ds.v_levels
-    kw = s.k_packed.long() & 0xFFFFFFFF  # (slots, D / P)
-    k_codes = ((kw[..., None] >> shifts) & mask).reshape(n * G, D)
+    kw = s.k_packed.long() & 0xFFFFFFFF  # (slots, ceil(D / P))
+    k_codes = ((kw[..., None] >> shifts) & mask).reshape(n * G, -1)[:, :D]
     vw = s.v_packed.long().view(n, s.words_per_group, D) & 0xFFFFFFFF  # (n, W, D)
-    v_codes = ((vw[:, :, None, :] >> shifts[None, None, :, None]) & mask).reshape(n * G, D)
+    v_codes = ((vw[:, :, None, :] >> shifts[None, None, :, None]) & mask).reshape(n, -1, D)[:, :G].reshape(n * G, D)
     k_lv, v_lv = k_lv[seg], v_lv[seg]  # (slots, 2**bits): the table of each slot's segment
     k = torch.gather(k_lv, 1, k_codes) * s.k_scale.float().repeat_interleave(G, 0) + s.k_zero.float().repeat_interleave(
         G, 0

@@ -49,9 +49,9 @@ KEY_AXIS, VALUE_AXIS = 2, 3  # tokens (per-channel keys), channels (per-token va
 
 
 def words_per_group(bits: int, group_size: int) -> int:
-    """int32 words spanned by ``group_size`` codes along the packing axis: ceil(group_size * bits / 32) (the word rows
-    of a group of ``group_size`` value tokens)."""
-    return -(-group_size * bits // 32)
+    """int32 words spanned by ``group_size`` codes along the packing axis, ``32 // bits`` codes a word:
+    ceil(group_size / (32 // bits)) (the word rows of a group of ``group_size`` value tokens)."""
+    return -(-group_size // (32 // bits))
 
 
 @dataclass

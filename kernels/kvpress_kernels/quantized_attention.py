@@ -35,7 +35,7 @@ import torch
 
 from ._common import check_tensor, ensure_launchable, next_pow2, tl, triton, use_triton
 from .quantization import _TL_DTYPES
-from .quantized_segments import QuantizedSegments, check_segments, dequantize_segments
+from .quantized_segments import QuantizedSegments, _kivi_bits, check_segments, dequantize_segments
 from .varlen_attention import (
     _DEFAULT_CONFIG,
     _LOG2E,
@@ -109,6 +109,7 @@ def reference_quantized_varlen_attention(q, segs, tail_k, tail_v, tail_lens, sca
     Dequantizes the valid tokens (`dequantize_segments`, torch path) and runs `reference_varlen_attention`.
     """
     _validate(q, segs, tail_k, tail_v, tail_lens, scale, q_lens)
+    _kivi_bits(segs.bits)
     seg_k, seg_v, lens = dequantize_segments(segs, reference=True)
     cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
     return reference_varlen_attention(q, seg_k, seg_v, cu, tail_k, tail_v, tail_lens, scale, q_lens)
@@ -419,6 +420,7 @@ def quantized_varlen_attention(
             or (with check) inconsistent lengths.
     """
     _validate(q, segs, tail_k, tail_v, tail_lens, scale, q_lens)
+    _kivi_bits(segs.bits)
     if check:
         _check_values(q, segs, tail_k, tail_lens, q_lens)
     if not use_triton(q):

@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 MIN_GROUP_SIZE = 16  # 16 * 2 bits = one int32 word: smaller groups would leave words partly empty
+# Code widths the storage holds. 3-bit codes (10 a word, 2 bits unused) are written and read by the decomposed
+# storage and its kernel (decomposed_segments.py, decomposed_attention.py); KIVI's quantizer and fused kernel take
+# BITS (2, 4, 8), whose codes tile a word exactly.
+SEGMENT_BITS = (2, 3, 4, 8)
 
 
 @dataclass
@@ -95,7 +99,7 @@ class QuantizedSegments:
         if S < 0:
             raise ValueError("cu_groups must have S + 1 >= 1 entries")
         expected = {
-            "k_packed": ((n * G, D * self.bits // 32), torch.int32), "k_scale": ((n, D), self.dtype),
+            "k_packed": ((n * G, words_per_group(self.bits, D)), torch.int32), "k_scale": ((n, D), self.dtype),
             "k_zero": ((n, D), self.dtype), "v_packed": ((n * W, D), torch.int32), "v_scale": ((n * G, D // G), self.dtype),
             "v_zero": ((n * G, D // G), self.dtype), "ctx_len": ((S,), torch.int32),
             "ctx_groups": ((S,), torch.int32),
@@ -130,10 +134,10 @@ class QuantizedSegments:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def check_params(bits, group_size, head_dim) -> None:
-    """ValueError unless bits is 2/4/8 and group_size is a power of two >= 16 dividing head_dim."""
-    if isinstance(bits, bool) or bits not in BITS:
-        raise ValueError(f"bits must be one of {list(BITS)}, got {bits!r}")
+def check_params(bits, group_size, head_dim, accepted_bits=SEGMENT_BITS) -> None:
+    """ValueError unless bits is one of ``accepted_bits`` and group_size is a power of two >= 16 dividing head_dim."""
+    if isinstance(bits, bool) or bits not in accepted_bits:
+        raise ValueError(f"bits must be one of {list(accepted_bits)}, got {bits!r}")
     if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
     accepted = [g for g in (16, 32, 64, 128, 256, 512) if head_dim % g == 0]
@@ -220,6 +224,7 @@ def quantize_segments(seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.
     Raises:
         ValueError: bad bits/group_size, shapes, dtypes, or lengths that are negative or do not sum to N.
     """
+    _kivi_bits(bits)
     slots = ragged_slots(seg_k, seg_v, seg_lens, bits, group_size)
     G, D, total, rows = group_size, seg_k.shape[1], slots.total, slots.rows
     k_pad = seg_k[rows].view(1, 1, total * G, D)
@@ -228,6 +233,14 @@ def quantize_segments(seg_k: torch.Tensor, seg_v: torch.Tensor, seg_lens: torch.
     i32 = {"dtype": torch.int32}
     return QuantizedSegments(*tensors, slots.cu_groups.to(**i32), slots.lens.to(**i32), slots.n_groups.to(**i32),
                              bits, G, D, seg_k.dtype)  # fmt: skip
+
+
+def _kivi_bits(bits) -> None:
+    if bits not in BITS:
+        raise ValueError(
+            f"bits must be one of {list(BITS)} for KIVI groups (quantize_segments, quantized_varlen_attention), got "
+            f"{bits!r}; 3-bit codes are stored by decompose_segments and read by decomposed_attention"
+        )
 
 
 def append_segment_groups(segs: QuantizedSegments, new_k: torch.Tensor, new_v: torch.Tensor) -> QuantizedSegments:
@@ -246,6 +259,7 @@ def append_segment_groups(segs: QuantizedSegments, new_k: torch.Tensor, new_v: t
         ValueError: shapes, dtype or device that do not match ``segs``, or a token count not a multiple of G.
     """
     check_segments(segs)
+    _kivi_bits(segs.bits)
     S, G, D, dev = segs.num_segments, segs.group_size, segs.head_dim, segs.device
     check_tensor(new_k, "new_k", ndim=3, dtypes=(segs.dtype,), device=dev)
     check_tensor(new_v, "new_v", ndim=3, dtypes=(segs.dtype,), device=dev)

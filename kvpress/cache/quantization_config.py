@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-BITS = (2, 4, 8)
+BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 METHODS = ("kivi", "kvquant", "gear")
 # Each method's own options and their defaults (the papers'): options of another method are refused.
@@ -34,7 +34,8 @@ class QuantizationConfig(BaseModel):
     levels "prompt"; gear: outlier_ratio 0.02, rank 4); an option of another method is an error.
 
     Attributes:
-        bits: code width of every layer, one of 2, 4, 8.
+        bits: code width of every layer, one of 2, 3, 4, 8. 3-bit codes (10 to an int32 word) are read by the
+            generic decomposed kernel for every method, KIVI included; 2/4/8-bit KIVI groups have a fused kernel.
         group_size: elements sharing one scale and zero: ``group_size`` tokens of a key channel, ``group_size``
             channels of a value token. One of 32, 64, 128; must divide the model's head dimension.
         residual_length: tokens added after compression stay in full precision until this many have accumulated;
@@ -170,16 +171,17 @@ class QuantizationConfig(BaseModel):
         the expected outliers (value plus position, keys and values), low-rank rows and key positions. Per-block
         low-rank factors, level tables and sink rows are a fixed cost per head, not counted per token."""
         bits, g = self.bits_for(layer_idx), self.group_size
-        group_words_bytes = -(-g * bits // 32) * 4  # a group's codes fill whole int32 words
-        per_channel_keys = (group_words_bytes + 2 * scale_bytes) / g  # one channel, averaged over g tokens
-        per_token_values = (head_dim // g) * (group_words_bytes + 2 * scale_bytes)
+        per_word = 32 // bits  # codes fill whole int32 words: a key row's channels, a value group's tokens
+        key_codes = -(-head_dim // per_word) * 4
+        value_codes = head_dim * (-(-g // per_word) * 4) / g
+        scales = 2 * (head_dim / g) * 2 * scale_bytes  # keys: a scale and zero per channel per g tokens; values: per g
         extra = 0.0
         if self.decomposed:
             position_bytes = 2 if g * head_dim <= 32767 else 4
             extra += 2 * head_dim * self.outlier_ratio * (scale_bytes + position_bytes)
             extra += 2 * (self.rank or 0) * scale_bytes
             extra += 4 if self.pre_rope else 0
-        return head_dim * per_channel_keys + per_token_values + extra
+        return key_codes + value_codes + scales + extra
 
     def compression_of_bytes(self, layer_idx: int, head_dim: int, dtype_bytes: int = 2) -> float:
         """Quantized bytes per token over full-precision bytes per token (``2 * head_dim * dtype_bytes``)."""

@@ -6,7 +6,7 @@ import torch
 
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer
-from kvpress.cache.quantized_storage import make_storage
+from kvpress.cache.quantized_storage import DecomposedStorage, make_storage
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
 from kvpress.utils import kv_geometry
@@ -107,7 +107,7 @@ class QuantizedCache(VarlenCache):
     def _save_layer(self, layer) -> tuple[dict, dict[str, torch.Tensor]]:
         if not (isinstance(layer, QuantizedVarlenLayer) and layer.ragged):
             return super()._save_layer(layer)
-        if self.quantization.decomposed:
+        if isinstance(layer.storage, DecomposedStorage):
             raise ValueError(
                 f"saving a QuantizedCache with method={self.quantization.method!r} is not supported yet; "
                 "method='kivi' caches can be saved"

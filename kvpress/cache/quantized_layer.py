@@ -6,7 +6,7 @@ import torch
 
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.quantization_config import QuantizationConfig
-from kvpress.cache.quantized_storage import KiviStorage, positions_of
+from kvpress.cache.quantized_storage import make_storage, positions_of
 from kvpress.cache.varlen_layer import VarlenLayer, VarlenView
 
 
@@ -38,7 +38,7 @@ class QuantizedVarlenLayer(VarlenLayer):
         )
         super().__init__(**kwargs)
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
-        self.storage = storage if storage is not None else KiviStorage(bits, group_size)
+        self.storage = storage if storage is not None else make_storage(self.quantization, 0)
         if (self.storage.bits, self.storage.group_size) != (bits, group_size):
             raise ValueError(f"storage has bits={self.storage.bits}, group_size={self.storage.group_size}; the layer "
                              f"takes bits={bits}, group_size={group_size}")  # fmt: skip

@@ -23,6 +23,7 @@ from kvpress_kernels import (
     quantized_varlen_attention,
 )
 from kvpress_kernels.decomposed_segments import concat_decomposed, select_decomposed
+from kvpress_kernels.quantization import BITS as KIVI_BITS
 from kvpress_kernels.quantized_segments import concat_segments, select_segments
 
 
@@ -109,9 +110,10 @@ class DecomposedStorage:
 
 
 def make_storage(config: QuantizationConfig, layer_idx: int, rope: RotaryTable | None = None):
-    """The storage of layer ``layer_idx`` under ``config``."""
+    """The storage of layer ``layer_idx`` under ``config`` (3-bit KIVI groups: the decomposed storage without
+    corrections, whose kernel reads codes of any width)."""
     bits = config.bits_for(layer_idx)
-    if config.decomposed:
+    if config.decomposed or bits not in KIVI_BITS:
         return DecomposedStorage(bits, config.group_size, config, rope)
     return KiviStorage(bits, config.group_size)
 

@@ -233,8 +233,8 @@ def test_bad_configuration_is_refused_at_construction():
     wide = quant_model("llama")
     with pytest.raises(ValueError, match=r"group_size=64 must divide the head dimension 32; accepted: \[32\]"):
         QuantizedCache(config=wide.config, quantization={"group_size": 64})
-    with pytest.raises(ValueError, match="bits: bits must be one of 2, 4, 8, got 3"):
-        QuantizedCache(config=wide.config, quantization={"bits": 3, "group_size": 32})
+    with pytest.raises(ValueError, match="bits: bits must be one of 2, 3, 4, 8, got 5"):
+        QuantizedCache(config=wide.config, quantization={"bits": 5, "group_size": 32})
     with pytest.raises(ValueError, match="group_size: group_size must be one of 32, 64, 128, got 48"):
         QuantizedCache(config=wide.config, quantization={"group_size": 48})
     with pytest.raises(ValueError, match="must be a QuantizationConfig or a dict"):

@@ -350,7 +350,7 @@ def test_a_forward_after_an_uncompressed_prefill_quantizes_the_context():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"bits": 3}, "bits must be one of 2, 4, 8"),
+        ({"bits": 5}, "bits must be one of 2, 3, 4, 8"),
         ({"group_size": 48}, "group_size must be one of 32, 64, 128"),
         ({"group_size": 32, "residual_length": 48}, "residual_length must be a positive multiple of group_size"),
     ],

@@ -166,3 +166,26 @@ def test_bytes_per_token_counts_the_corrections():
     d = 64
     # rank 4: 4 bf16 numbers per token for keys and for values; 2% outliers: (2 + 2) bytes each.
     assert gear.bytes_per_token(0, d) == pytest.approx(kivi.bytes_per_token(0, d) + 2 * 4 * 2 + 2 * d * 0.02 * 4)
+
+
+@pytest.mark.parametrize("method", ["kivi", "kvquant", "gear"])
+def test_three_bit_storage_sits_between_two_and_four_bits(method):
+    """3-bit codes (any method; KIVI's go through the decomposed storage without corrections): the decoding error
+    lies between the 2-bit and the 4-bit one, and the bytes too."""
+    model = quant_model("llama")
+    n = 48
+    ids = random_ids(n, 1, seed=6)
+    full = VarlenCache(config=model.config)
+    prefill(model, full, ids, KnormPress(0.25))
+    reference = decode(model, full, n, 8)
+    errors, sizes = {}, {}
+    for bits in (2, 3, 4):
+        cache = make_cache(model, bits=bits, method=method)
+        prefill(model, cache, ids, KnormPress(0.25))
+        cache.compact()
+        sizes[bits] = cache.memory_bytes()
+        errors[bits] = (decode(model, cache, n, 8) - reference).abs().max().item()
+        if bits == 3:
+            assert all(isinstance(layer.storage, DecomposedStorage) for layer in cache.layers)
+    assert errors[4] < errors[3] < errors[2], errors
+    assert sizes[2] < sizes[3] < sizes[4], sizes

@@ -98,7 +98,7 @@ def test_decode_matches_references(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["uniform", "kvquant", "gear"])
-@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("bits", [2, 3, 8])
 def test_bits_gqa_and_question_blocks(name, bits):
     """Several query tokens (a question), padding queries, GQA 1 and 3 and empty segments."""
     args, rope = build(2, 2, 3, 3, 32, torch.float32, bits, 16, [0, 17, 33, 2, 0, 16], [], [5, 4], 4,

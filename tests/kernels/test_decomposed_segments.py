@@ -51,6 +51,25 @@ def test_uniform_without_corrections_is_kivi(bits, dtype):
     assert ds.nbytes() == kivi.nbytes()
 
 
+@pytest.mark.parametrize("D, G", [(64, 32), (32, 16), (128, 64)])
+def test_three_bit_codes_pack_ten_to_a_word(D, G):
+    """3-bit codes: 10 to an int32 word (a key row's channels, a value group's tokens), the last word partial; every
+    element within half a step of its group's range, as at the other widths."""
+    k, v, lens = data(5, [3 * G + 5, G], D, torch.float32)
+    ds = decompose_segments(k, v, lens, 3, G)
+    assert ds.segs.k_packed.shape[1] == -(-D // 10) and ds.segs.words_per_group == -(-G // 10)
+    rk, rv, _ = dequantize_decomposed(ds)
+    step_k = ds.segs.k_scale.float().repeat_interleave(G, 0)
+    from kvpress_kernels.quantized_segments import valid_slots
+
+    valid, _ = valid_slots(ds.segs)
+    assert bool(((rk - k).abs() <= step_k[valid] / 2 + 1e-5).all())
+    step_v = ds.segs.v_scale.float().repeat_interleave(G, 1)[valid]
+    assert bool(((rv - v).abs() <= step_v / 2 + 1e-5).all())
+    with pytest.raises(ValueError, match="3-bit codes are stored by decompose_segments"):
+        quantize_segments(k, v, lens, 3, G)
+
+
 def _errors(ds, k, v, rope=None):
     rk, rv, _ = dequantize_decomposed(ds, rope)
     return (rk.double() - k.double()).abs(), (rv.double() - v.double()).abs()
@@ -199,4 +218,4 @@ def test_bad_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="k_levels"):
         decompose_segments(k, v, lens, 4, 32, k_levels=torch.arange(4, dtype=torch.float32))
     with pytest.raises(ValueError, match="bits"):
-        decompose_segments(k, v, lens, 3, 32)
+        decompose_segments(k, v, lens, 5, 32)

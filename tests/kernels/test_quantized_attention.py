@@ -253,7 +253,7 @@ def _raw(fields):
         (0, lambda t: t[..., :32], "segs.head_dim = 64 must equal q.shape\\[3\\] = 32"),
         (0, lambda t: t[:, :3], "not a multiple of the 2 kv heads"),
         (1, lambda s: s.k_packed, "segs must be a QuantizedSegments"),
-        (1, _segs_with(bits=3), "bits must be one of \\[2, 4, 8\\]"),
+        (1, _segs_with(bits=5), "bits must be one of \\[2, 3, 4, 8\\]"),
         (1, _segs_with(group_size=48), "group_size must be a power of two >= 16"),
         (1, _segs_with(k_scale=lambda t: t[:-1]), "k_packed must have shape"),
         (2, lambda t: t[:1], "tail_k must have shape"),
