@@ -34,6 +34,7 @@ from kvpress.cache.layer_access import layer_memory_bytes
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.rotary import rotary_table
+from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.needle import build_needle_context
 from kvpress.offline_model import load_smollm2
 from kvpress.pipeline import TASK
@@ -118,6 +119,8 @@ def run_one(pipe, context, number, press, query_aware, max_new_tokens) -> dict:
     if quantization:
         rope = rotary_table(model) if quantization.pre_rope else None
         cache = QuantizedCache(config=model.config, quantization=quantization, rope=rope)
+    elif press is not None and press.capabilities.head_variable:
+        cache = VarlenCache(config=model.config)
     else:
         cache = DynamicCache(config=model.config)
     start = time.perf_counter()

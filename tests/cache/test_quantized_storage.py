@@ -171,7 +171,8 @@ def test_bytes_per_token_counts_the_corrections():
 @pytest.mark.parametrize("method", ["kivi", "kvquant", "gear"])
 def test_three_bit_storage_sits_between_two_and_four_bits(method):
     """3-bit codes (any method; KIVI's go through the decomposed storage without corrections): the decoding error
-    lies between the 2-bit and the 4-bit one, and the bytes too."""
+    lies between the 2-bit and the 4-bit one. Bytes: 10 codes to a word, so with head_dim 32 and groups of 32 a
+    3-bit row needs as many words as a 4-bit one (4); the saving appears with wider heads and groups."""
     model = quant_model("llama")
     n = 48
     ids = random_ids(n, 1, seed=6)
@@ -188,4 +189,4 @@ def test_three_bit_storage_sits_between_two_and_four_bits(method):
         if bits == 3:
             assert all(isinstance(layer.storage, DecomposedStorage) for layer in cache.layers)
     assert errors[4] < errors[3] < errors[2], errors
-    assert sizes[2] < sizes[3] < sizes[4], sizes
+    assert sizes[2] < sizes[3] <= sizes[4], sizes
