@@ -179,9 +179,22 @@ class QuantizationConfig(BaseModel):
         if self.decomposed:
             position_bytes = 2 if g * head_dim <= 32767 else 4
             extra += 2 * head_dim * self.outlier_ratio * (scale_bytes + position_bytes)
-            extra += 2 * (self.rank or 0) * scale_bytes
+            extra += 2 * 4 / g  # int32 prefix sums of each group's outliers, keys and values
+            if self.rank:
+                extra += 2 * self.rank * scale_bytes + 2 * 4 / g  # a low-rank row per token; each group's block
             extra += 4 if self.pre_rope else 0
         return key_codes + value_codes + scales + extra
+
+    def head_bytes(self, layer_idx: int, head_dim: int, scale_bytes: int = 2) -> float:
+        """Bytes one (sequence, kv-head) costs in ``layer_idx`` whatever its length: KVQuant's two level tables and
+        its sink tokens kept whole, GEAR's low-rank factors of the context block (0 for KIVI)."""
+        if not self.decomposed:
+            return 0.0
+        position_bytes = 2 if self.group_size * head_dim <= 32767 else 4
+        tables = 2 * (1 << self.bits_for(layer_idx)) * 4 if self.levels == "prompt" else 0
+        sinks = (self.sink_tokens or 0) * 2 * head_dim * (scale_bytes + position_bytes)
+        low_rank = 2 * (self.rank or 0) * head_dim * scale_bytes
+        return float(tables + sinks + low_rank)
 
     def compression_of_bytes(self, layer_idx: int, head_dim: int, dtype_bytes: int = 2) -> float:
         """Quantized bytes per token over full-precision bytes per token (``2 * head_dim * dtype_bytes``)."""

@@ -125,7 +125,16 @@ class MemoryBudgetPress(BasePress):
         head_dim, kv_heads, _ = _geometry(config)
         unit = self.storage_unit
         per_unit = Fraction(self.token_bytes(layer_idx, head_dim, dtype)) * kv_heads * unit
-        return min(n_tokens, math.floor(self.layer_budget_bytes(n_tokens, config, dtype) / per_unit) * unit)
+        fixed = Fraction(self.head_bytes(layer_idx, head_dim, dtype)) * kv_heads
+        budget = max(Fraction(0), self.layer_budget_bytes(n_tokens, config, dtype) - fixed)
+        return min(n_tokens, math.floor(budget / per_unit) * unit)
+
+    def head_bytes(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> float:
+        """Bytes each kv-head of ``layer_idx`` costs whatever it keeps (KVQuant's level tables and sinks, GEAR's
+        low-rank factors; 0 unquantized and for KIVI)."""
+        if self.quantization is None:
+            return 0.0
+        return self.quantization.head_bytes(layer_idx, head_dim, dtype.itemsize)
 
     @property
     def storage_unit(self) -> int:
@@ -138,7 +147,8 @@ class MemoryBudgetPress(BasePress):
         head_dim, kv_heads, layers = _geometry(config)
         unit = self.storage_unit
         stored = {i: -(-self.planned_tokens(n_tokens, i, config, dtype) // unit) * unit for i in layers}
-        return sum(stored[i] * kv_heads * self.token_bytes(i, head_dim, dtype) for i in layers)
+        return sum(kv_heads * (stored[i] * self.token_bytes(i, head_dim, dtype) + self.head_bytes(i, head_dim, dtype))
+                   for i in layers)  # fmt: skip
 
     def effective_compression_ratio(self, n_tokens: int, config, dtype: torch.dtype) -> float:
         """Fraction of the ``n_tokens`` prefilled tokens removed, averaged over the compressed layers."""

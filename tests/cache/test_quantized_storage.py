@@ -164,8 +164,30 @@ def test_bytes_per_token_counts_the_corrections():
     kivi = QuantizationConfig(group_size=32)
     gear = QuantizationConfig(group_size=32, method="gear", rank=4, outlier_ratio=0.02)
     d = 64
-    # rank 4: 4 bf16 numbers per token for keys and for values; 2% outliers: (2 + 2) bytes each.
-    assert gear.bytes_per_token(0, d) == pytest.approx(kivi.bytes_per_token(0, d) + 2 * 4 * 2 + 2 * d * 0.02 * 4)
+    # Per token: rank 4 bf16 numbers for keys and for values; 2% outliers at (2 + 2) bytes each; int32 outlier
+    # prefix sums and block ids per group of 32, keys and values. Per head: the context block's factors.
+    per_group = 2 * 4 / 32 + 2 * 4 / 32
+    assert gear.bytes_per_token(0, d) == pytest.approx(
+        kivi.bytes_per_token(0, d) + 2 * 4 * 2 + 2 * d * 0.02 * 4 + per_group
+    )
+    assert gear.head_bytes(0, d) == 2 * 4 * d * 2 and kivi.head_bytes(0, d) == 0
+
+
+@pytest.mark.parametrize("method", ["kvquant", "gear"])
+def test_memory_budget_holds_with_the_corrections(method):
+    """A byte budget planned with the corrections' per-token and per-head costs holds in the cache."""
+    from kvpress.presses.memory_budget_press import MemoryBudgetPress
+
+    model = quant_model("llama")
+    n = 200
+    quantization = QuantizationConfig(bits=2, group_size=32, residual_length=32, method=method)
+    press = MemoryBudgetPress(SnapKVPress(window_size=4), budget_fraction=0.25, quantization=quantization)
+    cache = make_cache(model, bits=2, method=method)
+    prefill(model, cache, random_ids(n, 1, seed=8), press)
+    full = n * model.config.num_key_value_heads * 2 * 32 * 4 * model.config.num_hidden_layers  # float32 model
+    tails = sum(layer.tail_lens.numel() * 4 for layer in cache.layers)
+    assert cache.memory_bytes() - tails <= 0.25 * full
+    assert cache.memory_bytes() - tails <= press.planned_bytes(n, model.config, torch.float32) + 64 * len(cache.layers)
 
 
 @pytest.mark.parametrize("method", ["kivi", "kvquant", "gear"])

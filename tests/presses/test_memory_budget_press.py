@@ -352,8 +352,8 @@ def test_pipeline_decodes_from_the_budgeted_cache():
         ({}, "exactly one of budget_fraction .* and budget_bytes"),
         ({"budget_fraction": 0.5, "budget_bytes": 1000}, "exactly one of budget_fraction .* and budget_bytes"),
         (
-            {"budget_fraction": 0.5, "quantization": {"bits": 3}},
-            "quantization is not a valid QuantizationConfig: bits: bits must be one of 2, 4, 8, got 3",
+            {"budget_fraction": 0.5, "quantization": {"bits": 5}},
+            "quantization is not a valid QuantizationConfig: bits: bits must be one of 2, 3, 4, 8, got 5",
         ),
         (
             {"budget_fraction": 0.5, "quantization": {"group_size": 48}},
@@ -376,8 +376,8 @@ def test_quantization_dict_and_unsupported_bits():
         KnormPress(), budget_fraction=0.5, quantization={"bits": 2, "group_size": 32, "residual_length": 32}
     )
     assert press.quantization == QuantizationConfig(bits=2, group_size=32, residual_length=32)
-    with pytest.raises(ValueError, match="bits must be one of 2, 4, 8"):
-        MemoryBudgetPress(KnormPress(), budget_fraction=0.5, quantization=QuantizationConfig(bits=3))
+    with pytest.raises(ValueError, match="bits must be one of 2, 3, 4, 8"):
+        MemoryBudgetPress(KnormPress(), budget_fraction=0.5, quantization={"bits": 5})
 
 
 @pytest.mark.parametrize(
