@@ -7,7 +7,7 @@ storage is compared against the same attention over the bfloat16 keys and values
 ``|o - o_bf16| / |o_bf16|`` averaged over layers, and its stored bytes per token and kv head against bfloat16 (every
 scale, level table, outlier, low-rank factor and position counted).
 
-    python benchmarks/quantizer_error.py --output benchmarks/results/quantizer_error_smollm2_cpu.json
+    python benchmarks/quantizer_error.py --tokens 2048 --output benchmarks/results/quantizer_error_smollm2_cpu.json
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--queries", type=int, default=32)
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--output")
