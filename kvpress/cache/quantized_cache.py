@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from kvpress.cache.quantization_config import QuantizationConfig
@@ -10,7 +12,7 @@ from kvpress.cache.quantized_storage import DecomposedStorage, make_storage
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
 from kvpress.utils import kv_geometry
-from kvpress_kernels import QuantizedSegments, RotaryTable
+from kvpress_kernels import DecomposedSegments, LowRankFactors, QuantizedSegments, RotaryTable, SparseOutliers
 
 _SEGMENT_FIELDS = (
     "k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero", "cu_groups", "ctx_len", "ctx_groups"
@@ -98,20 +100,22 @@ class QuantizedCache(VarlenCache):
 
     # ---- persistence (VarlenCache.save / load call these) ----------------------------------------------------
     def _save_metadata(self) -> dict[str, str]:
-        return {"quantization": self.quantization.model_dump_json()}
+        meta = {"quantization": self.quantization.model_dump_json()}
+        if self.rope is not None:  # pre-RoPE keys are rotated back with it: the file must carry it
+            meta["rope"] = json.dumps({"inv_freq": self.rope.inv_freq.tolist(), "scale": self.rope.scale})
+        return meta
 
     @classmethod
     def _empty_for_load(cls, meta: dict[str, str]) -> QuantizedCache:
-        return cls(quantization=QuantizationConfig.model_validate_json(meta["quantization"]))
+        rope = None
+        if "rope" in meta:
+            table = json.loads(meta["rope"])
+            rope = RotaryTable(torch.tensor(table["inv_freq"], dtype=torch.float32), float(table["scale"]))
+        return cls(quantization=QuantizationConfig.model_validate_json(meta["quantization"]), rope=rope)
 
     def _save_layer(self, layer) -> tuple[dict, dict[str, torch.Tensor]]:
         if not (isinstance(layer, QuantizedVarlenLayer) and layer.ragged):
             return super()._save_layer(layer)
-        if isinstance(layer.storage, DecomposedStorage):
-            raise ValueError(
-                f"saving a QuantizedCache with method={self.quantization.method!r} is not supported yet; "
-                "method='kivi' caches can be saved"
-            )
         n = layer.tail_len
         segs = layer.segs
         tensors = {f"segs.{name}": getattr(segs, name) for name in _SEGMENT_FIELDS}
@@ -132,22 +136,55 @@ class QuantizedCache(VarlenCache):
             "group_size": segs.group_size,
             "dtype": str(segs.dtype).removeprefix("torch."),
         }
+        if isinstance(layer.storage, DecomposedStorage):
+            entry["kind"] = "decomposed"
+            tensors.update(_correction_tensors(layer.store))
+            if layer.tail_start is not None:
+                tensors["tail_start"] = layer.tail_start
         return entry, tensors
 
     def _load_layer(self, layer_idx: int, entry: dict, data: dict[str, torch.Tensor]):
-        if entry["kind"] != "quantized":
+        if entry["kind"] not in ("quantized", "decomposed"):
             return super()._load_layer(layer_idx, entry, data)
         q = self.quantization
-        layer = QuantizedVarlenLayer(entry["bits"], entry["group_size"], q.residual_length)
+        storage = make_storage(q, layer_idx, self.rope)
+        layer = QuantizedVarlenLayer(entry["bits"], entry["group_size"], q.residual_length, storage=storage)
         segs = QuantizedSegments(
             **{name: data[f"segs.{name}"] for name in _SEGMENT_FIELDS},
             bits=entry["bits"], group_size=entry["group_size"], head_dim=entry["head_dim"],
             dtype=getattr(torch, entry["dtype"]),
         )  # fmt: skip
-        layer.adopt_quantized(segs, data["seg_lens"].to("cpu", torch.long))
+        store = segs if entry["kind"] == "quantized" else _decomposed_from(segs, data)
+        layer.adopt_quantized(store, data["seg_lens"].to("cpu", torch.long), data.get("tail_start"))
         self._load_tail(layer, entry, data)
         layer.tail_spread = entry["tail_spread"]
         return layer
+
+
+def _correction_tensors(ds: DecomposedSegments) -> dict[str, torch.Tensor]:
+    """The corrections of decomposed storage by file name (absent corrections are simply not written)."""
+    out = {}
+    for name in ("k_levels", "v_levels", "positions"):
+        if getattr(ds, name) is not None:
+            out[name] = getattr(ds, name)
+    for side in ("k", "v"):
+        o, lr = getattr(ds, f"{side}_outliers"), getattr(ds, f"{side}_lowrank")
+        if o is not None:
+            out.update({f"{side}_outliers.cu": o.cu, f"{side}_outliers.pos": o.pos, f"{side}_outliers.val": o.val})
+        if lr is not None:
+            out.update({f"{side}_lowrank.a": lr.a, f"{side}_lowrank.b": lr.b, f"{side}_lowrank.block": lr.block})
+    return out
+
+
+def _decomposed_from(segs: QuantizedSegments, data: dict[str, torch.Tensor]) -> DecomposedSegments:
+    """Decomposed storage rebuilt from the tensors `_correction_tensors` wrote."""
+    parts = {name: data.get(name) for name in ("k_levels", "v_levels", "positions")}
+    for side in ("k", "v"):
+        if f"{side}_outliers.cu" in data:
+            parts[f"{side}_outliers"] = SparseOutliers(*(data[f"{side}_outliers.{f}"] for f in ("cu", "pos", "val")))
+        if f"{side}_lowrank.a" in data:
+            parts[f"{side}_lowrank"] = LowRankFactors(*(data[f"{side}_lowrank.{f}"] for f in ("a", "b", "block")))
+    return DecomposedSegments(segs, **parts)
 
 
 def model_head_dim(config) -> int:
