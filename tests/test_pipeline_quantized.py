@@ -245,7 +245,7 @@ def test_press_quantization_is_used_and_conflicts_are_refused():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"kv_quantization": {"bits": 3}}, "kv_quantization is not a valid QuantizationConfig: bits: bits must be"),
+        ({"kv_quantization": {"bits": 5}}, "kv_quantization is not a valid QuantizationConfig: bits: bits must be"),
         ({"kv_quantization": {"group_size": 48}}, "group_size: group_size must be one of 32, 64, 128, got 48"),
         ({"kv_quantization": {"group_size": 64}}, r"kv_quantization: group_size=64 must divide the head dimension 32"),
         ({"kv_quantization": "4bit"}, "kv_quantization must be a QuantizationConfig or a dict"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_validator, model_validator
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -54,7 +54,7 @@ class QuantizationConfig(BaseModel):
     outlier_ratio: float | None = None
     rank: int | None = None
     sink_tokens: int | None = None
-    pre_rope: bool | None = None
+    pre_rope: StrictBool | None = None
     levels: Literal["prompt", "uniform"] | None = None
 
     @field_validator("bits")
@@ -148,7 +148,7 @@ class QuantizationConfig(BaseModel):
             return cls(**value)
         except ValidationError as err:
             problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
+                (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
                 for e in err.errors()
             )
             raise ValueError(f"{name} is not a valid QuantizationConfig: {problems}") from None

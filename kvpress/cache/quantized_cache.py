@@ -172,7 +172,10 @@ def _correction_tensors(ds: DecomposedSegments) -> dict[str, torch.Tensor]:
         if o is not None:
             out.update({f"{side}_outliers.cu": o.cu, f"{side}_outliers.pos": o.pos, f"{side}_outliers.val": o.val})
         if lr is not None:
-            out.update({f"{side}_lowrank.a": lr.a, f"{side}_lowrank.b": lr.b, f"{side}_lowrank.block": lr.block})
+            # Keys and values of one compaction share their block ids: saved files take one tensor per name.
+            out.update(
+                {f"{side}_lowrank.a": lr.a, f"{side}_lowrank.b": lr.b, f"{side}_lowrank.block": lr.block.clone()}
+            )
     return out
 
 

@@ -151,6 +151,10 @@ def test_storage_choice_and_bad_configuration():
     QuantizedCache(config=model.config, quantization={"method": "kvquant", "group_size": 32, "pre_rope": False})
     with pytest.raises(ValueError, match="rank is an option of method gear, not of method='kvquant'"):
         QuantizationConfig(method="kvquant", rank=2)
+    with pytest.raises(ValueError, match=r"^quantization is not a valid QuantizationConfig: rank is an option"):
+        QuantizationConfig.coerce({"method": "kivi", "rank": 4})
+    with pytest.raises(ValueError, match="pre_rope"):
+        QuantizationConfig.coerce({"method": "kvquant", "pre_rope": "yes"})
     with pytest.raises(ValueError, match="outlier_ratio must be in"):
         QuantizedCache(config=model.config, quantization={"method": "gear", "outlier_ratio": 0.7, "group_size": 32})
 
@@ -162,6 +166,9 @@ def test_save_and_load_round_trip(method, tmp_path):
     model = quant_model("qwen3")
     cache = make_cache(model, bits=2, method=method)
     prefill(model, cache, random_ids(40, 2), AdaKVPress(SnapKVPress(0.5, window_size=4)))
+    fresh = tmp_path / f"{method}-context.safetensors"
+    cache.save(fresh)  # right after compaction, keys and values share their low-rank block ids
+    assert QuantizedCache.load(fresh).memory_bytes() == cache.memory_bytes()
     decode(model, cache, 40, 30, batch=2)  # 35 tokens added: one group flushed, 3 in the tail
     path = tmp_path / f"{method}.safetensors"
     cache.save(path)

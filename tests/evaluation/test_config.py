@@ -131,7 +131,7 @@ BAD = [
     ({"benchmark_options": {"tasks": ["niah_single_9"]}}, "tasks"),
     ({"benchmark_options": {"qa_path": "/no/such/file.jsonl"}}, "qa_path"),
     ({"benchmark_options": {"dataset": "./no/such/dir"}}, "dataset"),
-    ({"kv_quantization": {"bits": 3}}, "kv_quantization.bits"),
+    ({"kv_quantization": {"bits": 5}}, "kv_quantization.bits"),
     ({"kv_quantization": {"bitz": 4}}, "kv_quantization.bitz"),
     ({"cuda_graph": True, "device": "cpu"}, "cuda_graph"),
 ]
