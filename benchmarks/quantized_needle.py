@@ -66,9 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--budgets",
         type=float,
-        nargs="+",
+        nargs="*",
         default=[0.25, 0.125],
-        help="memory budgets, fractions of the full-precision cache (default: 0.25 0.125)",
+        help="memory budgets, fractions of the full-precision cache (default: 0.25 0.125; none: only --alone runs)",
     )
     parser.add_argument(
         "--bits",
@@ -82,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--quantizers", nargs="+", choices=QUANTIZERS, default=["kivi"],
         help="storage of the quantized variants (QuantizationConfig.method, its default options; default: kivi)",
     )  # fmt: skip
+    parser.add_argument("--alone", action="store_true", help="also every token kept, stored by each quantizer")
     parser.add_argument("--numbers", type=int, nargs="+", default=[48213, 73915], help="hidden numbers")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75], help="needle depths in [0, 1]")
     parser.add_argument("--context-tokens", type=int, default=1500)
@@ -112,10 +113,11 @@ def prompt_tokens(tokenizer, context: str, question: str) -> int:
     return len(tokenizer(prompt, add_special_tokens=False).input_ids)
 
 
-def run_one(pipe, context, number, press, query_aware, max_new_tokens) -> dict:
-    """Answer one needle question under ``press`` (``None``: full cache); what was kept and what it costs."""
+def run_one(pipe, context, number, press, query_aware, max_new_tokens, quantization=None) -> dict:
+    """Answer one needle question under ``press`` (``None``: every token kept, stored at ``quantization`` or at full
+    precision); what was kept and what it costs."""
     model, tokenizer = pipe.model, pipe.tokenizer
-    quantization = getattr(press, "quantization", None)
+    quantization = getattr(press, "quantization", None) or quantization
     if quantization:
         rope = rotary_table(model) if quantization.pre_rope else None
         cache = QuantizedCache(config=model.config, quantization=quantization, rope=rope)
@@ -219,6 +221,12 @@ def main(argv=None) -> None:
     pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
     bits_name = 8 * dtype.itemsize
     variants = [(None, "no press", bits_name, None, False)]
+    if args.alone:  # every token kept, stored by each quantizer: the quantizers alone, without pruning
+        for bits in (b for b in args.bits if b != 16):
+            for quantizer in args.quantizers:
+                config = QuantizationConfig(bits=bits, group_size=args.group_size, residual_length=args.group_size,
+                                            method=quantizer)  # fmt: skip
+                variants.append((None, f"{quantizer} alone", bits, config, False))
     for budget in args.budgets:
         for method in args.methods:
             scorer, query_aware = METHODS[method]
@@ -238,8 +246,10 @@ def main(argv=None) -> None:
         for depth in args.depths:
             context = build_needle_context(tokenizer, args.context_tokens, NEEDLE.format(number=number), depth, seed=0)
             for budget, method, bits, press, query_aware in variants:
+                config = press if isinstance(press, QuantizationConfig) else None  # a quantizer alone
+                press = None if config is not None else press
                 with torch.no_grad():
-                    row = run_one(pipe, context, number, press, query_aware, args.max_new_tokens)
+                    row = run_one(pipe, context, number, press, query_aware, args.max_new_tokens, config)
                 row.update(budget=budget, method=method, bits=bits, number=number, depth=depth)
                 row["full_cache_bytes"] = full_cache_bytes(model, row["prompt_tokens"])
                 runs.append(row)

@@ -34,9 +34,11 @@ class MemoryBudgetPress(BasePress):
     stay at the model's precision and the press is plain pruning at that budget (the fair baseline).
 
     The budget is split evenly over the compressed (full-attention) layers. Layer ``l`` of one sequence may use
-    ``B_l`` bytes and keeps, per kv-head, ``min(n, floor(B_l / (kv_heads * c_l * u)) * u)`` tokens, where ``c_l`` is
-    the cost of one token of one kv-head (``2 * head_dim * dtype bytes`` unquantized, else
-    ``quantization.bytes_per_token(l, head_dim, dtype bytes)``) and ``u`` the storage unit: 1 token unquantized,
+    ``B_l`` bytes and keeps, per kv-head, ``min(n, floor((B_l - kv_heads * h_l) / (kv_heads * c_l * u)) * u)``
+    tokens, where ``c_l`` is the cost of one token of one kv-head (``2 * head_dim * dtype bytes`` unquantized, else
+    ``quantization.bytes_per_token(l, head_dim, dtype bytes)``), ``h_l`` what a kv-head costs whatever it keeps
+    (``quantization.head_bytes``: KVQuant's level tables and sinks, GEAR's low-rank factors; 0 otherwise) and ``u``
+    the storage unit: 1 token unquantized,
     ``quantization.group_size`` tokens quantized, since the quantized cache stores a head's tokens in whole groups
     (the last one padded). The cache then holds at most ``B_l`` bytes of kept tokens per layer (plus a few bytes of
     int32 lengths), within one unit per kv-head of it; a layer at 8 bits keeps fewer tokens than one at 4 bits.
