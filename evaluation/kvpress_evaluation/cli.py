@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-quantization", type=_yaml_value,
                    help="store the cache quantized, a YAML mapping, e.g. '{bits: 4, group_size: 64}' (default: not "
                    "quantized)")  # fmt: skip
-    g.add_argument("--kv-bits", type=int, help="quantize the cache with this many bits (2, 4 or 8; default: not quantized)")
+    g.add_argument("--kv-bits", type=int, help="quantize the cache with this many bits (2, 3, 4 or 8; default: not quantized)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", help="where run directories, summary.csv/md and plots are written")
     g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None, help="draw the plots")

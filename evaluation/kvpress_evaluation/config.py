@@ -27,7 +27,8 @@ class RunSpec:
     """One press at one compression ratio: a run directory under ``output_dir``.
 
     Attributes:
-        name: directory name, e.g. ``snapkv_0.50`` or ``snapkv_0.50_kv4`` (with a quantized cache), ``none``.
+        name: directory name, e.g. ``snapkv_0.50`` or ``snapkv_0.50_kv4`` (with a quantized cache; ``_kvquant4``,
+            ``_gear4`` for those storages), ``none``.
         label: the press's label (``snapkv``, ``adakv-snapkv``, ``none``).
         press: the press spec with the ratio filled in (plain data for :func:`registry.build_press`).
         ratio: the swept compression ratio; 0 for ``none``; ``None`` for a press that sets its own budget.
@@ -203,7 +204,9 @@ class EvalConfig(BaseModel):
     # ---- derived values -------------------------------------------------------------------------------------------
     def runs(self) -> list[RunSpec]:
         """Every (press, ratio) run in order: presses first to last, ratios of the sweep inside each press."""
-        suffix = f"_kv{self.kv_quantization.bits}" if self.kv_quantization is not None else ""
+        q = self.kv_quantization
+        # KIVI keeps the historical `_kv4`; the other storages name themselves (`_kvquant4`, `_gear4`).
+        suffix = "" if q is None else f"_kv{q.bits}" if q.method == "kivi" else f"_{q.method}{q.bits}"
         runs = []
         for spec in self.presses:
             label = registry.press_label(spec)

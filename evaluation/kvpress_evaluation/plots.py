@@ -26,9 +26,12 @@ class ScoreCurves:
 
 
 def line_name(row: dict) -> str:
-    """The legend entry of a summary row: its press label, with ``kvN`` for an N-bit quantized cache."""
-    bits = row.get("kv_bits")
-    return f"{row['press']} kv{bits}" if bits else row["press"]
+    """The legend entry of a summary row: its press label, with ``kvN`` for an N-bit quantized cache (``kvquantN``,
+    ``gearN`` for those storages)."""
+    bits, method = row.get("kv_bits"), row.get("kv_method") or "kivi"
+    if not bits:
+        return row["press"]
+    return f"{row['press']} kv{bits}" if method == "kivi" else f"{row['press']} {method}{bits}"
 
 
 def score_curves(rows: list[dict], tasks: list[str]) -> ScoreCurves:

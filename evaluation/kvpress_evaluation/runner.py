@@ -429,6 +429,7 @@ def score_run(benchmark: Benchmark, run: RunSpec, examples: list[Example], recor
         "compression_ratio": ratio,
         "swept": run.ratio is not None and run.label != registry.NO_PRESS,
         "kv_bits": config.kv_quantization.bits if config.kv_quantization is not None else None,
+        "kv_method": config.kv_quantization.method if config.kv_quantization is not None else None,
         "n_examples": len(examples),
         "kv_memory": kv_memory,
         "tasks": tasks,
@@ -519,7 +520,8 @@ def summary_rows(metrics: list[dict]) -> tuple[list[dict], list[str]]:
     rows = []
     for m in metrics:
         row = {
-            k: m.get(k) for k in ("run", "press", "compression_ratio", "kv_memory", "kv_bits", "swept", "n_examples")
+            k: m.get(k)
+            for k in ("run", "press", "compression_ratio", "kv_memory", "kv_bits", "kv_method", "swept", "n_examples")
         }
         for task in tasks:
             row[task] = next(iter(m["tasks"][task].values())) if task in m["tasks"] else None

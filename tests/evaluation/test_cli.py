@@ -39,7 +39,7 @@ def no_model_loading(monkeypatch):
         (["--ratios", "half"], ["--ratios", "half"]),
         (["--option", "lengths"], ["KEY=VALUE"]),
         (["--press", "{name: adakv, press: {name: snapkv, window: 2}}"], ["'window'", "window_size"]),
-        (["--kv-bits", "3"], ["kv_quantization.bits"]),
+        (["--kv-bits", "5"], ["kv_quantization.bits"]),
         (["--bogus-flag"], ["--bogus-flag"]),
         (["--option", "lengths=[9000]"], ["8192 positions", "max_position_embeddings"]),
         (["--max-context-length", "8190", "--max-new-tokens", "16"], ["max_context_length"]),

@@ -83,6 +83,9 @@ def test_run_plan_sweeps_presses_that_take_a_ratio():
     for run in swept:
         inner = run.press["press"] if run.press["name"] == "chunk" else run.press
         assert inner["compression_ratio"] == run.ratio
+    # Other storages name themselves, so their runs never overwrite KIVI's.
+    gear = parse_config({"presses": ["knorm"], "compression_ratios": [0.5], "kv_quantization": {"method": "gear"}})
+    assert [r.name for r in gear.runs()] == ["knorm_0.50_gear4"]
     assert runs[0].ratio == 0.0 and runs[-1].ratio is None and runs[-2].press == presses[3]
 
 
