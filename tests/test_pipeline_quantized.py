@@ -81,14 +81,18 @@ def manual_answer(model, tokenizer, context, question, press, quantization, max_
 
 
 @pytest.mark.parametrize(
-    ("arch", "press_name", "bits"),
-    [("llama", "none", 2), ("llama", "adakv", 8), ("qwen3", "knorm", 4), ("qwen3", "adakv", 2), ("gemma3", "knorm", 8)],
-)
-def test_answers_equal_decoding_by_hand_across_flushes(arch, press_name, bits):
+    ("arch", "press_name", "method", "bits"),
+    [("llama", "none", "kivi", 2), ("llama", "adakv", "kivi", 8), ("qwen3", "knorm", "kivi", 4),
+     ("qwen3", "adakv", "kivi", 2), ("gemma3", "knorm", "kivi", 8), ("llama", "none", "kvquant", 2),
+     ("llama", "adakv", "kvquant", 4), ("qwen3", "snapkv", "gear", 2), ("gemma3", "knorm", "gear", 4)],
+)  # fmt: skip
+def test_answers_equal_decoding_by_hand_across_flushes(arch, press_name, method, bits):
+    """The pipeline builds the storage the method names (with the model's rotary table for KVQuant's pre-RoPE keys)
+    and answers as greedy decoding by hand over the same cache."""
     pipe = quant_pipeline(arch)
     # residual_length 32 and 40 new tokens: every answer flushes the tail at least once, and the cache is restored
     # to the quantized context between questions.
-    quantization = {"bits": bits, "group_size": 32, "residual_length": 32}
+    quantization = {"bits": bits, "group_size": 32, "residual_length": 32, "method": method}
     context = random_text(70, seed=1)
     out = pipe(context, questions=QUESTIONS, press=PRESSES[press_name](), kv_quantization=quantization,
                max_new_tokens=40)  # fmt: skip
@@ -98,26 +102,6 @@ def test_answers_equal_decoding_by_hand_across_flushes(arch, press_name, bits):
     ]
     assert out["answers"] == expected
     assert len(set(expected)) == len(expected)  # distinct answers: restoring between questions matters
-
-
-@pytest.mark.parametrize(
-    ("arch", "press_name", "method", "bits"),
-    [("llama", "none", "kvquant", 2), ("llama", "adakv", "kvquant", 4), ("qwen3", "snapkv", "gear", 2),
-     ("gemma3", "knorm", "gear", 4)],
-)  # fmt: skip
-def test_kvquant_and_gear_answers_equal_decoding_by_hand_across_flushes(arch, press_name, method, bits):
-    """The pipeline builds the storage the method names (with the model's rotary table for KVQuant's pre-RoPE keys)
-    and answers as greedy decoding by hand over the same cache, across flushes and between questions."""
-    pipe = quant_pipeline(arch)
-    quantization = {"bits": bits, "group_size": 32, "residual_length": 32, "method": method}
-    context = random_text(70, seed=4)
-    out = pipe(context, questions=QUESTIONS, press=PRESSES[press_name](), kv_quantization=quantization,
-               max_new_tokens=40)  # fmt: skip
-    config = QuantizationConfig(**quantization)
-    expected = [
-        manual_answer(pipe.model, pipe.tokenizer, context, q, PRESSES[press_name](), config, 40) for q in QUESTIONS
-    ]
-    assert out["answers"] == expected
 
 
 def test_key_rerotation_is_refused_with_pre_rope_keys():
