@@ -23,11 +23,11 @@ from ._common import ensure_launchable, next_pow2, tl, triton, use_triton
 from .decomposed_segments import DecomposedSegments, RotaryTable, dequantize_decomposed
 from .quantization import _TL_DTYPES
 from .quantized_attention import _check_values, _validate
+from .quantized_attention import _plan as _kivi_plan
 from .varlen_attention import (
     _DEFAULT_CONFIG,
     _LOG2E,
     AttentionConfig,
-    _launch_params,
     alloc_partials,
     combine_splits,
     reference_varlen_attention,
@@ -35,7 +35,8 @@ from .varlen_attention import (
 
 __all__ = ["decomposed_attention", "reference_decomposed_attention"]
 
-_OUTLIER_CHUNK = 16
+_OUTLIER_CHUNK = 16  # outliers per one-hot dot (tl.dot needs >= 16 on each side)
+_LUT_GATHER = True  # level tables indexed in registers rather than one load per code
 _STORAGE_FIELDS = (
     "k_packed",
     "k_scale",
@@ -43,7 +44,7 @@ _STORAGE_FIELDS = (
     "v_packed",
     "v_scale",
     "v_zero",
-)  # outliers scattered per dot (tl.dot needs >= 16 on each side)
+)
 
 
 def _validate_all(q, ds, tail_k, tail_v, tail_lens, scale, q_lens, rope):
@@ -55,8 +56,8 @@ def _validate_all(q, ds, tail_k, tail_v, tail_lens, scale, q_lens, rope):
         if not isinstance(rope, RotaryTable):
             raise ValueError("ds holds pre-RoPE keys: rope must be the model's RotaryTable")
         D = q.shape[-1]
-        if D & (D - 1):
-            raise ValueError(f"pre-RoPE keys are rotated in-kernel for power-of-two head dims only, got {D}")
+        if D & (D - 1) or D < 32:
+            raise ValueError(f"pre-RoPE keys are rotated in-kernel for power-of-two head dims >= 32 only, got {D}")
 
 
 def reference_decomposed_attention(q, ds, tail_k, tail_v, tail_lens, scale, q_lens=None, rope=None):
@@ -70,55 +71,81 @@ def reference_decomposed_attention(q, ds, tail_k, tail_v, tail_lens, scale, q_le
 
 if triton is not None:
     from .quantization import _narrow
-    from .varlen_attention import _attend_tail, _load_queries, _locate_split, _online_step, _write_split
+    from .quantized_attention import _mm, _per_row, _query_rows, _softmax_step, _store_rows, _tail_rows
+    from .varlen_attention import _locate_split
 
     @triton.jit
-    def _rebuild(codes, lut_ptr, seg, LUT: tl.constexpr, NLEV: tl.constexpr):
-        """Level of each code (float32): a lookup in the segment's table, or the code itself for uniform levels."""
+    def _key_codes(kp_ptr, slot, n_ok, c0, KW, NC: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr):
+        """int32 codes (BLOCK_N, NC) of key channels [c0, c0 + NC) at the given slots (one row of KW words each).
+
+        WORDS (BITS divides 32 and PW divides c0 and NC): each word is loaded once and unpacked code index first,
+        which keeps a word's codes in one thread; else (3 bits, 10 codes a word) each code reads its own word."""
+        PW: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if WORDS:
+            w = c0 // PW + tl.arange(0, NC // PW)
+            words = tl.load(kp_ptr + slot[:, None] * KW + w[None, :], mask=n_ok[:, None] & (w < KW)[None, :], other=0)
+            u = words.to(tl.uint32, bitcast=True)[None, :, :]
+            codes = (u >> (tl.arange(0, PW).to(tl.uint32) * BITS)[:, None, None]) & MASK  # (PW, BLOCK_N, NC / PW)
+            return tl.reshape(tl.permute(codes, (1, 2, 0)), (slot.shape[0], NC)).to(tl.int32)
+        else:
+            c = c0 + tl.arange(0, NC)
+            c_ok = c < KW * PW
+            words = tl.load(kp_ptr + slot[:, None] * KW + (c // PW)[None, :], mask=n_ok[:, None] & c_ok[None, :],
+                            other=0)  # fmt: skip
+            return ((words.to(tl.uint32, bitcast=True) >> ((c % PW) * BITS).to(tl.uint32)[None, :]) & MASK).to(tl.int32)
+
+    @triton.jit
+    def _value_codes(vp_ptr, grp, t0, n_ok, d, d_ok, D, GS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     WORDS: tl.constexpr):  # fmt: skip
+        """int32 codes (BLOCK_N, BLOCK_D) of the group's slots [t0, t0 + BLOCK_N) (t0 inside the group): word row
+        grp * W + t // PW holds slot t of the group at bits (t % PW) * BITS, for every channel."""
+        PW: tl.constexpr = 32 // BITS
+        W: tl.constexpr = (GS + PW - 1) // PW
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if WORDS:
+            BW: tl.constexpr = BLOCK_N // PW
+            rows = grp * W + t0 // PW + tl.arange(0, BW)
+            words = tl.load(vp_ptr + rows[:, None] * D + d[None, :], mask=d_ok[None, :], other=0)
+            u = words.to(tl.uint32, bitcast=True)[None, :, :]
+            codes = (u >> (tl.arange(0, PW).to(tl.uint32) * BITS)[:, None, None]) & MASK  # (PW, BW, BLOCK_D)
+            return tl.trans(tl.reshape(tl.permute(codes, (2, 1, 0)), (d.shape[0], BLOCK_N))).to(tl.int32)
+        else:
+            t = t0 + tl.arange(0, BLOCK_N)
+            words = tl.load(vp_ptr + (grp * W + t // PW)[:, None] * D + d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                            other=0)  # fmt: skip
+            return ((words.to(tl.uint32, bitcast=True) >> ((t % PW) * BITS).to(tl.uint32)[:, None]) & MASK).to(tl.int32)
+
+    @triton.jit
+    def _levels(codes, lut_ptr, seg, LUT: tl.constexpr, NLEV: tl.constexpr, GATHER: tl.constexpr):
+        """Reconstruction level of each code (float32): the segment's table, or the code itself (uniform). GATHER:
+        the table is loaded once and indexed in registers (tl.gather), else each code loads its level."""
         if LUT:
-            return tl.load(lut_ptr + seg * NLEV + codes.to(tl.int32))
+            if GATHER:
+                lut = tl.load(lut_ptr + seg * NLEV + tl.arange(0, NLEV))
+                return tl.gather(tl.broadcast_to(lut[None, :], (codes.shape[0], NLEV)), codes, 1)
+            else:
+                return tl.load(lut_ptr + seg * NLEV + codes)
         else:
             return codes.to(tl.float32)
 
     @triton.jit
-    def _add_low_rank(x, a_ptr, b_ptr, blk_ptr, slot, n_ok, grp, d, d_ok, D, R: tl.constexpr, RP: tl.constexpr):
-        """x + a[slot] @ b[block of grp]: (BLOCK_N, BLOCK_D) float32; RP = R padded to a dot-able size."""
-        r = tl.arange(0, RP)
-        r_ok = r < R
-        a = tl.load(a_ptr + slot[:, None] * R + r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        blk = tl.load(blk_ptr + grp).to(tl.int64)
-        b = tl.load(b_ptr + blk * R * D + r[:, None] * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        return x + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-
-    @triton.jit
-    def _add_outliers(x, cu_ptr, pos_ptr, val_ptr, grp, first_slot, n, d, D, MO: tl.constexpr):
-        """x + the outliers of group grp whose slot in the group is first_slot + n (n < BLOCK_N)."""
-        lo = tl.load(cu_ptr + grp)
-        hi = tl.load(cu_ptr + grp + 1)
-        m = tl.arange(0, MO)
-        for o0 in range(lo, hi, MO):
-            idx = o0 + m
-            ok = idx < hi
-            p = tl.load(pos_ptr + idx, mask=ok, other=0).to(tl.int32)
-            v = tl.load(val_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-            row = p // D - first_slot
-            col = p % D
-            onehot = tl.where(ok[None, :] & (row[None, :] == n[:, None]), 1.0, 0.0)  # (BLOCK_N, MO)
-            spread = tl.where(col[:, None] == d[None, :], v[:, None], 0.0)  # (MO, BLOCK_D)
-            x += tl.dot(onehot, spread, input_precision="ieee")
-        return x
-
-    @triton.jit
-    def _rope(x, pos, inv_freq_ptr, rope_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Rotate-half RoPE of a (BLOCK_N, BLOCK_D) float32 tile to positions pos (BLOCK_N,)."""
-        HALF: tl.constexpr = BLOCK_D // 2
-        freq = tl.load(inv_freq_ptr + tl.arange(0, HALF))
-        theta = pos.to(tl.float32)[:, None] * freq[None, :]
-        c = tl.cos(theta) * rope_scale
-        s = tl.sin(theta) * rope_scale
-        x1, x2 = tl.split(tl.permute(tl.reshape(x, (BLOCK_N, 2, HALF)), (0, 2, 1)))
-        y = tl.join(x1 * c - x2 * s, x2 * c + x1 * s)  # (BLOCK_N, HALF, 2)
-        return tl.reshape(tl.permute(y, (0, 2, 1)), (BLOCK_N, BLOCK_D))
+    def _cos_sin(pos, freq, rope_scale, APPROX: tl.constexpr):
+        """scale * (cos, sin) of pos * freq (float32, as the reference rounds the angle), reduced to [-pi, pi] first
+        (angles reach 1e5 rad at long contexts). APPROX (GPU): the hardware's approximate sin/cos, accurate to ~1e-6
+        on the reduced range."""
+        theta = pos.to(tl.float32) * freq
+        k = tl.floor(theta * 0.15915494309189535 + 0.5)
+        theta = (theta - k * 6.28125) - k * 0.0019353071795864769  # 2 pi split: k * 6.28125 is exact in float32
+        if APPROX:
+            c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [theta], dtype=tl.float32, is_pure=True,
+                                          pack=1)  # fmt: skip
+            s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [theta], dtype=tl.float32, is_pure=True,
+                                          pack=1)  # fmt: skip
+        else:
+            c = tl.cos(theta)
+            s = tl.sin(theta)
+        return c * rope_scale, s * rope_scale
 
     @triton.jit
     def _decomposed_split_kernel(
@@ -129,15 +156,17 @@ if triton is not None:
         q_b, q_h, q_q, q_d, tk_b, tk_h, tk_t, tk_d, tv_b, tv_h, tv_t, tv_d, o_b, o_h, o_q, o_d,
         NUM_SEG, HKV, Q, D, CHUNK, qk_scale,
         G: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, HAS_QLENS: tl.constexpr, DIRECT: tl.constexpr,
-        IEEE_DOT: tl.constexpr, DT: tl.constexpr, EXACT_BF16: tl.constexpr,
+        IEEE_DOT: tl.constexpr, DT: tl.constexpr, EXACT_BF16: tl.constexpr, WORDS: tl.constexpr,
+        EVEN_D: tl.constexpr, REPS: tl.constexpr, ROWS: tl.constexpr,
         K_LUT: tl.constexpr, V_LUT: tl.constexpr, K_RANK: tl.constexpr, V_RANK: tl.constexpr, RP: tl.constexpr,
-        K_OUT: tl.constexpr, V_OUT: tl.constexpr, ROPE: tl.constexpr, MO: tl.constexpr,
+        K_OUT: tl.constexpr, V_OUT: tl.constexpr, ROPE: tl.constexpr, MO: tl.constexpr, GATHER: tl.constexpr,
+        APPROX: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         PW: tl.constexpr = 32 // BITS
-        W: tl.constexpr = (GS + PW - 1) // PW  # value word rows per group (3 bits: 10 codes a word, the last partial)
+        NLEV: tl.constexpr = 1 << BITS
+        HALF: tl.constexpr = BLOCK_D // 2
         KW = (D + PW - 1) // PW  # key words per slot
-        MASK: tl.constexpr = (1 << BITS) - 1
         pid = tl.program_id(0)
         mb = tl.program_id(1)
         found, seg, split = _locate_split(pid, cg_ptr, tail_lens_ptr, q_lens_ptr, NUM_SEG, HKV, Q, CHUNK, GS,
@@ -146,6 +175,7 @@ if triton is not None:
             return
         b = seg // HKV
         h = seg % HKV
+        b64 = b.to(tl.int64)
         g_start = tl.load(cg_ptr + seg).to(tl.int64)
         n_slots = (tl.load(cg_ptr + seg + 1) - tl.load(cg_ptr + seg)) * GS
         ctx_len = tl.load(cl_ptr + seg)
@@ -155,109 +185,165 @@ if triton is not None:
             n_q = tl.load(q_lens_ptr + b)
         else:
             n_q = Q
-        q, r, qi, qh, row_ok, tail_end, d, d_ok = _load_queries(q_ptr, q_b, q_h, q_q, q_d, b, h, n_q, tail_len, mb,
-                                                                D, G, BLOCK_M, BLOCK_D)  # fmt: skip
+        rep, qr, qi, qh, r_out, row_ok, tail_end, d, dk, d_ok, q = _query_rows(
+            q_ptr, q_b, q_h, q_q, q_d, b64, h, mb, n_q, tail_len, G, Q, D, 1, False, EVEN_D, REPS, ROWS, BLOCK_M,
+            BLOCK_D)  # fmt: skip
+        qf = q.to(tl.float32)
+        q_off = b64 * q_b + qh.to(tl.int64) * q_h + qi.to(tl.int64) * q_q
+        if ROPE:  # power-of-two D (validated): BLOCK_D == D
+            dh = tl.arange(0, HALF)
+            q1 = tl.load(q_ptr + q_off[:, None] + dh[None, :] * q_d, mask=row_ok[:, None], other=0.0)
+            q2 = tl.load(q_ptr + q_off[:, None] + (dh + HALF)[None, :] * q_d, mask=row_ok[:, None], other=0.0)
+            freq = tl.load(freq_ptr + dh)
+
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        zacc = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum over tokens of p * zero, per row
 
         k_lo = split * CHUNK  # a multiple of BLOCK_N, which divides GS: every tile lies inside one group
         k_hi = tl.minimum(k_lo + CHUNK, n_slots + tail_len)
         seg_hi = tl.minimum(k_hi, n_slots)
         n = tl.arange(0, BLOCK_N)
-        dw = d // PW
-        dshift = ((d % PW) * BITS).to(tl.uint32)
+        mo = tl.arange(0, MO)
+        rp = tl.arange(0, RP)
+        grp_i = tl.arange(0, BLOCK_M // ROWS)
         for n0 in range(k_lo, seg_hi, BLOCK_N):
             cols = n0 + n
             c_ok = cols < seg_hi
-            slot = g_start * GS + cols  # global slot of each tile row
+            slot = g_start * GS + cols
             grp = g_start + n0 // GS
-            in_grp = cols % GS  # slot inside the group
-            tile_ok = c_ok[:, None] & d_ok[None, :]
+            t0 = n0 % GS  # first slot of the tile inside its group
 
-            # Keys: one row of D / PW words per slot, channel d at word d // PW, bits (d % PW) * BITS.
-            words = tl.load(kp_ptr + slot[:, None] * KW + dw[None, :], mask=tile_ok, other=0)
-            codes = (words.to(tl.uint32, bitcast=True) >> dshift[None, :]) & MASK
-            k_s = tl.load(ks_ptr + grp * D + d, mask=d_ok, other=0.0).to(tl.float32)
-            k_z = tl.load(kz_ptr + grp * D + d, mask=d_ok, other=0.0).to(tl.float32)
-            k = _rebuild(codes, klut_ptr, seg, K_LUT, 1 << BITS) * k_s[None, :] + k_z[None, :]
-            if K_RANK > 0:
-                k = _add_low_rank(k, ka_ptr, kb_ptr, kblk_ptr, slot, c_ok, grp, d, d_ok, D, K_RANK, RP)
-            if K_OUT:
-                k = _add_outliers(k, kocu_ptr, kopos_ptr, koval_ptr, grp, n0 % GS, n, d, D, MO)
+            # Keys. Without RoPE the group's scales fold into q: q . k = (q * s) . level[c] + q . z (+ corrections
+            # as dots on q); pre-RoPE keys are rebuilt per half (channels [0, D/2) and [D/2, D)), rotated, and enter
+            # two half-width dots, so that rotate-half needs no register shuffles.
             if ROPE:
+                s1 = tl.load(ks_ptr + grp * D + dh).to(tl.float32)
+                s2 = tl.load(ks_ptr + grp * D + HALF + dh).to(tl.float32)
+                z1 = tl.load(kz_ptr + grp * D + dh).to(tl.float32)
+                z2 = tl.load(kz_ptr + grp * D + HALF + dh).to(tl.float32)
+                k1 = _levels(
+                    _key_codes(kp_ptr, slot, c_ok, 0, KW, HALF, BITS, WORDS), klut_ptr, seg, K_LUT, NLEV, GATHER
+                )
+                k2 = _levels(
+                    _key_codes(kp_ptr, slot, c_ok, HALF, KW, HALF, BITS, WORDS), klut_ptr, seg, K_LUT, NLEV, GATHER
+                )
+                k1 = k1 * s1[None, :] + z1[None, :]
+                k2 = k2 * s2[None, :] + z2[None, :]
+                if K_RANK > 0:
+                    blk = tl.load(kblk_ptr + grp).to(tl.int64)
+                    a = tl.load(ka_ptr + slot[:, None] * K_RANK + rp[None, :], mask=c_ok[:, None] & (rp < K_RANK)[None, :],
+                                other=0.0)  # fmt: skip
+                    b_rows = kb_ptr + blk * K_RANK * D + rp[:, None] * D
+                    b1 = tl.load(b_rows + dh[None, :], mask=(rp < K_RANK)[:, None], other=0.0)
+                    b2 = tl.load(b_rows + HALF + dh[None, :], mask=(rp < K_RANK)[:, None], other=0.0)
+                    k1 += _mm(a, b1, IEEE_DOT)
+                    k2 += _mm(a, b2, IEEE_DOT)
                 pos = tl.load(pos_ptr + slot, mask=c_ok, other=0)
-                k = _rope(k, pos, freq_ptr, rope_scale, BLOCK_N, BLOCK_D)
-            k = _narrow(k, DT, EXACT_BF16)
-
-            # Values: word row grp * W + t // PW holds slot t of the group at bits (t % PW) * BITS, every channel.
-            words = tl.load(vp_ptr + (grp * W + in_grp // PW)[:, None] * D + d[None, :], mask=tile_ok, other=0)
-            vshift = ((in_grp % PW) * BITS).to(tl.uint32)
-            codes = (words.to(tl.uint32, bitcast=True) >> vshift[:, None]) & MASK
-            sz = slot[:, None] * (D // GS) + (d // GS)[None, :]
-            v_s = tl.load(vs_ptr + sz, mask=tile_ok, other=0.0).to(tl.float32)
-            v_z = tl.load(vz_ptr + sz, mask=tile_ok, other=0.0).to(tl.float32)
-            v = _rebuild(codes, vlut_ptr, seg, V_LUT, 1 << BITS) * v_s + v_z
-            if V_RANK > 0:
-                v = _add_low_rank(v, va_ptr, vb_ptr, vblk_ptr, slot, c_ok, grp, d, d_ok, D, V_RANK, RP)
-            if V_OUT:
-                v = _add_outliers(v, vocu_ptr, vopos_ptr, voval_ptr, grp, n0 % GS, n, d, D, MO)
-            v = _narrow(v, DT, EXACT_BF16)
-
-            if IEEE_DOT:
-                qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+                cs, sn = _cos_sin(pos[:, None], freq[None, :], rope_scale, APPROX)
+                r1 = _narrow(k1 * cs - k2 * sn, DT, EXACT_BF16)
+                r2 = _narrow(k2 * cs + k1 * sn, DT, EXACT_BF16)
+                qk = _mm(q1, tl.trans(r1), IEEE_DOT) + _mm(q2, tl.trans(r2), IEEE_DOT)
             else:
-                qk = tl.dot(q, tl.trans(k))
+                k_s = tl.load(ks_ptr + grp * D + d, mask=d_ok, other=0.0).to(tl.float32)
+                k_z = tl.load(kz_ptr + grp * D + d, mask=d_ok, other=0.0).to(tl.float32)
+                kl = _levels(
+                    _key_codes(kp_ptr, slot, c_ok, 0, KW, BLOCK_D, BITS, WORDS), klut_ptr, seg, K_LUT, NLEV, GATHER
+                )
+                qs = _narrow(qf * k_s[None, :], DT, EXACT_BF16)
+                qk = _mm(qs, tl.trans(_narrow(kl, DT, EXACT_BF16)), IEEE_DOT) + tl.sum(qf * k_z[None, :], 1)[:, None]
+                if K_RANK > 0:  # q . (a_t b) = (q b^T) . a_t
+                    blk = tl.load(kblk_ptr + grp).to(tl.int64)
+                    a = tl.load(ka_ptr + slot[:, None] * K_RANK + rp[None, :], mask=c_ok[:, None] & (rp < K_RANK)[None, :],
+                                other=0.0)  # fmt: skip
+                    bt = tl.load(kb_ptr + blk * K_RANK * D + rp[None, :] * D + d[:, None],
+                                 mask=(rp < K_RANK)[None, :] & d_ok[:, None], other=0.0)  # fmt: skip
+                    qb = _narrow(_mm(q, bt, IEEE_DOT), DT, EXACT_BF16)
+                    qk += _mm(qb, tl.trans(a), IEEE_DOT)
+            if K_OUT:
+                # Each outlier (slot t, channel c, value x) adds x * (R(pos_t)^T q)[c] to column t: a dot of the
+                # (BLOCK_M, MO) weights with a one-hot (MO, BLOCK_N) slot matrix.
+                lo = tl.load(kocu_ptr + grp)
+                hi = tl.load(kocu_ptr + grp + 1)
+                for o0 in range(lo, hi, MO):
+                    idx = o0 + mo
+                    ok = idx < hi
+                    op = tl.load(kopos_ptr + idx, mask=ok, other=0).to(tl.int32)
+                    row = op // D - t0
+                    ch = op % D
+                    ok = ok & (row >= 0) & (row < BLOCK_N)
+                    x = tl.load(koval_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+                    qc = tl.load(q_ptr + q_off[:, None] + ch[None, :] * q_d, mask=row_ok[:, None] & ok[None, :],
+                                 other=0.0).to(tl.float32)  # fmt: skip
+                    if ROPE:
+                        lower = ch < HALF
+                        partner = tl.where(lower, ch + HALF, ch - HALF)
+                        qp = tl.load(q_ptr + q_off[:, None] + partner[None, :] * q_d,
+                                     mask=row_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                        opos = tl.load(pos_ptr + g_start * GS + n0 + row, mask=ok, other=0)
+                        of = tl.load(freq_ptr + ch % HALF)
+                        oc, osn = _cos_sin(opos, of, rope_scale, APPROX)
+                        qc = qc * oc[None, :] + tl.where(lower, osn, -osn)[None, :] * qp
+                    w = _narrow(qc * x[None, :], DT, EXACT_BF16)
+                    onehot = tl.where(ok[:, None] & (row[:, None] == n[None, :]), 1.0, 0.0)
+                    qk += _mm(w, _narrow(onehot, DT, EXACT_BF16), IEEE_DOT)
             visible = c_ok & ((cols < ctx_len) | (cols >= gap_end))  # the gap is padding, not context
             qk = tl.where(row_ok[:, None] & visible[None, :], qk * qk_scale, float("-inf"))
-            m_i, l_i, acc = _online_step(qk, v, m_i, l_i, acc, IEEE_DOT)
+            p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i)
 
-        b64 = b.to(tl.int64)
-        m_i, l_i, acc = _attend_tail(q, qk_scale, tk_ptr + b64 * tk_b + h.to(tl.int64) * tk_h,
-                                     tv_ptr + b64 * tv_b + h.to(tl.int64) * tv_h, tk_t, tk_d, tv_t, tv_d,
-                                     tl.maximum(k_lo, n_slots) - n_slots, k_hi - n_slots, row_ok, tail_end, d, d_ok,
-                                     m_i, l_i, acc, IEEE_DOT, BLOCK_N)  # fmt: skip
-        _write_split(
-            out_ptr,
-            part_acc_ptr,
-            part_m_ptr,
-            part_l_ptr,
-            o_b,
-            o_h,
-            o_q,
-            o_d,
-            pid,
-            b,
-            r,
-            qi,
-            qh,
-            d,
-            d_ok,
-            m_i,
-            l_i,
-            acc,
-            Q,
-            G,
-            DIRECT,
-            BLOCK_D,
-        )
+            # Values (groups of GS channels per token): replica rep folds the scales of value group rep into p,
+            # p @ v = (p * s) @ level[c] + p @ z; corrections are dots on p, identical in every replica.
+            vl = _levels(_value_codes(vp_ptr, grp, t0, c_ok, d, d_ok, D, GS, BITS, BLOCK_N, WORDS), vlut_ptr, seg,
+                         V_LUT, NLEV, GATHER)  # fmt: skip
+            sz = slot[None, :] * (D // GS) + grp_i[:, None]
+            sz_ok = (grp_i < REPS)[:, None] & c_ok[None, :]
+            v_s = _per_row(tl.load(vs_ptr + sz, mask=sz_ok, other=0.0), ROWS)
+            v_z = _per_row(tl.load(vz_ptr + sz, mask=sz_ok, other=0.0), ROWS)
+            ps = _narrow(p * v_s, DT, EXACT_BF16)
+            pn = _narrow(p, DT, EXACT_BF16)
+            upd = _mm(ps, _narrow(vl, DT, EXACT_BF16), IEEE_DOT)
+            if V_RANK > 0:  # p @ (a b) = (p @ a) @ b
+                blk = tl.load(vblk_ptr + grp).to(tl.int64)
+                a = tl.load(va_ptr + slot[:, None] * V_RANK + rp[None, :], mask=c_ok[:, None] & (rp < V_RANK)[None, :],
+                            other=0.0)  # fmt: skip
+                bv = tl.load(vb_ptr + blk * V_RANK * D + rp[:, None] * D + d[None, :],
+                             mask=(rp < V_RANK)[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+                upd += _mm(_narrow(_mm(pn, a, IEEE_DOT), DT, EXACT_BF16), bv, IEEE_DOT)
+            if V_OUT:
+                # Outlier (slot t, channel c, value x) adds p[:, t] * x to channel c: two one-hot dots.
+                lo = tl.load(vocu_ptr + grp)
+                hi = tl.load(vocu_ptr + grp + 1)
+                for o0 in range(lo, hi, MO):
+                    idx = o0 + mo
+                    ok = idx < hi
+                    op = tl.load(vopos_ptr + idx, mask=ok, other=0).to(tl.int32)
+                    row = op // D - t0
+                    ch = op % D
+                    ok = ok & (row >= 0) & (row < BLOCK_N)
+                    x = tl.load(voval_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+                    rows_oh = _narrow(tl.where(ok[None, :] & (n[:, None] == row[None, :]), 1.0, 0.0), DT, EXACT_BF16)
+                    pt = _mm(pn, rows_oh, IEEE_DOT) * x[None, :]  # (BLOCK_M, MO)
+                    cols_oh = tl.where(ok[:, None] & (ch[:, None] == d[None, :]), 1.0, 0.0)
+                    upd += _mm(_narrow(pt, DT, EXACT_BF16), _narrow(cols_oh, DT, EXACT_BF16), IEEE_DOT)
+            acc = acc * alpha[:, None] + upd
+            zacc = zacc * alpha + tl.sum(p * v_z, 1)
+
+        h64 = h.to(tl.int64)
+        m_i, l_i, acc, zacc = _tail_rows(q, qk_scale, tk_ptr + b64 * tk_b + h64 * tk_h, tv_ptr + b64 * tv_b + h64 * tv_h,
+                                         tk_t, tk_d, tv_t, tv_d, tl.maximum(k_lo, n_slots) - n_slots, k_hi - n_slots,
+                                         row_ok, tail_end, d, dk, d_ok, m_i, l_i, acc, zacc, IEEE_DOT, DT, EXACT_BF16,
+                                         BLOCK_N)  # fmt: skip
+        _store_rows(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, o_b, o_h, o_q, o_d, pid, b64, qr, qi, qh, rep,
+                    r_out, d, d_ok, m_i, l_i, acc + zacc[:, None], G, Q, GS, DIRECT, BLOCK_D)  # fmt: skip
 
 
 def _plan(q, ds: DecomposedSegments, tail_k, config: AttentionConfig | None) -> dict:
-    """varlen_attention's launch parameters with key tiles inside one group and splits on tile boundaries."""
-    B, Hq, Q, D = q.shape
-    segs = ds.segs
-    config = config or _DEFAULT_CONFIG
-    args = (B, Hq, Q, D, tail_k.shape[1], tail_k.shape[2], segs.n_groups * segs.group_size, q.dtype, q.device)
-    p = _launch_params(*args, config)
-    block_n = min(p["block_n"], segs.group_size)
-    if block_n != p["block_n"] or (not p["direct"] and p["chunk"] % block_n):
-        fixed = AttentionConfig(
-            block_n=block_n, num_warps=config.num_warps, num_stages=config.num_stages,
-            split_tokens=-(-p["chunk"] // block_n) * block_n, programs_per_sm=config.programs_per_sm,
-            combine_rows=config.combine_rows,
-        )  # fmt: skip
-        p = _launch_params(*args, fixed)
+    """quantized_varlen_attention's launch parameters (row replicas per value group, tuned decode tiles) with key
+    tiles inside one group."""
+    p = _kivi_plan(q, ds.segs, tail_k, config)
+    if p["block_n"] > ds.segs.group_size:
+        p = _kivi_plan(q, ds.segs, tail_k, dataclasses.replace(config or _DEFAULT_CONFIG, block_n=ds.segs.group_size))
     return p
 
 
@@ -328,10 +414,11 @@ def decomposed_attention(
         *q.stride(), *tail_k.stride(), *tail_v.stride(), *out.stride(),
         p["num_seg"], tail_k.shape[1], Q, D, p["chunk"], float(scale) * _LOG2E,
         G=p["G"], GS=segs.group_size, BITS=segs.bits, HAS_QLENS=has_qlens, DIRECT=p["direct"], IEEE_DOT=ieee,
-        DT=_TL_DTYPES[q.dtype], EXACT_BF16=interp_bf16,
+        DT=_TL_DTYPES[q.dtype], EXACT_BF16=interp_bf16, WORDS=32 % segs.bits == 0, EVEN_D=D == p["block_d"],
+        REPS=p["reps"], ROWS=p["rows"],
         K_LUT=ds.k_levels is not None, V_LUT=ds.v_levels is not None, K_RANK=ranks[0], V_RANK=ranks[1],
         RP=max(16, next_pow2(max(ranks))), K_OUT=k_out is not None, V_OUT=v_out is not None,
-        ROPE=ds.positions is not None, MO=_OUTLIER_CHUNK,
+        ROPE=ds.positions is not None, MO=_OUTLIER_CHUNK, GATHER=_LUT_GATHER, APPROX=q.is_cuda,
         BLOCK_S=p["block_s"], BLOCK_M=p["block_m"], BLOCK_N=p["block_n"], BLOCK_D=p["block_d"],
         num_warps=p["num_warps"], num_stages=p["num_stages"],
     )  # fmt: skip

@@ -205,6 +205,33 @@ if triton is not None:
         return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
     @triton.jit
+    def _query_rows(q_ptr, q_b, q_h, q_q, q_d, b64, h, mb, n_q, tail_len, G: tl.constexpr, Q, D, PW: tl.constexpr,
+                    PAIR: tl.constexpr, EVEN_D: tl.constexpr, REPS: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        """Dot row r is replica rep = r // ROWS (value group) of query row qr: query token qi = qr // G of head
+        qh = h * G + qr % G. Returns (rep, qr, qi, qh, r_out: rows that write (padding queries write 0), row_ok:
+        rows of valid queries, tail_end: exclusive end of the tail each row sees, dq: value / accumulator channels,
+        dk: the channel of q and of key-tile row dq (the unpacked order of key words), dq_ok, q (BLOCK_M, BLOCK_D)
+        read in dk order)."""
+        r = tl.arange(0, BLOCK_M)
+        rep = r // ROWS
+        qr = mb * ROWS + r % ROWS
+        qi = qr // G
+        qh = h * G + qr % G
+        r_out = (rep < REPS) & (qr < G * Q)
+        row_ok = r_out & (qi < n_q)
+        tail_end = tail_len - n_q + qi + 1
+        dq = tl.arange(0, BLOCK_D)
+        dk = _slot(dq, PW, PAIR)
+        if EVEN_D:
+            dq_ok = dq < BLOCK_D
+        else:
+            dq_ok = dq < D
+        q_off = b64 * q_b + qh.to(tl.int64) * q_h + qi.to(tl.int64) * q_q
+        q = tl.load(q_ptr + q_off[:, None] + dk[None, :] * q_d, mask=row_ok[:, None] & dq_ok[None, :], other=0.0)
+        return rep, qr, qi, qh, r_out, row_ok, tail_end, dq, dk, dq_ok, q
+
+    @triton.jit
     def _quantized_split_kernel(
         q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, cg_ptr, cl_ptr, cgr_ptr,
         tk_ptr, tv_ptr, tail_lens_ptr, q_lens_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -241,26 +268,14 @@ if triton is not None:
         else:
             n_q = Q
 
-        # Row r is replica r // ROWS (value group) of query row qr: query token qr // G of head h * G + qr % G.
-        r = tl.arange(0, BLOCK_M)
-        rep = r // ROWS
-        qr = mb * ROWS + r % ROWS
-        qi = qr // G
-        qh = h * G + qr % G
-        r_out = (rep < REPS) & (qr < G * Q)  # rows that write (padding queries write 0)
-        row_ok = r_out & (qi < n_q)
-        tail_end = tail_len - n_q + qi + 1  # causal: exclusive end of the tail visible to query qi
-        dq = tl.arange(0, BLOCK_D)  # channel of value tiles and accumulator columns
-        dk = _slot(dq, PW, PAIR)  # channel of q, key scales and key-tile row dq (the unpacked order of key words)
+        rep, qr, qi, qh, r_out, row_ok, tail_end, dq, dk, dq_ok, q = _query_rows(
+            q_ptr, q_b, q_h, q_q, q_d, b64, h, mb, n_q, tail_len, G, Q, D, PW, PAIR, EVEN_D, REPS, ROWS, BLOCK_M,
+            BLOCK_D)  # fmt: skip
         dw = tl.arange(0, BLOCK_DW)
         if EVEN_D:  # compile-time all-true masks keep loads vectorised
-            dq_ok = dq < BLOCK_D
             dw_ok = dw < BLOCK_DW
         else:
-            dq_ok = dq < D
             dw_ok = dw < D // PW
-        q_off = b64 * q_b + qh.to(tl.int64) * q_h + qi.to(tl.int64) * q_q
-        q = tl.load(q_ptr + q_off[:, None] + dk[None, :] * q_d, mask=row_ok[:, None] & dq_ok[None, :], other=0.0)
         qf = q.to(tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -317,13 +332,22 @@ if triton is not None:
             acc = acc * alpha[:, None] + _mm(ps, v_codes, IEEE_DOT)
             zacc = zacc * alpha + tl.sum(p * v_z - OFF * ps.to(tl.float32), 1)
 
-        # Tail part: tail positions [max(k_lo, n_slots), k_hi) - n_slots, causally masked per query row; keys are
-        # read in q's channel order.
         h64 = h.to(tl.int64)
-        tk_base = tk_ptr + b64 * tk_b + h64 * tk_h
-        tv_base = tv_ptr + b64 * tv_b + h64 * tv_h
-        t_hi = k_hi - n_slots
-        for t0 in range(tl.maximum(k_lo, n_slots) - n_slots, t_hi, BLOCK_N):
+        m_i, l_i, acc, zacc = _tail_rows(q, qk_scale, tk_ptr + b64 * tk_b + h64 * tk_h, tv_ptr + b64 * tv_b + h64 * tv_h,
+                                         tk_t, tk_d, tv_t, tv_d, tl.maximum(k_lo, n_slots) - n_slots, k_hi - n_slots,
+                                         row_ok, tail_end, dq, dk, dq_ok, m_i, l_i, acc, zacc, IEEE_DOT, DT,
+                                         EXACT_BF16, BLOCK_N)  # fmt: skip
+        _store_rows(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, o_b, o_h, o_q, o_d, pid, b64, qr, qi, qh, rep,
+                    r_out, dq, dq_ok, m_i, l_i, acc + zacc[:, None], G, Q, GS, DIRECT, BLOCK_D)  # fmt: skip
+
+    @triton.jit
+    def _tail_rows(q, qk_scale, tk_base, tv_base, tk_t, tk_d, tv_t, tv_d, t_lo, t_hi, row_ok, tail_end, dq, dk, dq_ok,
+                   m_i, l_i, acc, zacc, IEEE_DOT: tl.constexpr, DT: tl.constexpr, EXACT_BF16: tl.constexpr,
+                   BLOCK_N: tl.constexpr):  # fmt: skip
+        """Online softmax over tail positions [t_lo, t_hi), causally masked per query row (tail_end); keys are read
+        in q's channel order dk. Returns (m_i, l_i, acc, zacc)."""
+        n = tl.arange(0, BLOCK_N)
+        for t0 in range(t_lo, t_hi, BLOCK_N):
             cols = t0 + n
             c_ok = cols < t_hi
             k = tl.load(tk_base + cols[:, None] * tk_t + dk[None, :] * tk_d, mask=c_ok[:, None] & dq_ok[None, :],
@@ -335,10 +359,14 @@ if triton is not None:
             p, alpha, m_i, l_i = _softmax_step(tl.where(visible, qk, float("-inf")), m_i, l_i)
             acc = acc * alpha[:, None] + _mm(_narrow(p, DT, EXACT_BF16), v, IEEE_DOT)
             zacc = zacc * alpha
+        return m_i, l_i, acc, zacc
 
-        # Replica g writes the channels of value group g: the normalised output (DIRECT, one split per segment) or
-        # the split's unnormalised (m, l, acc) for the merge.
-        acc = acc + zacc[:, None]
+    @triton.jit
+    def _store_rows(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, o_b, o_h, o_q, o_d, pid, b64, qr, qi, qh, rep,
+                    r_out, dq, dq_ok, m_i, l_i, acc, G: tl.constexpr, Q, GS: tl.constexpr, DIRECT: tl.constexpr,
+                    BLOCK_D: tl.constexpr):  # fmt: skip
+        """Replica rep writes the channels of value group rep: the normalised output (DIRECT, one split per segment)
+        or the split's unnormalised (m, l, acc) for the merge."""
         own = r_out[:, None] & ((dq // GS)[None, :] == rep[:, None])
         if DIRECT:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
