@@ -1,5 +1,6 @@
 """Launch choices of `decomposed_attention` decode on the GPU: level-table lookup (one load per code or an
-in-register gather), outliers per one-hot dot, key-tile size and warps, for 4-bit KVQuant and GEAR storage against
+in-register gather), key-outlier weights (q gathered or one dot with a channel-spread matrix), outliers per one-hot
+dot, key-tile size and warps, for 4-bit KVQuant and GEAR storage against
 bf16 `varlen_attention`, in one run (Llama-3.1-8B shape, storage as decomposed_decode.py).
 
     python benchmarks/kernels/decomposed_tuning.py --out benchmarks/kernels/results/decomposed_tuning_h100.json
@@ -25,9 +26,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768])
     parser.add_argument("--methods", nargs="+", default=["kvquant", "gear"])
-    parser.add_argument("--tiles", nargs="+", default=["64x2", "64x4", "32x4"], help="block_n x num_warps")
+    parser.add_argument("--tiles", nargs="+", default=["64x2", "64x4"], help="block_n x num_warps")
     parser.add_argument("--chunks", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--gather-both", action="store_true", help="also time one load per code for level tables")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -45,10 +47,10 @@ def main():
             ds = storage(method, seg_k, seg_v, torch.tensor(lens, device=device), 4, 64, rope)
             r = rope if ds.positions is not None else None
             want = kk.reference_decomposed_attention(q, ds, tail_k, tail_v, tail_lens, scale, rope=r)
-            gathers = [True, False] if ds.k_levels is not None else [True]
-            for gather, chunk, tile in itertools.product(gathers, args.chunks, args.tiles):
+            gathers = [True, False] if ds.k_levels is not None and args.gather_both else [True]
+            for gather, spread, chunk, tile in itertools.product(gathers, [True, False], args.chunks, args.tiles):
                 block_n, warps = (int(x) for x in tile.split("x"))
-                module._LUT_GATHER, module._OUTLIER_CHUNK = gather, chunk
+                module._LUT_GATHER, module._OUTLIER_SPREAD, module._OUTLIER_CHUNK = gather, spread, chunk
                 cfg = kk.AttentionConfig(block_n=block_n, num_warps=warps)
 
                 def fn(ds=ds, r=r, cfg=cfg):
@@ -57,10 +59,10 @@ def main():
 
                 err = max_err(fn(), want)
                 us = time_kernel_us(fn, args.iters, 5, flush)
-                rows.append({"context_per_head": context, "method": method, "lut_gather": gather,
+                rows.append({"context_per_head": context, "method": method, "lut_gather": gather, "outlier_spread": spread,
                              "outlier_chunk": chunk, "block_n": block_n, "num_warps": warps, "us": us,
                              "vs_bf16": us / bf16, "max_abs_err_vs_reference": err})  # fmt: skip
-                print(f"{context:>7} {method:<8} gather={gather!s:<5} chunk={chunk:<3} tile={tile:<5} {us:8.1f} us "
+                print(f"{context:>7} {method:<8} gather={gather!s:<5} spread={spread!s:<5} chunk={chunk:<3} tile={tile:<5} {us:8.1f} us "
                       f"({us / bf16:.2f}x bf16) err {err:.1e}", flush=True)  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))

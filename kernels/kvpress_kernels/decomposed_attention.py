@@ -37,6 +37,7 @@ __all__ = ["decomposed_attention", "reference_decomposed_attention"]
 
 _OUTLIER_CHUNK = 16  # outliers per one-hot dot (tl.dot needs >= 16 on each side)
 _LUT_GATHER = True  # level tables indexed in registers rather than one load per code
+_OUTLIER_SPREAD = True  # key outliers weighted by one dot of q with their channels rather than by gathering q
 _STORAGE_FIELDS = (
     "k_packed",
     "k_scale",
@@ -160,7 +161,7 @@ if triton is not None:
         EVEN_D: tl.constexpr, REPS: tl.constexpr, ROWS: tl.constexpr,
         K_LUT: tl.constexpr, V_LUT: tl.constexpr, K_RANK: tl.constexpr, V_RANK: tl.constexpr, RP: tl.constexpr,
         K_OUT: tl.constexpr, V_OUT: tl.constexpr, ROPE: tl.constexpr, MO: tl.constexpr, GATHER: tl.constexpr,
-        APPROX: tl.constexpr,
+        APPROX: tl.constexpr, SPREAD: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         PW: tl.constexpr = 32 // BITS
@@ -274,18 +275,31 @@ if triton is not None:
                     ch = op % D
                     ok = ok & (row >= 0) & (row < BLOCK_N)
                     x = tl.load(koval_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-                    qc = tl.load(q_ptr + q_off[:, None] + ch[None, :] * q_d, mask=row_ok[:, None] & ok[None, :],
-                                 other=0.0).to(tl.float32)  # fmt: skip
                     if ROPE:
                         lower = ch < HALF
                         partner = tl.where(lower, ch + HALF, ch - HALF)
-                        qp = tl.load(q_ptr + q_off[:, None] + partner[None, :] * q_d,
-                                     mask=row_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
                         opos = tl.load(pos_ptr + g_start * GS + n0 + row, mask=ok, other=0)
-                        of = tl.load(freq_ptr + ch % HALF)
-                        oc, osn = _cos_sin(opos, of, rope_scale, APPROX)
-                        qc = qc * oc[None, :] + tl.where(lower, osn, -osn)[None, :] * qp
-                    w = _narrow(qc * x[None, :], DT, EXACT_BF16)
+                        oc, osn = _cos_sin(opos, tl.load(freq_ptr + ch % HALF), rope_scale, APPROX)
+                        xc = x * oc
+                        xp = x * tl.where(lower, osn, -osn)
+                    else:
+                        partner = ch
+                        xc = x
+                        xp = 0.0 * x
+                    if SPREAD:  # w = q @ spread^T, spread (MO, BLOCK_D) holding each outlier's weights in its channels
+                        spread = tl.where(d[None, :] == ch[:, None], xc[:, None], 0.0)
+                        if ROPE:
+                            spread += tl.where(d[None, :] == partner[:, None], xp[:, None], 0.0)
+                        w = _narrow(_mm(q, tl.trans(_narrow(spread, DT, EXACT_BF16)), IEEE_DOT), DT, EXACT_BF16)
+                    else:  # q gathered at each outlier's channels (and their rotate-half partners)
+                        qc = tl.load(q_ptr + q_off[:, None] + ch[None, :] * q_d, mask=row_ok[:, None] & ok[None, :],
+                                     other=0.0).to(tl.float32)  # fmt: skip
+                        wf = qc * xc[None, :]
+                        if ROPE:
+                            qp = tl.load(q_ptr + q_off[:, None] + partner[None, :] * q_d,
+                                         mask=row_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                            wf += qp * xp[None, :]
+                        w = _narrow(wf, DT, EXACT_BF16)
                     onehot = tl.where(ok[:, None] & (row[:, None] == n[None, :]), 1.0, 0.0)
                     qk += _mm(w, _narrow(onehot, DT, EXACT_BF16), IEEE_DOT)
             visible = c_ok & ((cols < ctx_len) | (cols >= gap_end))  # the gap is padding, not context
@@ -418,7 +432,8 @@ def decomposed_attention(
         REPS=p["reps"], ROWS=p["rows"],
         K_LUT=ds.k_levels is not None, V_LUT=ds.v_levels is not None, K_RANK=ranks[0], V_RANK=ranks[1],
         RP=max(16, next_pow2(max(ranks))), K_OUT=k_out is not None, V_OUT=v_out is not None,
-        ROPE=ds.positions is not None, MO=_OUTLIER_CHUNK, GATHER=_LUT_GATHER, APPROX=q.is_cuda,
+        ROPE=ds.positions is not None, MO=_OUTLIER_CHUNK, GATHER=_LUT_GATHER, APPROX=q.is_cuda and q.dtype != torch.float32,
+        SPREAD=_OUTLIER_SPREAD,
         BLOCK_S=p["block_s"], BLOCK_M=p["block_m"], BLOCK_N=p["block_n"], BLOCK_D=p["block_d"],
         num_warps=p["num_warps"], num_stages=p["num_stages"],
     )  # fmt: skip
