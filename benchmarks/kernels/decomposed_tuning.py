@@ -59,8 +59,8 @@ def main():
 
                 err = max_err(fn(), want)
                 us = time_kernel_us(fn, args.iters, 5, flush)
-                rows.append({"context_per_head": context, "method": method, "lut_gather": gather, "outlier_spread": spread,
-                             "outlier_chunk": chunk, "block_n": block_n, "num_warps": warps, "us": us,
+                rows.append({"context_per_head": context, "method": method, "lut_gather": gather,
+                             "outlier_spread": spread, "outlier_chunk": chunk, "block_n": block_n, "num_warps": warps, "us": us,
                              "vs_bf16": us / bf16, "max_abs_err_vs_reference": err})  # fmt: skip
                 print(f"{context:>7} {method:<8} gather={gather!s:<5} spread={spread!s:<5} chunk={chunk:<3} tile={tile:<5} {us:8.1f} us "
                       f"({us / bf16:.2f}x bf16) err {err:.1e}", flush=True)  # fmt: skip
