@@ -37,7 +37,6 @@ __all__ = ["decomposed_attention", "reference_decomposed_attention"]
 
 _OUTLIER_CHUNK = 16  # outliers per one-hot dot (tl.dot needs >= 16 on each side)
 _LUT_GATHER = True  # level tables indexed in registers rather than one load per code
-_OUTLIER_SPREAD = True  # key outliers weighted by one dot of q with their channels rather than by gathering q
 _STORAGE_FIELDS = (
     "k_packed",
     "k_scale",
@@ -122,7 +121,7 @@ if triton is not None:
         """Reconstruction level of each code (float32): the segment's table, or the code itself (uniform). GATHER:
         the table is loaded once and indexed in registers (tl.gather), else each code loads its level."""
         if LUT:
-            if GATHER:
+            if GATHER and NLEV >= 16:  # Triton 3.6 fails to compile gathers from narrower tables (sm_90)
                 lut = tl.load(lut_ptr + seg * NLEV + tl.arange(0, NLEV))
                 return tl.gather(tl.broadcast_to(lut[None, :], (codes.shape[0], NLEV)), codes, 1)
             else:
@@ -161,7 +160,7 @@ if triton is not None:
         EVEN_D: tl.constexpr, REPS: tl.constexpr, ROWS: tl.constexpr,
         K_LUT: tl.constexpr, V_LUT: tl.constexpr, K_RANK: tl.constexpr, V_RANK: tl.constexpr, RP: tl.constexpr,
         K_OUT: tl.constexpr, V_OUT: tl.constexpr, ROPE: tl.constexpr, MO: tl.constexpr, GATHER: tl.constexpr,
-        APPROX: tl.constexpr, SPREAD: tl.constexpr,
+        APPROX: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         PW: tl.constexpr = 32 // BITS
@@ -275,31 +274,21 @@ if triton is not None:
                     ch = op % D
                     ok = ok & (row >= 0) & (row < BLOCK_N)
                     x = tl.load(koval_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+                    # q gathered at each outlier's channel (and at its rotate-half partner): cheaper than building a
+                    # channel-spread matrix for one more dot (H100, benchmarks/kernels/decomposed_tuning.py).
+                    qc = tl.load(q_ptr + q_off[:, None] + ch[None, :] * q_d, mask=row_ok[:, None] & ok[None, :],
+                                 other=0.0).to(tl.float32)  # fmt: skip
                     if ROPE:
                         lower = ch < HALF
                         partner = tl.where(lower, ch + HALF, ch - HALF)
+                        qp = tl.load(q_ptr + q_off[:, None] + partner[None, :] * q_d,
+                                     mask=row_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
                         opos = tl.load(pos_ptr + g_start * GS + n0 + row, mask=ok, other=0)
                         oc, osn = _cos_sin(opos, tl.load(freq_ptr + ch % HALF), rope_scale, APPROX)
-                        xc = x * oc
-                        xp = x * tl.where(lower, osn, -osn)
+                        wf = (qc * oc[None, :] + qp * tl.where(lower, osn, -osn)[None, :]) * x[None, :]
                     else:
-                        partner = ch
-                        xc = x
-                        xp = 0.0 * x
-                    if SPREAD:  # w = q @ spread^T, spread (MO, BLOCK_D) holding each outlier's weights in its channels
-                        spread = tl.where(d[None, :] == ch[:, None], xc[:, None], 0.0)
-                        if ROPE:
-                            spread += tl.where(d[None, :] == partner[:, None], xp[:, None], 0.0)
-                        w = _narrow(_mm(q, tl.trans(_narrow(spread, DT, EXACT_BF16)), IEEE_DOT), DT, EXACT_BF16)
-                    else:  # q gathered at each outlier's channels (and their rotate-half partners)
-                        qc = tl.load(q_ptr + q_off[:, None] + ch[None, :] * q_d, mask=row_ok[:, None] & ok[None, :],
-                                     other=0.0).to(tl.float32)  # fmt: skip
-                        wf = qc * xc[None, :]
-                        if ROPE:
-                            qp = tl.load(q_ptr + q_off[:, None] + partner[None, :] * q_d,
-                                         mask=row_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-                            wf += qp * xp[None, :]
-                        w = _narrow(wf, DT, EXACT_BF16)
+                        wf = qc * x[None, :]
+                    w = _narrow(wf, DT, EXACT_BF16)
                     onehot = tl.where(ok[:, None] & (row[:, None] == n[None, :]), 1.0, 0.0)
                     qk += _mm(w, _narrow(onehot, DT, EXACT_BF16), IEEE_DOT)
             visible = c_ok & ((cols < ctx_len) | (cols >= gap_end))  # the gap is padding, not context
@@ -353,11 +342,18 @@ if triton is not None:
 
 
 def _plan(q, ds: DecomposedSegments, tail_k, config: AttentionConfig | None) -> dict:
-    """quantized_varlen_attention's launch parameters (row replicas per value group, tuned decode tiles) with key
-    tiles inside one group."""
+    """quantized_varlen_attention's launch parameters (row replicas per value group, 64-slot decode tiles) with key
+    tiles inside one group. Decode defaults where the caller leaves None, from the H100 sweep
+    (benchmarks/kernels/results/decomposed_tuning_h100.json): 8 programs per SM (the outlier loops are
+    latency-bound), and 4 warps for pre-RoPE keys (rotating doubles the per-tile register work; 2 stay best
+    otherwise)."""
+    config = config or _DEFAULT_CONFIG
+    if q.shape[2] == 1:
+        fill = {"programs_per_sm": 8, "num_warps": 4 if ds.positions is not None else 2}
+        config = dataclasses.replace(config, **{k: v for k, v in fill.items() if getattr(config, k) is None})
     p = _kivi_plan(q, ds.segs, tail_k, config)
     if p["block_n"] > ds.segs.group_size:
-        p = _kivi_plan(q, ds.segs, tail_k, dataclasses.replace(config or _DEFAULT_CONFIG, block_n=ds.segs.group_size))
+        p = _kivi_plan(q, ds.segs, tail_k, dataclasses.replace(config, block_n=ds.segs.group_size))
     return p
 
 
@@ -433,7 +429,6 @@ def decomposed_attention(
         K_LUT=ds.k_levels is not None, V_LUT=ds.v_levels is not None, K_RANK=ranks[0], V_RANK=ranks[1],
         RP=max(16, next_pow2(max(ranks))), K_OUT=k_out is not None, V_OUT=v_out is not None,
         ROPE=ds.positions is not None, MO=_OUTLIER_CHUNK, GATHER=_LUT_GATHER, APPROX=q.is_cuda and q.dtype != torch.float32,
-        SPREAD=_OUTLIER_SPREAD,
         BLOCK_S=p["block_s"], BLOCK_M=p["block_m"], BLOCK_N=p["block_n"], BLOCK_D=p["block_d"],
         num_warps=p["num_warps"], num_stages=p["num_stages"],
     )  # fmt: skip
