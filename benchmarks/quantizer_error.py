@@ -21,23 +21,20 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress.cache.quantized_storage import make_storage
 from kvpress.needle import PASSKEY_NEEDLE, build_needle_context
 from kvpress.offline_model import load_smollm2
-from kvpress_kernels import (
-    RotaryTable,
-    calibrate_levels,
-    decompose_segments,
-    reference_decomposed_attention,
-    reference_varlen_attention,
-)
+from kvpress_kernels import RotaryTable, reference_varlen_attention
 
-# name -> options of decompose_segments (levels / positions / sinks are filled in per layer)
+# name -> QuantizationConfig options (each method's defaults: KVQuant levels fitted on the context, pre-RoPE keys,
+# one sink, 1% outliers; GEAR rank 4, 2% outliers)
 METHODS = {
-    "kivi": {},
-    "kvquant": {"outlier_ratio": 0.01, "levels": True, "pre_rope": True, "sink_tokens": 1},
-    "kvquant-no-outliers": {"levels": True, "pre_rope": True, "sink_tokens": 1},
-    "gear": {"outlier_ratio": 0.02, "rank": 4},
-    "gear-l": {"rank": 4},
+    "kivi": {"method": "kivi"},
+    "kvquant": {"method": "kvquant"},
+    "kvquant-no-outliers": {"method": "kvquant", "outlier_ratio": 0.0},
+    "gear": {"method": "gear"},
+    "gear-l": {"method": "gear", "outlier_ratio": 0.0},
 }
 
 
@@ -87,19 +84,12 @@ def attention_error(q, k, v, n_ctx, bits, group_size, method, rope):
     qs = q[None, :, n_ctx:]
     cu = torch.arange(Hkv + 1, dtype=torch.int32) * n_ctx
     exact = reference_varlen_attention(qs, ctx_k, ctx_v, cu, tail_k, tail_v, tail_lens, D**-0.5)
-    opts = dict(METHODS[method])
-    positions = torch.arange(n_ctx).repeat(Hkv) if opts.pop("pre_rope", False) else None
-    sinks = opts.pop("sink_tokens", 0)
-    exact_rows = (torch.arange(n_ctx) < sinks).repeat(Hkv) if sinks else None
-    if opts.pop("levels", False):
-        k_levels, v_levels = calibrate_levels(ctx_k, ctx_v, lens, bits, group_size, positions=positions, rope=rope,
-                                              outlier_ratio=opts.get("outlier_ratio", 0.0))  # fmt: skip
-        opts.update(k_levels=k_levels, v_levels=v_levels)
-    ds = decompose_segments(ctx_k, ctx_v, lens, bits, group_size, positions=positions,
-                            rope=rope if positions is not None else None, exact_rows=exact_rows, **opts)  # fmt: skip
-    out = reference_decomposed_attention(qs, ds, tail_k, tail_v, tail_lens, D**-0.5, rope=rope)
+    # The cache's own storage for this method (what QuantizedCache would hold for this layer's context).
+    storage = make_storage(QuantizationConfig(bits=bits, group_size=group_size, **METHODS[method]), 0, rope)
+    store = storage.encode(ctx_k, ctx_v, lens, positions=torch.arange(n_ctx).repeat(Hkv))
+    out = storage.attend(qs, store, tail_k, tail_v, tail_lens, D**-0.5, None)  # the torch reference on CPU
     error = float((out.float() - exact.float()).norm() / exact.float().norm())
-    bytes_per_token = ds.nbytes() / (Hkv * n_ctx)
+    bytes_per_token = store.nbytes() / (Hkv * n_ctx)
     return error, bytes_per_token / (2 * D * 2)  # against 16-bit keys and values
 
 

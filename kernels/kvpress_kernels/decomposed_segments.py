@@ -272,11 +272,12 @@ def _segment_medians(values: torch.Tensor, seg_of_row: torch.Tensor, n_seg: int)
     return torch.where(counts > 0, medians, 0.0)
 
 
-def _encode(x: torch.Tensor, out: torch.Tensor, levels: torch.Tensor, bits: int, dtype: torch.dtype):
+def _encode(x: torch.Tensor, out: torch.Tensor, levels: torch.Tensor | None, bits: int, dtype: torch.dtype):
     """Quantize ``x`` ``(R, V, L)`` over its last axis with the level table ``levels[r]`` ``(R, M)`` of each row,
-    ignoring ``out`` elements (outliers, padding) for the range.
+    ignoring ``out`` elements (outliers, padding) for the range. ``levels`` None: one table fitted (`fit_levels`) on
+    the normalized positions of every element that is not ``out``.
 
-    Returns (codes (R, V, L) int64, scale (R, V), zero (R, V), reconstruction (R, V, L) float32)."""
+    Returns (codes (R, V, L) int64, scale (R, V), zero (R, V), reconstruction (R, V, L) float32, levels (R, M))."""
     L_max = (1 << bits) - 1
     mn = torch.where(out, float("inf"), x).amin(-1)
     mx = torch.where(out, float("-inf"), x).amax(-1)
@@ -286,9 +287,11 @@ def _encode(x: torch.Tensor, out: torch.Tensor, levels: torch.Tensor, bits: int,
     zero = mn.to(dtype)
     s, z = scale.float()[..., None], zero.float()[..., None]
     t = torch.where(s > 0, (x - z) / torch.where(s > 0, s, 1.0), 0.0).clamp(0, L_max)
+    if levels is None:
+        levels = fit_levels(t[~out & (s > 0)], bits).expand(x.shape[0], -1)
     codes = _nearest_rows(t, levels)
     recon = torch.gather(levels[:, None, :].expand(*t.shape[:2], levels.shape[1]), 2, codes) * s + z
-    return codes, scale, zero, recon
+    return codes, scale, zero, recon, levels
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -361,8 +364,8 @@ def _encode_slots(k, v, valid, seg_of_slot, n_seg, positions, exact, opt: _Optio
     k_valid = valid.view(n, G)[:, None, :].expand(n, D, G)
     k_exact = None if exact_slots is None else exact_slots.reshape(n, G, D).transpose(1, 2)
     k_out = _outlier_mask(kx, opt.outlier_ratio, k_valid, k_exact, seg_of_group, n_seg)
-    k_lv = (uniform if opt.k_levels is None else opt.k_levels.to(dev))[seg_of_group]
-    k_codes, k_scale, k_zero, k_rec = _encode(kx, k_out | ~k_valid, k_lv, bits, dtype)
+    k_lv = _levels_of(opt.k_levels, uniform, seg_of_group)
+    k_codes, k_scale, k_zero, k_rec, k_lv = _encode(kx, k_out | ~k_valid, k_lv, bits, dtype)
     k_codes, k_rec, k_out = (t.transpose(1, 2).reshape(n_slots, D) for t in (k_codes, k_rec, k_out))
 
     # Values: vectors are G channels of one token -> (n_slots, D / G, G).
@@ -370,8 +373,8 @@ def _encode_slots(k, v, valid, seg_of_slot, n_seg, positions, exact, opt: _Optio
     v_valid = valid[:, None, None].expand(n_slots, D // G, G)
     v_exact = None if exact_slots is None else exact_slots.reshape(n_slots, D // G, G)
     v_out = _outlier_mask(vx, opt.outlier_ratio, v_valid, v_exact, seg_of_slot, n_seg)
-    v_lv = (uniform if opt.v_levels is None else opt.v_levels.to(dev))[seg_of_slot]
-    v_codes, v_scale, v_zero, v_rec = _encode(vx, v_out | ~v_valid, v_lv, bits, dtype)
+    v_lv = _levels_of(opt.v_levels, uniform, seg_of_slot)
+    v_codes, v_scale, v_zero, v_rec, v_lv = _encode(vx, v_out | ~v_valid, v_lv, bits, dtype)
     v_codes, v_rec, v_out = (t.reshape(n_slots, D) for t in (v_codes, v_rec, v_out))
 
     pieces = {
@@ -382,8 +385,10 @@ def _encode_slots(k, v, valid, seg_of_slot, n_seg, positions, exact, opt: _Optio
         "v_packed": _pack(v_codes.view(n, G, D).transpose(1, 2), bits).transpose(1, 2).reshape(-1, D),
         "v_scale": v_scale.reshape(n_slots, D // G),
         "v_zero": v_zero.reshape(n_slots, D // G),
+        "k_levels": k_lv[0] if isinstance(opt.k_levels, str) else None,  # fitted tables, shared by every segment
+        "v_levels": v_lv[0] if isinstance(opt.v_levels, str) else None,
     }
-    pieces = {name: t.contiguous() for name, t in pieces.items()}  # the kernel assumes row-major storage
+    pieces = {name: None if t is None else t.contiguous() for name, t in pieces.items()}  # row-major for the kernel
     generator = torch.Generator().manual_seed(opt.seed)
     for name, x, rec, out in (("k", kf, k_rec, k_out), ("v", vf, v_rec, v_out)):
         if opt.rank > 0:
@@ -403,6 +408,13 @@ def _encode_slots(k, v, valid, seg_of_slot, n_seg, positions, exact, opt: _Optio
         pieces[f"{name}_out_pos"] = idx[:, 1].to(torch.int16 if G * D <= 32767 else torch.int32)
         pieces[f"{name}_out_count"] = flat.sum(1)
     return pieces
+
+
+def _levels_of(levels, uniform: torch.Tensor, seg_of_row: torch.Tensor) -> torch.Tensor | None:
+    """Level table of each row: the segment's (``levels`` ``(S, M)``), uniform (None), or None to fit ("fit")."""
+    if isinstance(levels, str):
+        return None
+    return (uniform if levels is None else levels.to(uniform.device))[seg_of_row]
 
 
 def _low_rank_rows(a: torch.Tensor, b: torch.Tensor, block_of_slot: torch.Tensor) -> torch.Tensor:
@@ -442,6 +454,14 @@ def _per_segment_levels(levels: torch.Tensor | None, name: str, bits: int, n_seg
     return levels.to(dev).contiguous()
 
 
+def _is_fit(levels, name: str) -> bool:
+    if isinstance(levels, str):
+        if levels != "fit":
+            raise ValueError(f"{name} must be a tensor of levels, None (uniform) or 'fit', got {levels!r}")
+        return True
+    return False
+
+
 def _check_options(bits, group_size, head_dim, outlier_ratio, rank, positions, rope, n_rows, dev):
     check_params(bits, group_size, head_dim)
     if not 0.0 <= float(outlier_ratio) < 1.0:
@@ -479,7 +499,8 @@ def decompose_segments(
         seg_lens: (S,) int lengths summing to N.
         bits: 2, 4 or 8. group_size: a power of two >= 16 dividing D.
         k_levels, v_levels: (2**bits,) float32 sorted levels in [0, 2**bits - 1] shared by every segment, or
-            (S, 2**bits) one table per segment; None: uniform codes.
+            (S, 2**bits) one table per segment; None: uniform codes; "fit": one table fitted (`fit_levels`) on
+            these tokens' own normalized positions in their groups' ranges (outliers and exact rows left out).
         outlier_ratio: share of the elements kept exactly as sparse outliers (per-vector standardized ranking).
         exact_rows: optional (N,) bool rows stored exactly (attention sinks).
         rank: rank of the residual approximation per block (0: none).
@@ -494,8 +515,11 @@ def decompose_segments(
     dev, dtype = seg_k.device, seg_k.dtype
     N, D = seg_k.shape
     _check_options(bits, group_size, D, outlier_ratio, rank, positions, rope, N, dev)
-    k_levels = _per_segment_levels(k_levels, "k_levels", bits, seg_lens.numel(), dev)
-    v_levels = _per_segment_levels(v_levels, "v_levels", bits, seg_lens.numel(), dev)
+    k_fit, v_fit = (_is_fit(lv, name) for lv, name in ((k_levels, "k_levels"), (v_levels, "v_levels")))
+    if not k_fit:
+        k_levels = _per_segment_levels(k_levels, "k_levels", bits, seg_lens.numel(), dev)
+    if not v_fit:
+        v_levels = _per_segment_levels(v_levels, "v_levels", bits, seg_lens.numel(), dev)
     if exact_rows is not None:
         check_tensor(exact_rows, "exact_rows", ndim=1, dtypes=(torch.bool,), device=dev)
         check_shape(exact_rows, "exact_rows", (N,))
@@ -513,6 +537,10 @@ def decompose_segments(
     exact = None if exact_rows is None else exact_rows[rows]
     pieces = _encode_slots(seg_k[rows], seg_v[rows], valid, seg, lens.numel(), pos, exact, opt)
     _drop_unused_outliers(pieces, outlier_ratio, exact_rows)
+    if k_fit:
+        k_levels = _per_segment_levels(pieces["k_levels"], "k_levels", bits, lens.numel(), dev)
+    if v_fit:
+        v_levels = _per_segment_levels(pieces["v_levels"], "v_levels", bits, lens.numel(), dev)
     i32 = {"dtype": torch.int32}
     segs = QuantizedSegments(
         pieces["k_packed"], pieces["k_scale"], pieces["k_zero"], pieces["v_packed"], pieces["v_scale"],
@@ -697,27 +725,12 @@ def calibrate_levels(
 
     Each element is placed in ``[0, 2**bits - 1]`` by its group's range, as `decompose_segments` would place it
     (outliers excluded, keys un-rotated when ``positions`` is given), and the levels are the 1-d k-means of those
-    points: ``(k_levels, v_levels)``, each ``(2**bits,)`` float32.
+    points: ``(k_levels, v_levels)``, each ``(2**bits,)`` float32. (`decompose_segments` with ``"fit"`` levels does
+    the same while encoding.)
     """
-    ds = decompose_segments(seg_k, seg_v, seg_lens, bits, group_size, outlier_ratio=outlier_ratio,
-                            positions=positions, rope=rope)  # fmt: skip
-    s, G = ds.segs, group_size
-    valid, _ = valid_slots(s)
-    top = float((1 << bits) - 1)
-    kx = seg_k.float()
-    if positions is not None:
-        kx = rotate(kx, positions, rope, inverse=True)
-    order = valid.nonzero().squeeze(1)  # valid slots, in row order
-    ks = s.k_scale.float().repeat_interleave(G, 0)[order]
-    kz = s.k_zero.float().repeat_interleave(G, 0)[order]
-    vs = s.v_scale.float().repeat_interleave(G, 1)[order]
-    vz = s.v_zero.float().repeat_interleave(G, 1)[order]
-
-    def normalized(x, scale, zero):
-        t = (x - zero) / torch.where(scale > 0, scale, 1.0)
-        return t[(scale > 0) & (t >= 0) & (t <= top)]  # outliers fall outside their group's range
-
-    return fit_levels(normalized(kx, ks, kz), bits), fit_levels(normalized(seg_v.float(), vs, vz), bits)
+    ds = decompose_segments(seg_k, seg_v, seg_lens, bits, group_size, k_levels="fit", v_levels="fit",
+                            outlier_ratio=outlier_ratio, positions=positions, rope=rope)  # fmt: skip
+    return ds.k_levels[0].clone(), ds.v_levels[0].clone()
 
 
 def _ranges(cu: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ from kvpress_kernels import (
     RotaryTable,
     append_decomposed_groups,
     append_segment_groups,
-    calibrate_levels,
     decompose_segments,
     decomposed_attention,
     quantize_segments,
@@ -83,12 +82,7 @@ class DecomposedStorage:
         if self.needs_positions and positions is None:
             raise ValueError("this storage needs each token's position (pre-RoPE keys or sink tokens)")
         exact = None if not self.sink_tokens else positions < self.sink_tokens
-        levels = {}
-        if self.calibrate:
-            k_levels, v_levels = calibrate_levels(seg_k, seg_v, seg_lens, self.bits, self.group_size,
-                                                  outlier_ratio=self.outlier_ratio,
-                                                  positions=self._positions(positions), rope=self.rope)  # fmt: skip
-            levels = {"k_levels": k_levels, "v_levels": v_levels}
+        levels = {"k_levels": "fit", "v_levels": "fit"} if self.calibrate else {}
         return decompose_segments(
             seg_k, seg_v, seg_lens, self.bits, self.group_size, outlier_ratio=self.outlier_ratio, exact_rows=exact,
             rank=self.rank, positions=self._positions(positions), rope=self.rope, **levels,

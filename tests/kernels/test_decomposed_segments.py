@@ -158,6 +158,15 @@ def test_levels_calibrated_on_the_tokens_lower_their_error(bits, gain):
     fitted = decompose_segments(k, v, lens, bits, 32, k_levels=k_levels, v_levels=v_levels)
     for e0, e1 in zip(_errors(plain, k, v), _errors(fitted, k, v)):
         assert e1.pow(2).sum() < gain * e0.pow(2).sum()
+    # Fitting while encoding ("fit") stores the same tables in every segment and the same codes, in one pass.
+    once = decompose_segments(k, v, lens, bits, 32, k_levels="fit", v_levels="fit")
+    for got, want in ((once.k_levels, k_levels), (once.v_levels, v_levels)):
+        assert got.shape == (2, 1 << bits) and torch.equal(got, want.to(DEVICE).expand(2, -1))
+    assert torch.equal(once.segs.k_packed, fitted.segs.k_packed) and torch.equal(
+        once.segs.v_packed, fitted.segs.v_packed
+    )
+    with pytest.raises(ValueError, match="k_levels must be a tensor of levels, None \\(uniform\\) or 'fit'"):
+        decompose_segments(k, v, lens, bits, 32, k_levels="kmeans")
 
 
 def test_pre_rope_keys_round_trip():

@@ -53,11 +53,14 @@ def assert_storage_equal(actual, expected):
 
 
 def assert_within_bound(out, x, scale_per_element, dtype, what):
-    """|dequantized - x| <= scale / 2 (exact arithmetic) plus rounding: to dtype (an ulp of out) and in the float32
-    ``q * scale + zero`` itself (an ulp of each of its terms, which are at most |x| + scale apart from out)."""
+    """|dequantized - x| <= scale / 2 (exact arithmetic) plus rounding: to dtype (an ulp of out), in the float32
+    ``q * scale + zero`` itself (an ulp of each of its terms, which are at most |x| + scale apart from out), and in the
+    float32 ``(x - zero) / scale`` that picks the code (an ulp of a code of up to 255, times the scale: near a
+    half-step the other code may win)."""
     ulp = torch.finfo(dtype).eps * out.double().abs()
     fp32 = torch.finfo(torch.float32).eps * (out.double().abs() + x.double().abs() + scale_per_element.double())
-    bound = scale_per_element.double() / 2 + ulp + 2 * fp32 + 1e-30
+    code = torch.finfo(torch.float32).eps * 255 * scale_per_element.double()
+    bound = scale_per_element.double() / 2 + ulp + 2 * fp32 + code + 1e-30
     err = (out.double() - x.double()).abs()
     assert (err <= bound).all(), f"{what}: max excess {(err - bound).max().item()}"
 
