@@ -33,9 +33,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
-from kvpress.cache.graph_decoder import GraphDecoder
 from kvpress.cache.layer_access import layer_memory_bytes, restore_cache, snapshot_cache
 from kvpress.cache.varlen_cache import VarlenCache
+from kvpress.generation.graph_decoder import GraphDecoder
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.snapkv_press import SnapKVPress

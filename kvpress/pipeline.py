@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from kvpress.cache.attention import compressed_attention
-from kvpress.cache.forward_keyword import cache_kwargs
-from kvpress.cache.layer_access import dense_cache_bytes, layer_memory_bytes, restore_cache, snapshot_cache
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache, model_head_dim
-from kvpress.cache.rotary import rotary_table
 from kvpress.cache.varlen_cache import VarlenCache
-from kvpress.compression_summary import CompressionSummary
+from kvpress.generation import CompressedContext, make_cache
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
-from kvpress.presses.report import CompressionReport
 from kvpress.utils import layer_types
 
 logger = logging.getLogger(__name__)
@@ -284,131 +280,9 @@ class KVPressTextGenerationPipeline(Pipeline):
             ids.update([eos] if isinstance(eos, int) else list(eos))
         return ids
 
-    def _prefill(
-        self, input_ids: torch.Tensor, cache, press: BasePress | None, record_kept: bool = False
-    ) -> tuple[int, CompressionReport | None]:
-        """Prefill ``input_ids`` into ``cache`` under ``press``; returns the position of the next token and the
-        press's report (``None`` without a press; with the kept positions and scores if ``record_kept``)."""
-        base = self.model.base_model
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        if press is None:
-            base(input_ids=input_ids, **cache_kwargs(base, cache), position_ids=positions, use_cache=True)
-            return input_ids.shape[1], None
-        with press(self.model, record_kept=record_kept) as report:
-            base(input_ids=input_ids, **cache_kwargs(base, cache), position_ids=positions, use_cache=True)
-        if press.capabilities.rerotates_positions and report.kept_lengths:
-            # Kept keys sit at positions 0..kept-1; layers may differ, so continue after the longest.
-            return int(max(v.max().item() for v in report.kept_lengths.values())), report
-        return input_ids.shape[1], report
-
-    def _summary(self, cache, prompt: torch.Tensor, press: BasePress | None, report: CompressionReport | None):
-        """The :class:`CompressionSummary` of a one-sequence ``cache`` just prefilled with ``prompt`` ``(1, n)``."""
-        dtype = next(self.model.parameters()).dtype
-        n_tokens = prompt.shape[1]
-        return CompressionSummary(
-            press=None if press is None else repr(press),
-            cache=type(cache).__name__,
-            prefill_tokens=n_tokens,
-            compression_ratio=0.0 if report is None else report.compression_ratio,
-            kv_bytes_uncompressed=dense_cache_bytes(self.model.config, n_tokens, 1, dtype),
-            kv_bytes=layer_memory_bytes(cache),
-            layers=report,
-            prompt_ids=prompt[0].cpu(),
-        )
-
-    def _rope(self, quantization: QuantizationConfig):
-        """The model's rotary table when the quantized storage keeps keys before RoPE, else None."""
-        return rotary_table(self.model) if quantization.pre_rope else None
-
-    def _make_cache(self, press: BasePress | None, quantization: QuantizationConfig | None = None):
-        if quantization is not None:
-            return QuantizedCache(config=self.model.config, quantization=quantization, rope=self._rope(quantization))
-        head_variable = press is not None and press.capabilities.head_variable
-        return VarlenCache(config=self.model.config) if head_variable else DynamicCache(config=self.model.config)
-
-    def _generate(self, tails: list[torch.Tensor], cache, positions: list[int], max_new_tokens: int, cuda_graph: bool):
-        """Greedy answers of every sequence of ``cache`` (one ``(1, L_b)`` prompt tail each); stops at any EOS id.
-
-        Tails of different lengths are right-padded and the cache told each sequence's real count, so padding never
-        enters it. Returns the decoded answers, one per sequence.
-        """
-        eos = self._eos_ids()
-        model, device = self.model, tails[0].device
-        batch = len(tails)
-        lengths = [t.shape[1] for t in tails]
-        width = max(lengths)
-        ids = torch.full((batch, width), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
-        for b, t in enumerate(tails):
-            ids[b, : lengths[b]] = t[0]
-        start = torch.tensor(positions, device=device)
-        padded = min(lengths) != width
-        generated: list[list[int]] = [[] for _ in range(batch)]
-        finished = [False] * batch
-        with compressed_attention(model):
-            if padded:
-                cache.new_token_lengths = torch.tensor(lengths, dtype=torch.int32, device=device)
-            try:
-                out = model(
-                    input_ids=ids,
-                    **cache_kwargs(model, cache),
-                    position_ids=start[:, None] + torch.arange(width, device=device),
-                    use_cache=True,
-                    logits_to_keep=0 if padded else 1,
-                )
-            finally:
-                if padded:
-                    cache.new_token_lengths = None
-            last = torch.tensor(lengths, device=device) - 1 if padded else torch.full((batch,), -1, device=device)
-            token = out.logits[torch.arange(batch, device=device), last].argmax(-1)
-            position = start + torch.tensor(lengths, device=device)
-            decoder = None
-            for step in range(max_new_tokens):
-                for b, tok in enumerate(token.tolist()):
-                    if not finished[b]:
-                        if tok in eos:
-                            finished[b] = True
-                        else:
-                            generated[b].append(tok)
-                if all(finished) or step == max_new_tokens - 1:
-                    break
-                if cuda_graph:
-                    decoder = decoder or self._graph_decoder(cache, max_new_tokens)
-                    rest = decoder.decode(token[:, None], position[:, None], max_new_tokens - 1 - step, list(eos))
-                    for b, row in enumerate(rest.tolist()):
-                        for tok in row:
-                            if finished[b]:
-                                break
-                            if tok in eos:
-                                finished[b] = True
-                            else:
-                                generated[b].append(tok)
-                    break
-                out = model(
-                    input_ids=token[:, None],
-                    **cache_kwargs(model, cache),
-                    position_ids=position[:, None],
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                position = position + 1
-                token = out.logits[:, -1].argmax(-1)
-        return [self.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
-
-    def _graph_decoder(self, cache, max_new_tokens: int):
-        from kvpress.cache.graph_decoder import GraphDecoder
-
-        if not isinstance(cache, VarlenCache):
-            raise ValueError(  # noqa: TRY004
-                "cuda_graph=True decodes from a VarlenCache; pass cache=VarlenCache(config=model.config)"
-            )
-        return GraphDecoder(self.model, cache, max_new_tokens)
-
-    def _check_press(self, press: BasePress | None, prompts: list[torch.Tensor]) -> None:
-        """Every check that can fail runs before the first forward, so a rejected call leaves a user cache empty."""
-        if press is not None:
-            press.validate(self.model)
-            for prompt in prompts:
-                press.check_length(prompt.shape[1])
+    def _answer(self, context: CompressedContext, tails, max_new_tokens: int, cuda_graph: bool) -> list[str]:
+        ids = context.generate(tails, max_new_tokens, self._eos_ids(), self.tokenizer.pad_token_id or 0, cuda_graph)
+        return [self.tokenizer.decode(g, skip_special_tokens=True) for g in ids]
 
     def _forward(
         self, inputs, press=None, max_new_tokens=50, cache=None, cuda_graph=False, quantization=None, record_kept=False
@@ -418,49 +292,34 @@ class KVPressTextGenerationPipeline(Pipeline):
         device = self.model.device
         prompts = [p.to(device) for p in inputs["prompts"]]
         tails = [t.to(device) for t in inputs["tails"]]
-        self._check_press(press, prompts)
         if not prompts:  # resume: the cache already holds a compressed context
             if cache is None or cache.get_seq_length() == 0 or getattr(cache, "next_positions", None) is None:
                 raise ValueError(
                     "context=None answers from a saved compressed context: pass cache=VarlenCache.load(path) "
                     "(a cache the pipeline filled, which records where the context ends)"
                 )
-            if len(cache.next_positions) != 1:
-                raise ValueError(f"the cache holds {len(cache.next_positions)} sequences; context=None takes one")
-            state = snapshot_cache(cache)
-            answers = []
-            for tail in tails:
-                answers += self._generate([tail], cache, cache.next_positions, max_new_tokens, cuda_graph)
-                restore_cache(cache, state)
-            return {"answers": answers, "reports": None}
-        cache = cache if cache is not None else self._make_cache(press, quantization)
-        # Quantized caches store the prefilled context quantized even where no press compressed it.
-        compact = cuda_graph or isinstance(cache, QuantizedCache)
-        if cache.get_seq_length() > 0:
-            raise ValueError("cache must be empty: the pipeline prefills the context into it")
+            context = CompressedContext.resume(self.model, cache)
+            if len(context.positions) != 1:
+                raise ValueError(f"the cache holds {len(context.positions)} sequences; context=None takes one")
+            return {"answers": [a for t in tails for a in self._answer(context, [t], max_new_tokens, cuda_graph)],
+                    "reports": None}  # fmt: skip
+        cache = cache if cache is not None else make_cache(self.model, press, quantization)
+        prefill = functools.partial(CompressedContext.prefill, self.model, press=press, cache=cache,
+                                    record_kept=record_kept, compact=cuda_graph)  # fmt: skip
         answers, reports = [], []
         if len(prompts) == 1:  # one compressed context shared by every question
-            position, report = self._prefill(prompts[0], cache, press, record_kept)
-            if isinstance(cache, VarlenCache):
-                cache.next_positions = [position]
-                if compact:
-                    cache.compact()
-            reports = [self._summary(cache, prompts[0], press, report)] * len(tails)
-            state = snapshot_cache(cache)
+            context = prefill(prompts[0])
+            reports = context.summaries * len(tails)
             for tail in tails:
-                answers += self._generate([tail], cache, [position], max_new_tokens, cuda_graph)
-                restore_cache(cache, state)
-        else:  # query-aware: one compression per question
-            empty = snapshot_cache(cache)
+                answers += self._answer(context, [tail], max_new_tokens, cuda_graph)
+        else:  # query-aware: one compression per question, each prefilled into the same (emptied) cache
+            context = None
             for prompt, tail in zip(prompts, tails):
-                restore_cache(cache, empty)
-                position, report = self._prefill(prompt, cache, press, record_kept)
-                if compact and isinstance(cache, VarlenCache):
-                    cache.compact()
-                reports.append(self._summary(cache, prompt, press, report))
-                state = snapshot_cache(cache)
-                answers += self._generate([tail], cache, [position], max_new_tokens, cuda_graph)
-                restore_cache(cache, state)
+                if context is not None:
+                    context.clear()
+                context = prefill(prompt)
+                reports += context.summaries
+                answers += self._answer(context, [tail], max_new_tokens, cuda_graph)
         return {"answers": answers, "reports": reports}
 
     # ---- batches --------------------------------------------------------------------------------------------------
@@ -472,8 +331,8 @@ class KVPressTextGenerationPipeline(Pipeline):
         return press is None or not (press.capabilities.prunes_channels or press.capabilities.merges_layers)
 
     def _call_batch(self, contexts: list[str], questions=None, **kwargs):
-        per_context = isinstance(questions, (list, tuple)) and questions and all(
-            isinstance(q, (list, tuple)) for q in questions
+        per_context = (
+            isinstance(questions, (list, tuple)) and questions and all(isinstance(q, (list, tuple)) for q in questions)
         )
         if per_context and len(questions) != len(contexts):
             raise ValueError(f"questions has {len(questions)} lists for {len(contexts)} contexts; give one per context")
@@ -504,29 +363,14 @@ class KVPressTextGenerationPipeline(Pipeline):
 
     def _forward_batch(self, items, press, max_new_tokens, cuda_graph, quantization=None, record_kept=False):
         device = self.model.device
-        self._check_press(press, [item["prompts"][0] for item in items])
-        caches, positions, summaries = [], [], []
-        kind = VarlenCache if quantization is None else QuantizedCache
-        extra = {} if quantization is None else {"quantization": quantization, "rope": self._rope(quantization)}
-        for item in items:
-            cache = kind(config=self.model.config, **extra)
-            prompt = item["prompts"][0].to(device)
-            position, report = self._prefill(prompt, cache, press, record_kept)
-            positions.append(position)
-            cache.compact()
-            summaries.append(self._summary(cache, prompt, press, report))
-            caches.append(cache)
-        cache = kind.concatenate(caches)
-        cache.next_positions = positions
-        del caches
-        state = snapshot_cache(cache)
+        prompts = [item["prompts"][0].to(device) for item in items]
+        context = CompressedContext.prefill_batch(self.model, prompts, press, quantization, record_kept)
         answers: list[list[str]] = [[] for _ in items]
         for j in range(len(items[0]["tails"])):
             tails = [item["tails"][j].to(device) for item in items]
-            for b, answer in enumerate(self._generate(tails, cache, positions, max_new_tokens, cuda_graph)):
+            for b, answer in enumerate(self._answer(context, tails, max_new_tokens, cuda_graph)):
                 answers[b].append(answer)
-            restore_cache(cache, state)
-        reports = [[summary] * len(items[0]["tails"]) for summary in summaries]
+        reports = [[summary] * len(items[0]["tails"]) for summary in context.summaries]
         return {"batch_answers": answers, "batch_reports": reports}
 
     def postprocess(self, outputs, single=True, return_report=False):

@@ -49,7 +49,8 @@ def write_layer(cache: Cache, layer_idx: int, kv: CompressedKV) -> None:
     elif kv.head_lengths is not None:
         raise ValueError(
             "the press keeps a different number of tokens per head, which a dense cache layer cannot store; "
-            "use cache=kvpress.VarlenCache(config=model.config) (the pipeline does this automatically)"
+            "use a kvpress VarlenCache: the pipeline picks one automatically; with model.generate pass "
+            "past_key_values=kvpress.VarlenCache(config=model.config)"
         )
     elif isinstance(layer, DynamicLayer):
         # Contiguous copies so the full-size prefill tensors are freed as soon as the caller drops them.

@@ -26,7 +26,7 @@ class VarlenLayer(DynamicLayer):
     and the ragged context is never copied. ``update`` then returns a view whose ``attend`` runs the variable-length
     attention kernel (``"kvpress"`` attention function).
 
-    A decode step can be captured in a CUDA graph (:class:`~kvpress.cache.graph_decoder.GraphDecoder`): with the tail
+    A decode step can be captured in a CUDA graph (:class:`~kvpress.generation.graph_decoder.GraphDecoder`): with the tail
     capacity reserved beforehand, a step allocates nothing new, launches kernels whose grids depend on shapes only,
     and advances ``tail_lens`` in place, so every replay reads the lengths the previous replay wrote. Replays run no
     Python: the host mirror ``tail_len`` is then brought up to date with :meth:`advance_host_tail`.

@@ -12,9 +12,11 @@ import torch
 import transformers
 from torch import nn
 
+from kvpress.cache.attention import ATTENTION_NAME, register_attention
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.forward_keyword import CACHE_KEYWORDS, find_cache
 from kvpress.cache.layer_access import read_layer, write_layer
+from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.report import CompressionReport
 from kvpress.utils import attention_layers, attn_implementation, is_sliding_layer
@@ -150,7 +152,10 @@ class BasePress(ABC):
         layers = attention_layers(model)
         report = CompressionReport(n_layers=len(layers), record_kept=record_kept)
         handles = []
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(lambda: [handle.remove() for handle in handles])  # also when an exception is raised
+            switch = _AttentionSwitch(model)
+            stack.callback(switch.restore)
             # The length check runs before layer 0 writes its keys: failing in a later layer's hook would leave the
             # cache half filled with uncompressed layers.
             handles.append(layers[0].register_forward_pre_hook(self.forward_pre_hook, with_kwargs=True))
@@ -161,10 +166,8 @@ class BasePress(ABC):
             decoder = getattr(model, "base_model", model)  # the CausalLM wrapper forwards the cache to it
             handles.append(decoder.register_forward_pre_hook(guard.before, with_kwargs=True))
             handles.append(decoder.register_forward_hook(guard.after, with_kwargs=True))
+            handles.append(decoder.register_forward_pre_hook(switch.before, with_kwargs=True))
             yield report
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def _cached_length(cache, layer_idx: int) -> int:
@@ -184,6 +187,31 @@ class _Hook:
 
     def __call__(self, module, args, kwargs, output):
         return self.press.forward_hook(module, args, kwargs, output, self.report)
+
+
+@dataclass
+class _AttentionSwitch:
+    """Forwards over a kvpress cache that already holds tokens (decode steps, questions) run the ``"kvpress"``
+    attention function, the only one that reads compressed layouts, until the press's block ends. The prefill keeps
+    the model's own attention (presses may need its weights). This is what lets ``model.generate(...,
+    past_key_values=VarlenCache(...))`` decode under ``with press(model):``."""
+
+    model: nn.Module
+    previous: str | None = None
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = find_cache(kwargs)
+        if self.previous is not None or not isinstance(cache, VarlenCache) or cache.get_seq_length() == 0:
+            return
+        current = self.model.config._attn_implementation
+        if current != ATTENTION_NAME:
+            self.previous = current
+            self.model.set_attn_implementation(register_attention())
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            self.model.set_attn_implementation(self.previous)
+            self.previous = None
 
 
 @dataclass

@@ -14,9 +14,9 @@ from transformers import DynamicCache
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
-from kvpress.cache.graph_decoder import GraphDecoder, advance_host_tails, check_graph_cache, greedy_step
 from kvpress.cache.layer_access import restore_cache, snapshot_cache
 from kvpress.cache.varlen_cache import VarlenCache
+from kvpress.generation.graph_decoder import GraphDecoder, advance_host_tails, check_graph_cache, greedy_step
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
 from tests.conftest import random_ids, tiny_model
@@ -137,7 +137,11 @@ def test_appends_and_crop_update_lengths_in_place(batch):
             valid = torch.randint(1, q + 1, (batch,), generator=g)  # right-padded questions of different lengths
             cache.new_token_lengths = valid
             ids = random_ids(q, batch=batch, seed=q)
-            model(input_ids=ids, **cache_kwargs(model, cache), position_ids=torch.arange(pos, pos + q)[None].expand(batch, -1))
+            model(
+                input_ids=ids,
+                **cache_kwargs(model, cache),
+                position_ids=torch.arange(pos, pos + q)[None].expand(batch, -1),
+            )
             cache.new_token_lengths = None
             expected += valid
             pos += q

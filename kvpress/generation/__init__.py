@@ -1,0 +1,13 @@
+"""The generation layer: prefill under a press, the greedy decode loop (eager or CUDA graph), and
+:class:`CompressedContext`, which answers many questions from one compressed context.
+
+It knows presses and caches and nothing above them; the pipeline calls it once per context, and so can users who do
+not want the pipeline.
+"""
+
+from kvpress.generation.context import CompressedContext, make_cache, summarize
+from kvpress.generation.decode import greedy_decode
+from kvpress.generation.graph_decoder import GraphDecoder
+from kvpress.generation.prefill import prefill
+
+__all__ = ["CompressedContext", "GraphDecoder", "greedy_decode", "make_cache", "prefill", "summarize"]

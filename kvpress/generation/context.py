@@ -1,0 +1,164 @@
+"""`CompressedContext`: one or several contexts prefilled (and compressed) once, answered many times."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from kvpress.cache.layer_access import dense_cache_bytes, layer_memory_bytes, restore_cache, snapshot_cache
+from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress.cache.quantized_cache import QuantizedCache
+from kvpress.cache.rotary import rotary_table
+from kvpress.cache.varlen_cache import VarlenCache
+from kvpress.compression_summary import CompressionSummary
+from kvpress.generation.decode import greedy_decode
+from kvpress.generation.prefill import prefill
+from kvpress.presses.base_press import BasePress
+
+
+def make_cache(model: nn.Module, press: BasePress | None = None, quantization: QuantizationConfig | None = None):
+    """The cache a press needs: a :class:`QuantizedCache` under ``quantization``, a :class:`VarlenCache` for presses
+    that keep a different number of tokens per head, else a transformers ``DynamicCache``."""
+    if quantization is not None:
+        rope = rotary_table(model) if quantization.pre_rope else None
+        return QuantizedCache(config=model.config, quantization=quantization, rope=rope)
+    if press is not None and press.capabilities.head_variable:
+        return VarlenCache(config=model.config)
+    return DynamicCache(config=model.config)
+
+
+class CompressedContext:
+    """A cache holding compressed contexts, where each continues, and the state every answer starts from.
+
+    Build one with :meth:`prefill` (one context), :meth:`prefill_batch` (several, stacked in one ragged cache) or
+    :meth:`resume` (a saved cache); then :meth:`generate` answers from it as often as needed: the cache returns to
+    the compressed context after every answer, so answers equal those of separate prefills.
+
+    Attributes:
+        model: the causal LM.
+        cache: the cache (after :meth:`generate`, it holds the context again).
+        positions: per sequence, the position of the first token after its context.
+        summaries: per sequence, a :class:`CompressionSummary` of its prefill (``None`` after :meth:`resume`).
+    """
+
+    def __init__(self, model: nn.Module, cache, positions: list[int], summaries: list | None = None, empty=None):
+        self.model, self.cache, self.positions = model, cache, list(positions)
+        self.summaries = summaries
+        self._state = snapshot_cache(cache)
+        self._empty = empty
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def prefill(
+        cls,
+        model: nn.Module,
+        prompt: torch.Tensor,
+        press: BasePress | None = None,
+        cache=None,
+        quantization: QuantizationConfig | None = None,
+        record_kept: bool = False,
+        compact: bool = False,
+    ) -> "CompressedContext":
+        """Prefill ``prompt`` ``(1, n)`` into ``cache`` (default: :func:`make_cache`; must be empty) under ``press``.
+
+        ``compact=True`` moves a :class:`VarlenCache` into its ragged decode layout right away (the CUDA-graph decoder
+        needs it); quantized caches always quantize the context here, compressed by the press or not.
+        """
+        cache = cache if cache is not None else make_cache(model, press, quantization)
+        if cache.get_seq_length() > 0:
+            raise ValueError("cache must be empty: the context is prefilled into it")
+        empty = snapshot_cache(cache)
+        if press is not None:
+            press.validate(model)
+            press.check_length(prompt.shape[1])
+        position, report = prefill(model, prompt, cache, press, record_kept)
+        if isinstance(cache, VarlenCache):
+            cache.next_positions = [position]
+            if compact or isinstance(cache, QuantizedCache):
+                cache.compact()
+        return cls(model, cache, [position], [summarize(model, cache, prompt, press, report)], empty)
+
+    @classmethod
+    def prefill_batch(
+        cls,
+        model: nn.Module,
+        prompts: list[torch.Tensor],
+        press: BasePress | None = None,
+        quantization: QuantizationConfig | None = None,
+        record_kept: bool = False,
+    ) -> "CompressedContext":
+        """Prefill each prompt ``(1, n_b)`` alone under ``press``, then stack the compressed caches into one ragged
+        cache (a :class:`VarlenCache`, or a :class:`QuantizedCache` under ``quantization``): no padding token enters
+        it, and :meth:`generate` decodes every sequence together."""
+        if press is not None:
+            press.validate(model)
+            for prompt in prompts:
+                press.check_length(prompt.shape[1])
+        kind = VarlenCache if quantization is None else QuantizedCache
+        caches, positions, summaries = [], [], []
+        for prompt in prompts:
+            ragged = make_cache(model, None, quantization) if quantization else VarlenCache(config=model.config)
+            one = cls.prefill(model, prompt, press, ragged, record_kept=record_kept, compact=True)
+            caches.append(one.cache)
+            positions += one.positions
+            summaries += one.summaries
+            del one
+        cache = kind.concatenate(caches)
+        cache.next_positions = positions
+        return cls(model, cache, positions, summaries)
+
+    @classmethod
+    def resume(cls, model: nn.Module, cache) -> "CompressedContext":
+        """Answer from a cache that already holds compressed contexts, e.g. ``VarlenCache.load(path)`` of a cache the
+        pipeline (or :meth:`prefill`) filled, which records where each context ends (``next_positions``)."""
+        positions = getattr(cache, "next_positions", None)
+        if cache is None or cache.get_seq_length() == 0 or positions is None:
+            raise ValueError(
+                "resuming needs a cache that holds a compressed context and records where it ends: pass "
+                "cache=VarlenCache.load(path) of a cache the pipeline filled"
+            )
+        return cls(model, cache, positions)
+
+    # ---- answering ---------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        tails: list[torch.Tensor],
+        max_new_tokens: int,
+        eos_ids: Collection[int],
+        pad_id: int = 0,
+        cuda_graph: bool = False,
+    ) -> list[list[int]]:
+        """Greedy answer ids of every sequence after its tail ``(1, L_b)`` (:func:`greedy_decode`); the cache is
+        returned to the compressed context afterwards."""
+        if len(tails) != len(self.positions):
+            raise ValueError(f"got {len(tails)} tails for a cache of {len(self.positions)} sequences; give one each")
+        try:
+            return greedy_decode(self.model, self.cache, tails, self.positions, max_new_tokens, eos_ids, pad_id,
+                                 cuda_graph)  # fmt: skip
+        finally:
+            restore_cache(self.cache, self._state)
+
+    def clear(self) -> None:
+        """Return the cache to the state before :meth:`prefill` (empty), e.g. to prefill the next prompt into it."""
+        if self._empty is None:
+            raise ValueError("only a context built by CompressedContext.prefill can be cleared")
+        restore_cache(self.cache, self._empty)
+
+
+def summarize(model: nn.Module, cache, prompt: torch.Tensor, press: BasePress | None, report) -> CompressionSummary:
+    """The :class:`CompressionSummary` of a one-sequence ``cache`` just prefilled with ``prompt`` ``(1, n)``."""
+    dtype = next(model.parameters()).dtype
+    n_tokens = prompt.shape[1]
+    return CompressionSummary(
+        press=None if press is None else repr(press),
+        cache=type(cache).__name__,
+        prefill_tokens=n_tokens,
+        compression_ratio=0.0 if report is None else report.compression_ratio,
+        kv_bytes_uncompressed=dense_cache_bytes(model.config, n_tokens, 1, dtype),
+        kv_bytes=layer_memory_bytes(cache),
+        layers=report,
+        prompt_ids=prompt[0].cpu(),
+    )
