@@ -30,6 +30,12 @@ def read_layer(cache: Cache, layer_idx: int) -> tuple[torch.Tensor | None, torch
     return None, None
 
 
+def holds_kvpress_layers(cache: Cache) -> bool:
+    """Whether some layer of ``cache`` stores its tokens in a kvpress layout (ragged, quantized, channel-pruned,
+    merged), which only the ``"kvpress"`` attention function reads."""
+    return any(hasattr(layer, "dense_keys_values") for layer in getattr(cache, "layers", ()))
+
+
 def write_layer(cache: Cache, layer_idx: int, kv: CompressedKV) -> None:
     """Replace a layer's keys and values by the compressed ones in ``kv``."""
     layer = _layer(cache, layer_idx)
@@ -50,14 +56,15 @@ def write_layer(cache: Cache, layer_idx: int, kv: CompressedKV) -> None:
         raise ValueError(
             "the press keeps a different number of tokens per head, which a dense cache layer cannot store; "
             "use a kvpress VarlenCache: the pipeline picks one automatically; with model.generate pass "
-            "past_key_values=kvpress.VarlenCache(config=model.config)"
+            "cache=kvpress.VarlenCache(config=model.config) (past_key_values= before transformers 5.25)"
         )
     elif isinstance(layer, DynamicLayer):
         # Contiguous copies so the full-size prefill tensors are freed as soon as the caller drops them.
         layer.keys, layer.values = kv.keys.contiguous(), kv.values.contiguous()
     else:
         raise ValueError(
-            f"cannot compress cache layer of type {type(layer).__name__}; accepted: DynamicCache layers or kvpress caches"
+            f"cannot compress cache layer of type {type(layer).__name__}; accepted: DynamicCache layers or kvpress "
+            "caches"
         )
 
 

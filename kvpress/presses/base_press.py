@@ -15,8 +15,7 @@ from torch import nn
 from kvpress.cache.attention import ATTENTION_NAME, register_attention
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.forward_keyword import CACHE_KEYWORDS, find_cache
-from kvpress.cache.layer_access import read_layer, write_layer
-from kvpress.cache.varlen_cache import VarlenCache
+from kvpress.cache.layer_access import holds_kvpress_layers, read_layer, write_layer
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.report import CompressionReport
 from kvpress.utils import attention_layers, attn_implementation, is_sliding_layer
@@ -191,17 +190,19 @@ class _Hook:
 
 @dataclass
 class _AttentionSwitch:
-    """Forwards over a kvpress cache that already holds tokens (decode steps, questions) run the ``"kvpress"``
-    attention function, the only one that reads compressed layouts, until the press's block ends. The prefill keeps
-    the model's own attention (presses may need its weights). This is what lets ``model.generate(...,
-    past_key_values=VarlenCache(...))`` decode under ``with press(model):``."""
+    """Forwards over a cache holding kvpress layers (ragged, quantized, channel-pruned or merged layers; decode steps
+    and questions) run the ``"kvpress"`` attention function, the only one that reads them, until the press's block
+    ends. The prefill keeps the model's own attention (presses may need its weights). This is what lets
+    ``model.generate`` decode under ``with press(model):`` from every cache a press can fill."""
 
     model: nn.Module
     previous: str | None = None
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = find_cache(kwargs)
-        if self.previous is not None or not isinstance(cache, VarlenCache) or cache.get_seq_length() == 0:
+        if self.previous is not None or cache is None or cache.get_seq_length() == 0:
+            return
+        if not holds_kvpress_layers(cache):
             return
         current = self.model.config._attn_implementation
         if current != ATTENTION_NAME:

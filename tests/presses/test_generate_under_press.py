@@ -1,9 +1,9 @@
 """``with press(model): model.generate(...)``: the press compresses the prefill and generate decodes from the
 compressed cache, token for token as a plain greedy loop over the same compressed cache, at the original positions.
 
-Combinations: uniform presses with transformers' default cache (every architecture); head-variable presses with a
-``VarlenCache``; any press with a ``QuantizedCache``; a head-variable press with the default cache is refused with the
-cache to pass instead."""
+Combinations: uniform presses with transformers' default cache (every architecture); channel pruning and layer
+merging with the default cache; head-variable presses with a ``VarlenCache``; uniform and head-variable presses with a
+``QuantizedCache``; a head-variable press with the default cache is refused, naming the cache to pass."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.minicache_press import MiniCachePress
 from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.presses.think_press import ThinKPress
 from kvpress.utils import attention_layers, is_sliding_layer
 from tests.conftest import random_ids, tiny_model
 
@@ -48,7 +50,7 @@ def generate(model, ids, press, cache=None, steps=STEPS):
     with torch.no_grad(), press(model):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps,
                              min_new_tokens=steps, pad_token_id=0, return_dict_in_generate=True, **extra)  # fmt: skip
-    return out.sequences[0, ids.shape[1] :].tolist(), out.past_key_values
+    return out.sequences[0, ids.shape[1] :].tolist(), out["cache" if "cache" in out else "past_key_values"]
 
 
 def full_layer(model) -> int:
@@ -105,8 +107,19 @@ def test_quantized_cache(press):
     assert tokens == reference(model, ids, press, make())
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("press", [ThinKPress(0.5, window_size=8), MiniCachePress()], ids=["think", "minicache"])
+def test_channel_pruning_and_layer_merging_with_the_default_cache(arch, press):
+    model = tiny_model(arch)
+    ids = random_ids(N, seed=4)
+    tokens, cache = generate(model, ids, press)
+    assert all(type(layer).__name__ != "DynamicLayer" for layer in cache.layers[1:])  # pruned or merged layers
+    assert tokens == reference(model, ids, press, DynamicCache(config=model.config))
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_head_variable_press_with_the_default_cache_is_refused():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match=r"past_key_values=kvpress\.VarlenCache\(config=model\.config\)"):
+    with pytest.raises(ValueError, match=r"model\.generate pass cache=kvpress\.VarlenCache\(config=model\.config\)"):
         generate(model, random_ids(N), AdaKVPress(KnormPress(0.5)))
     assert model.config._attn_implementation == "sdpa"
