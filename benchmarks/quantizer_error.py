@@ -99,7 +99,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--group-size", type=int, default=32)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="storages to measure (default: all)")  # fmt: skip
     parser.add_argument("--output")
     args = parser.parse_args()
     start = time.perf_counter()
