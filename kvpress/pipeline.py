@@ -133,8 +133,11 @@ class KVPressTextGenerationPipeline(Pipeline):
                 f"cache must be a transformers Cache (e.g. DynamicCache) or None, got {type(cache).__name__}"
             )
         caps = press.capabilities if press is not None else Capabilities()
-        if caps.phase != "prefill":
-            raise ValueError(f"{type(press).__name__} is a decode-phase press; this pipeline runs prefill presses only")
+        if caps.compresses_decode and cuda_graph:
+            raise ValueError(
+                f"{type(press).__name__} compresses while decoding, through hooks that a captured CUDA graph does not "
+                "run; pass cuda_graph=False"
+            )
         if caps.needs_question and not query_aware:
             raise ValueError(
                 f"{type(press).__name__} needs the question in the compressed prompt: pass query_aware=True"
@@ -167,6 +170,12 @@ class KVPressTextGenerationPipeline(Pipeline):
         if cuda_graph and not (torch.cuda.is_available() and self.model.device.type == "cuda"):
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         quantization = self._quantization(press, cache, kv_quantization)
+        if caps.compresses_decode and (caps.head_variable or quantization is not None or cache is not None and
+                                       type(cache) is not DynamicCache):  # fmt: skip
+            raise ValueError(
+                f"{type(press).__name__} compresses while decoding, which works on the dense cache (a transformers "
+                "DynamicCache) so far: pass a press that keeps the same count per head, without kv_quantization"
+            )
         forward = {
             "press": press,
             "max_new_tokens": max_new_tokens,
@@ -325,10 +334,11 @@ class KVPressTextGenerationPipeline(Pipeline):
     # ---- batches --------------------------------------------------------------------------------------------------
     def _batchable(self, press: BasePress | None) -> bool:
         """Stacking needs every layer in ragged storage: no sliding-window layers, no channel-pruned keys, no merged
-        layer pairs."""
+        layer pairs, no compression while decoding (dense caches only so far)."""
         if any(t != "full_attention" for t in layer_types(self.model.config.get_text_config(decoder=True))):
             return False
-        return press is None or not (press.capabilities.prunes_channels or press.capabilities.merges_layers)
+        caps = None if press is None else press.capabilities
+        return caps is None or not (caps.prunes_channels or caps.merges_layers or caps.compresses_decode)
 
     def _call_batch(self, contexts: list[str], questions=None, **kwargs):
         per_context = (

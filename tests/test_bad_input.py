@@ -12,9 +12,13 @@ import torch
 from transformers import DynamicCache
 
 from kvpress.cache.forward_keyword import cache_kwargs
+from kvpress.cache.varlen_cache import VarlenCache
+from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
+from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.utils import attention_layers
 from tests.conftest import random_ids, tiny_model
@@ -212,9 +216,13 @@ def test_press_needing_the_question_without_query_aware(baseline):
     _assert_still_answers(baseline)
 
 
-def test_decode_phase_press(baseline):
-    with pytest.raises(ValueError, match="decode-phase press; this pipeline runs prefill presses only"):
-        _answer(press=DecodePress(0.5))
+def test_decode_phase_press_where_it_cannot_run(baseline):
+    with pytest.raises(ValueError, match="compresses while decoding, through hooks that a captured CUDA graph"):
+        _answer(press=DecodePress(0.5), cuda_graph=True)
+    with pytest.raises(ValueError, match="compresses while decoding, which works on the dense cache"):
+        _answer(press=PrefillDecodingPress(AdaKVPress(KnormPress(0.5)), DecodingPress(KnormPress())))
+    with pytest.raises(ValueError, match="compresses while decoding, which works on the dense cache"):
+        _answer(press=DecodingPress(KnormPress()), cache=VarlenCache(config=text_model().config))
     _assert_still_answers(baseline)
 
 

@@ -14,9 +14,12 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.layer_access import layer_memory_bytes
 from kvpress.compression_summary import CompressionSummary
+from kvpress.generation import CompressedContext
 from kvpress.pipeline import TASK, KVPressTextGenerationPipeline, join_question
 from kvpress.presses.adakv_press import AdaKVPress
+from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from tests.fixtures_pipeline import (
     chat_prompt,
@@ -363,3 +366,27 @@ def test_report_without_a_context_is_an_error():
         text_pipeline("llama")(None, question="Why?", cache=DynamicCache(), return_report=True)
     with pytest.raises(ValueError, match="return_report must be True or False, got 'yes'"):
         text_pipeline("llama")("A context.", question="Why?", return_report="yes")
+
+
+@pytest.mark.parametrize(
+    "press",
+    [DecodingPress(KnormPress(), compression_interval=4, target_size=24),
+     PrefillDecodingPress(SnapKVPress(0.5, window_size=4), DecodingPress(KnormPress(), 4, 24))],
+    ids=["decoding", "prefill+decoding"],
+)  # fmt: skip
+def test_decode_time_presses_equal_the_generation_layer(press):
+    """The pipeline answers with the press active while decoding, as CompressedContext does on the same ids, and the
+    questions of one call equal separate calls (the press's state starts fresh per answer)."""
+    pipe = text_pipeline("llama")
+    context = random_text(60, seed=11)
+    kwargs = dict(press=press, answer_prefix=" A:", max_new_tokens=12)
+    together = pipe(context, questions=QUESTIONS[:2], **kwargs)
+    assert together == {"answers": [pipe(context, question=q, **kwargs)["answer"] for q in QUESTIONS[:2]]}
+    prompt, tail = _split(pipe.tokenizer, context, QUESTIONS[0], " A:")
+    ids = pipe.tokenizer(prompt[: prompt.index(context) + len(context)], add_special_tokens=False,
+                         return_tensors="pt").input_ids  # fmt: skip
+    tail_ids = pipe.tokenizer(QUESTIONS[0] + tail, add_special_tokens=False, return_tensors="pt").input_ids
+    direct = CompressedContext.prefill(pipe.model, ids, press).generate(
+        [tail_ids], 12, eos_ids(pipe.model, pipe.tokenizer)
+    )[0]
+    assert together["answers"][0] == pipe.tokenizer.decode(direct, skip_special_tokens=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection
 
 import torch
@@ -35,7 +36,8 @@ class CompressedContext:
 
     Build one with :meth:`prefill` (one context), :meth:`prefill_batch` (several, stacked in one ragged cache) or
     :meth:`resume` (a saved cache); then :meth:`generate` answers from it as often as needed: the cache returns to
-    the compressed context after every answer, so answers equal those of separate prefills.
+    the compressed context after every answer, so answers equal those of separate prefills. A press whose phase is
+    ``"decode"`` (or ``"both"``) also acts while each answer is generated, keeping the cache bounded.
 
     Attributes:
         model: the causal LM.
@@ -44,9 +46,11 @@ class CompressedContext:
         summaries: per sequence, a :class:`CompressionSummary` of its prefill (``None`` after :meth:`resume`).
     """
 
-    def __init__(self, model: nn.Module, cache, positions: list[int], summaries: list | None = None, empty=None):
+    def __init__(self, model: nn.Module, cache, positions: list[int], summaries: list | None = None, empty=None,
+                 decoding_press: BasePress | None = None):  # fmt: skip
         self.model, self.cache, self.positions = model, cache, list(positions)
         self.summaries = summaries
+        self.decoding_press = decoding_press
         self._state = snapshot_cache(cache)
         self._empty = empty
 
@@ -74,12 +78,16 @@ class CompressedContext:
         if press is not None:
             press.validate(model)
             press.check_length(prompt.shape[1])
-        position, report = prefill(model, prompt, cache, press, record_kept)
+        caps = press.capabilities if press is not None else None
+        prefill_press = press if caps is not None and caps.compresses_prefill else None
+        position, report = prefill(model, prompt, cache, prefill_press, record_kept)
         if isinstance(cache, VarlenCache):
             cache.next_positions = [position]
             if compact or isinstance(cache, QuantizedCache):
                 cache.compact()
-        return cls(model, cache, [position], [summarize(model, cache, prompt, press, report)], empty)
+        summary = summarize(model, cache, prompt, prefill_press, report)
+        decoding = press if caps is not None and caps.compresses_decode else None
+        return cls(model, cache, [position], [summary], empty, decoding)
 
     @classmethod
     def prefill_batch(
@@ -94,6 +102,11 @@ class CompressedContext:
         cache (a :class:`VarlenCache`, or a :class:`QuantizedCache` under ``quantization``): no padding token enters
         it, and :meth:`generate` decodes every sequence together."""
         if press is not None:
+            if press.capabilities.compresses_decode:
+                raise ValueError(
+                    f"{type(press).__name__} compresses while decoding, on dense caches only so far; a batch is "
+                    "stacked in a ragged cache: prefill the contexts one at a time"
+                )
             press.validate(model)
             for prompt in prompts:
                 press.check_length(prompt.shape[1])
@@ -135,9 +148,17 @@ class CompressedContext:
         returned to the compressed context afterwards."""
         if len(tails) != len(self.positions):
             raise ValueError(f"got {len(tails)} tails for a cache of {len(self.positions)} sequences; give one each")
+        if cuda_graph and self.decoding_press is not None:
+            raise ValueError(
+                f"cuda_graph=True replays a captured step, without the hooks of {type(self.decoding_press).__name__}, "
+                "which compresses while decoding; pass cuda_graph=False"
+            )
+        press = self.decoding_press
         try:
-            return greedy_decode(self.model, self.cache, tails, self.positions, max_new_tokens, eos_ids, pad_id,
-                                 cuda_graph)  # fmt: skip
+            # A decode-time press acts on the question and every generated token; its state starts fresh per answer.
+            with press(self.model) if press is not None else contextlib.nullcontext():
+                return greedy_decode(self.model, self.cache, tails, self.positions, max_new_tokens, eos_ids, pad_id,
+                                     cuda_graph)  # fmt: skip
         finally:
             restore_cache(self.cache, self._state)
 

@@ -5,6 +5,7 @@ from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.composed_press import ComposedPress
+from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
@@ -14,6 +15,7 @@ from kvpress.presses.minicache_press import MiniCachePress
 from kvpress.presses.nacl_press import NACLPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
+from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.report import CompressionReport
@@ -31,6 +33,7 @@ __all__ = [
     "ChunkPress",
     "ComposedPress",
     "CompressionReport",
+    "DecodingPress",
     "ExpectedAttentionPress",
     "HeadKVPress",
     "KeyRerotationPress",
@@ -40,6 +43,7 @@ __all__ = [
     "NACLPress",
     "ObservedAttentionPress",
     "PerLayerCompressionPress",
+    "PrefillDecodingPress",
     "PyramidKVPress",
     "RandomPress",
     "ScorerPress",

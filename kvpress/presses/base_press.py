@@ -161,10 +161,11 @@ class BasePress(ABC):
             for module in layers:
                 hook = _Hook(self, report)
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
-            guard = _PrefillGuard(self, report, n_full_layers=sum(not is_sliding_layer(m) for m in layers))
             decoder = getattr(model, "base_model", model)  # the CausalLM wrapper forwards the cache to it
-            handles.append(decoder.register_forward_pre_hook(guard.before, with_kwargs=True))
-            handles.append(decoder.register_forward_hook(guard.after, with_kwargs=True))
+            if self.capabilities.compresses_prefill:
+                guard = _PrefillGuard(self, report, n_full_layers=sum(not is_sliding_layer(m) for m in layers))
+                handles.append(decoder.register_forward_pre_hook(guard.before, with_kwargs=True))
+                handles.append(decoder.register_forward_hook(guard.after, with_kwargs=True))
             handles.append(decoder.register_forward_pre_hook(switch.before, with_kwargs=True))
             yield report
 

@@ -12,7 +12,7 @@ class Capabilities:
 
     Attributes:
         phase: ``"prefill"`` for presses that compress the context once, ``"decode"`` for presses that act while tokens
-            are generated.
+            are generated (the prefill stays whole), ``"both"`` for presses that do both.
         needs_attention_weights: the press reads the prefill attention weights (eager attention only).
         needs_question: the press only makes sense when the question is part of the compressed prompt
             (the pipeline then requires ``query_aware=True``).
@@ -23,13 +23,21 @@ class Capabilities:
         merges_layers: the press stores pairs of layers together (shared directions), in a dense cache only.
     """
 
-    phase: Literal["prefill", "decode"] = "prefill"
+    phase: Literal["prefill", "decode", "both"] = "prefill"
     needs_attention_weights: bool = False
     needs_question: bool = False
     rerotates_positions: bool = False
     head_variable: bool = False
     prunes_channels: bool = False
     merges_layers: bool = False
+
+    @property
+    def compresses_prefill(self) -> bool:
+        return self.phase in ("prefill", "both")
+
+    @property
+    def compresses_decode(self) -> bool:
+        return self.phase in ("decode", "both")
 
     def merge(self, other: "Capabilities") -> "Capabilities":
         """Capabilities of two presses applied together (any need or effect of either)."""

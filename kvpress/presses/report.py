@@ -22,6 +22,8 @@ class CompressionReport:
             ``max_kept`` (on CPU).
         scores: with ``record_kept``, ``{layer_idx: (batch, kv_heads, n) float32}`` score each prefilled token
             received, for the layers whose press ranks tokens by a score (on CPU; ``NaN`` where nothing scored it).
+        decode_compressions: ``{layer_idx: count}`` of re-compressions done while decoding (decode-time presses).
+        state: scratch space of presses that act across forwards (buffers, step counts), dropped with the report.
     """
 
     n_layers: int
@@ -31,6 +33,8 @@ class CompressionReport:
     record_kept: bool = False
     kept_indices: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     scores: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    decode_compressions: dict[int, int] = field(default_factory=dict)
+    state: dict = field(default_factory=dict, repr=False)
 
     def record(
         self,

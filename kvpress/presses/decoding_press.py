@@ -1,0 +1,128 @@
+"""`DecodingPress`: keep a layer's cache bounded while generating, by re-compressing it every few tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.cache.forward_keyword import find_cache
+from kvpress.cache.layer_access import read_layer, write_layer
+from kvpress.presses.base_press import BasePress, _cached_length
+from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.report import CompressionReport
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.utils import is_sliding_layer
+
+
+@dataclass
+class _Buffer:
+    """The last generated tokens' attention inputs of one layer: hidden states ``(batch, m, hidden)`` and their
+    rotary ``(cos, sin)`` ``(batch, m, rot_dim)`` (scorers rebuild the tokens' queries from them)."""
+
+    hidden: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    steps: int = 0  # tokens appended since the last re-compression
+
+    def push(self, hidden: torch.Tensor, position_embeddings, size: int) -> None:
+        cos, sin = position_embeddings
+        parts = zip((self.hidden, self.cos, self.sin), (hidden, cos, sin))
+        self.hidden, self.cos, self.sin = (x if old is None else torch.cat([old, x], 1)[:, -size:] for old, x in parts)
+        self.steps += hidden.shape[1]
+
+
+@dataclass
+class DecodingPress(BasePress):
+    """Re-compress every layer to ``target_size`` tokens per (sequence, kv head) each ``compression_interval``
+    generated tokens, with the scores of ``press``; the prompt is left whole (wrap both phases with
+    :class:`PrefillDecodingPress`). The cache then holds at most ``target_size + compression_interval`` tokens per
+    head, however long the output.
+
+    Args:
+        press: the scorer that picks the kept tokens (any :class:`ScorerPress` that reads no attention weights; its
+            own budget is replaced by ``target_size``). Query-window scorers (SnapKV) see the last generated tokens.
+        compression_interval: generated tokens between two re-compressions of a layer.
+        target_size: tokens per (sequence, kv head) a layer keeps after each re-compression.
+        hidden_states_buffer: generated tokens whose hidden states are kept for the scorer (at least its window).
+
+    Each re-compression reads the layer whole and writes the kept tokens back (a transformers ``DynamicCache``
+    layer), so its cost is amortized over the interval; between re-compressions a step costs what it costs uncompressed.
+    """
+
+    press: ScorerPress = None
+    compression_interval: int = 512
+    target_size: int = 2048
+    hidden_states_buffer: int = 256
+    _scorer: ScorerPress = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self):
+        if not isinstance(self.press, ScorerPress):
+            kind = type(self.press).__name__
+            raise ValueError(f"press must be a ScorerPress (KnormPress, SnapKVPress, TOVAPress, ...), got {kind}")
+        if self.press.capabilities.needs_attention_weights:
+            raise ValueError(
+                f"{type(self.press).__name__} reads the attention weights of its forward, which a decode step (one "
+                "query) cannot provide for the tokens it scores; pass a scorer that reads keys or hidden states"
+            )
+        for name, minimum in (("compression_interval", 1), ("target_size", 1), ("hidden_states_buffer", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        window = getattr(self.press, "window_size", 0) or 0
+        if window > self.hidden_states_buffer:
+            raise ValueError(
+                f"hidden_states_buffer={self.hidden_states_buffer} is smaller than the scorer's window_size={window}; "
+                f"accepted: hidden_states_buffer >= {window}"
+            )
+        if window > self.target_size:
+            raise ValueError(f"target_size={self.target_size} must keep the scorer's window ({window} tokens)")
+        self._scorer = dataclasses.replace(self.press, compression_ratio=0.0, target_size=self.target_size)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        inner = self.press.capabilities
+        return dataclasses.replace(inner, phase="decode")
+
+    def validate(self, model: nn.Module) -> None:
+        super().validate(model)
+        self.press.validate(model)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        """One re-compression: the scorer, with the budget ``target_size``."""
+        return self._scorer.compress(module, hidden_states, keys, values, attentions, kwargs)
+
+    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output, report: CompressionReport):
+        cache = find_cache(kwargs)
+        if cache is None or is_sliding_layer(module):
+            return output
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        layer_idx = module.layer_idx
+        if _cached_length(cache, layer_idx) == hidden_states.shape[1]:
+            return output  # the prefill: not this press's phase
+        buffer = report.state.setdefault(("decoding", layer_idx), _Buffer())
+        buffer.push(hidden_states.detach(), kwargs["position_embeddings"], self.hidden_states_buffer)
+        if buffer.steps < self.compression_interval:
+            return output
+        buffer.steps = 0
+        self.recompress(module, cache, buffer, kwargs, report)
+        return output
+
+    def recompress(self, module, cache, buffer: _Buffer, kwargs: dict, report: CompressionReport) -> None:
+        """Bring ``module``'s layer of ``cache`` back to ``target_size`` tokens per head."""
+        layer_idx = module.layer_idx
+        keys, values = read_layer(cache, layer_idx)
+        if keys is None:
+            raise ValueError(
+                f"DecodingPress re-compresses dense cache layers (a transformers DynamicCache); layer {layer_idx} is "
+                f"a {type(cache.layers[layer_idx]).__name__}, whose tokens it cannot read"
+            )
+        if keys.shape[-2] <= self.target_size:
+            return
+        scorer_kwargs = {**kwargs, "position_embeddings": (buffer.cos, buffer.sin)}
+        kv = self.compress(module, buffer.hidden, keys, values, None, scorer_kwargs)
+        write_layer(cache, layer_idx, kv if isinstance(kv, CompressedKV) else CompressedKV(*kv))
+        report.decode_compressions[layer_idx] = report.decode_compressions.get(layer_idx, 0) + 1

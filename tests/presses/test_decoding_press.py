@@ -1,0 +1,172 @@
+"""DecodingPress and PrefillDecodingPress: the cache stays within ``target_size + compression_interval`` tokens per
+head however long the output, the tokens equal a plain loop that re-compresses by hand, the scorer sees the last
+generated tokens' hidden states at their own positions, and bad arguments are refused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
+from kvpress.generation import CompressedContext, prefill
+from kvpress.presses.adakv_press import AdaKVPress
+from kvpress.presses.decoding_press import DecodingPress
+from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.observed_attention_press import ObservedAttentionPress
+from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.utils import attention_layers
+from tests.conftest import random_ids, tiny_model
+
+INTERVAL, TARGET, STEPS = 5, 12, 30
+
+
+def knorm_by_hand(model, context, tail, steps=STEPS, interval=INTERVAL, target=TARGET, prefill_ratio=0.0):
+    """Greedy loop that re-compresses every layer by key norm (lowest kept) every ``interval`` appended tokens.
+    Returns the tokens and the cache length after each forward (before its re-compression)."""
+    cache = DynamicCache(config=model.config)
+    position, _ = prefill(model, context, cache, KnormPress(prefill_ratio) if prefill_ratio else None)
+    tokens, lengths, count = [], [], 0
+    feed = tail
+    with torch.no_grad(), compressed_attention(model):
+        for _ in range(steps):
+            n = feed.shape[1]
+            pos = torch.arange(position, position + n)[None]
+            logits = model(input_ids=feed, **cache_kwargs(model, cache), position_ids=pos, logits_to_keep=1).logits
+            position += n
+            count += n
+            lengths.append(cache.get_seq_length())
+            if count >= interval:
+                count = 0
+                for layer in cache.layers:
+                    if layer.keys.shape[-2] > target:
+                        keep = (-layer.keys.norm(dim=-1)).topk(target, dim=-1).indices.sort(-1).values
+                        idx = keep[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+                        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+            feed = logits[:, -1:].argmax(-1)
+            tokens.append(int(feed))
+    return tokens, lengths
+
+
+def lengths_while_decoding(model):
+    """Forward hook on the decoder recording the cache length after every forward."""
+    seen = []
+    handle = model.model.register_forward_hook(
+        lambda m, a, kw, out: seen.append(out.past_key_values.get_seq_length()), with_kwargs=True
+    )
+    return seen, handle
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_bounded_cache_and_tokens_equal_a_loop_that_compresses_by_hand(arch):
+    model = tiny_model(arch)
+    context, tail = random_ids(40, seed=1), random_ids(3, seed=2)
+    want, lengths = knorm_by_hand(model, context, tail)
+    # 40 + 3 + 1 + 1 tokens before the first re-compression (after 5 appended), then never above TARGET + INTERVAL.
+    assert lengths[:3] == [43, 44, 45] and max(lengths[3:]) == TARGET + INTERVAL
+    press = DecodingPress(KnormPress(), compression_interval=INTERVAL, target_size=TARGET)
+    ctx = CompressedContext.prefill(model, context, press)
+    assert ctx.cache.get_seq_length() == 40  # the prompt is left whole
+    seen, handle = lengths_while_decoding(model)
+    try:
+        got = ctx.generate([tail], STEPS, eos_ids=[])[0]
+    finally:
+        handle.remove()
+    assert got == want
+    # The decoder's output: after the layers' re-compression (hooks run inside the forward), so at most TARGET + 4.
+    assert seen[:2] == [43, 44] and max(seen[2:]) == TARGET + INTERVAL - 1 and len(seen) == STEPS
+    assert ctx.generate([tail], STEPS, eos_ids=[])[0] == want  # fresh state for every answer
+
+
+def test_under_model_generate():
+    model = tiny_model("llama")
+    ids = random_ids(40, seed=3)
+    press = DecodingPress(KnormPress(), compression_interval=INTERVAL, target_size=TARGET)
+    seen, handle = lengths_while_decoding(model)
+    try:
+        with torch.no_grad(), press(model) as report:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=STEPS,
+                                 min_new_tokens=STEPS, pad_token_id=0)  # fmt: skip
+    finally:
+        handle.remove()
+    assert seen[0] == 40  # generate's prefill is left whole
+    assert max(seen[INTERVAL:]) <= TARGET + INTERVAL
+    assert set(report.decode_compressions) == set(range(len(attention_layers(model))))
+    # Same tokens as the hand loop fed with generate's first token (computed from the whole prompt).
+    want, _ = knorm_by_hand(model, ids, out[:, 40:41], steps=STEPS - 1)
+    assert out[0, 41:].tolist() == want
+
+
+@dataclass
+class _Spy(ScorerPress):
+    """Key-norm scores; records what each re-compression received (the list survives the budget replacement)."""
+
+    calls: list = field(default_factory=list)
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        self.calls.append((module.layer_idx, hidden_states.clone(), kwargs["position_embeddings"], keys.shape[-2]))
+        return -keys.norm(dim=-1)
+
+
+def test_scorer_sees_the_last_generated_tokens_at_their_positions():
+    model = tiny_model("llama")
+    calls = []
+    press = DecodingPress(_Spy(calls=calls), compression_interval=4, target_size=10, hidden_states_buffer=6)
+    inputs = {}
+    layer0 = attention_layers(model)[0]
+    handle = layer0.register_forward_pre_hook(
+        lambda m, a, kw: inputs.setdefault("h", []).append(kw["hidden_states"][0].clone()), with_kwargs=True
+    )
+    try:
+        ctx = CompressedContext.prefill(model, random_ids(20, seed=4), press)
+        ctx.generate([random_ids(2, seed=5)], 9, eos_ids=[])
+    finally:
+        handle.remove()
+    first = [c for c in calls if c[0] == 0]
+    # Forwards: the 2-token question then 1 token each; re-compressions after 4 and 8 appended tokens.
+    assert len(first) == 2
+    fed = torch.cat(inputs["h"][1:], dim=0)  # layer-0 inputs of every decode forward (prefill excluded), in order
+    for (_, hidden, (cos, _sin), n), appended in zip(first, (4, 8)):
+        assert torch.equal(hidden[0], fed[appended - hidden.shape[1] : appended])
+        assert hidden.shape[1] == min(6, appended)
+        positions = torch.arange(20 + appended - hidden.shape[1], 20 + appended)[None]
+        want_cos, _ = model.model.rotary_emb(hidden, positions)
+        torch.testing.assert_close(cos, want_cos)
+    assert first[0][3] == 24 and first[1][3] == 14  # 20 + 4 tokens, then 10 kept + 4
+
+
+def test_prefill_decoding_press_compresses_both_phases():
+    model = tiny_model("llama")
+    context, tail = random_ids(40, seed=6), random_ids(3, seed=7)
+    press = PrefillDecodingPress(KnormPress(0.5), DecodingPress(KnormPress(), INTERVAL, TARGET))
+    assert press.capabilities.phase == "both"
+    ctx = CompressedContext.prefill(model, context, press)
+    assert ctx.cache.get_seq_length() == 20 and ctx.summaries[0].compression_ratio == 0.5
+    want, _ = knorm_by_hand(model, context, tail, prefill_ratio=0.5)
+    assert ctx.generate([tail], STEPS, eos_ids=[])[0] == want
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="press must be a ScorerPress"):
+        DecodingPress(AdaKVPress(KnormPress(0.5)))
+    with pytest.raises(ValueError, match="reads the attention weights"):
+        DecodingPress(ObservedAttentionPress())
+    for name in ("compression_interval", "target_size", "hidden_states_buffer"):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got 0"):
+            DecodingPress(KnormPress(), **{name: 0})
+    with pytest.raises(ValueError, match="hidden_states_buffer=16 is smaller than the scorer's window_size=32"):
+        DecodingPress(SnapKVPress(window_size=32), hidden_states_buffer=16)
+    with pytest.raises(ValueError, match="decoding_press must be a decode-phase press, got KnormPress"):
+        PrefillDecodingPress(KnormPress(0.5), KnormPress(0.5))
+    with pytest.raises(ValueError, match="prefill_press must be a prefill-phase press, got DecodingPress"):
+        PrefillDecodingPress(DecodingPress(KnormPress()), DecodingPress(KnormPress()))
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="cuda_graph=True replays a captured step"):
+        CompressedContext.prefill(model, random_ids(20), DecodingPress(KnormPress())).generate(
+            [random_ids(2)], 3, eos_ids=[], cuda_graph=True
+        )
