@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -13,9 +16,10 @@ from kvpress.cache.forward_keyword import find_cache
 from kvpress.cache.layer_access import read_layer, write_layer
 from kvpress.presses.base_press import BasePress, _cached_length
 from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.key_rerotation_press import rerotate_keys
 from kvpress.presses.report import CompressionReport
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.utils import is_sliding_layer
+from kvpress.utils import attention_layers, is_sliding_layer
 
 
 @dataclass
@@ -48,6 +52,14 @@ class DecodingPress(BasePress):
         compression_interval: generated tokens between two re-compressions of a layer.
         target_size: tokens per (sequence, kv head) a layer keeps after each re-compression.
         hidden_states_buffer: generated tokens whose hidden states are kept for the scorer (at least its window).
+        rerotate: positions inside the cache (StreamingLLM's): each re-compression re-rotates the kept keys to
+            positions ``0..k-1`` and every new token is placed right after the cache, so positions never exceed
+            ``target_size + compression_interval`` however long the output (generation past the model's context
+            length). The prompt must be uncompressed or compressed with re-rotation too; not for models with
+            sliding-window layers (they keep their original positions).
+
+    StreamingLLM as published (attention sinks and a rolling window, evicting at every step, cache positions) is
+    ``DecodingPress(StreamingLLMPress(n_sink=4), compression_interval=1, target_size=window + 4, rerotate=True)``.
 
     Each re-compression reads the layer whole and writes the kept tokens back (a transformers ``DynamicCache``
     layer), so its cost is amortized over the interval; between re-compressions a step costs what it costs uncompressed.
@@ -57,6 +69,7 @@ class DecodingPress(BasePress):
     compression_interval: int = 512
     target_size: int = 2048
     hidden_states_buffer: int = 256
+    rerotate: bool = False
     _scorer: ScorerPress = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self):
@@ -72,6 +85,8 @@ class DecodingPress(BasePress):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if not isinstance(self.rerotate, bool):
+            raise ValueError(f"rerotate must be True or False, got {self.rerotate!r}")
         window = getattr(self.press, "window_size", 0) or 0
         if window > self.hidden_states_buffer:
             raise ValueError(
@@ -85,11 +100,30 @@ class DecodingPress(BasePress):
     @property
     def capabilities(self) -> Capabilities:
         inner = self.press.capabilities
-        return dataclasses.replace(inner, phase="decode")
+        return dataclasses.replace(inner, phase="decode", rerotates_positions=self.rerotate)
 
     def validate(self, model: nn.Module) -> None:
         super().validate(model)
         self.press.validate(model)
+        if self.rerotate and any(is_sliding_layer(m) for m in attention_layers(model)):
+            raise ValueError(
+                f"rerotate=True places tokens at positions inside the cache, which {type(model).__name__}'s "
+                "sliding-window layers (kept whole, at their original positions) cannot follow; pass rerotate=False"
+            )
+
+    @contextlib.contextmanager
+    def __call__(self, model: nn.Module, record_kept: bool = False) -> Iterator[CompressionReport]:
+        with super().__call__(model, record_kept) as report:
+            if not self.rerotate:
+                yield report
+                return
+            decoder = getattr(model, "base_model", model)
+            hook = functools.partial(_cache_positions, rotary=_rotary_module(model), report=report)
+            handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                yield report
+            finally:
+                handle.remove()
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         """One re-compression: the scorer, with the budget ``target_size``."""
@@ -124,5 +158,38 @@ class DecodingPress(BasePress):
             return
         scorer_kwargs = {**kwargs, "position_embeddings": (buffer.cos, buffer.sin)}
         kv = self.compress(module, buffer.hidden, keys, values, None, scorer_kwargs)
-        write_layer(cache, layer_idx, kv if isinstance(kv, CompressedKV) else CompressedKV(*kv))
+        kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
+        if self.rerotate:  # cache positions: a token's position is its index in the cache
+            kv.keys = rerotate_keys(kv.keys, kv.indices, report.state["rope"])
+        write_layer(cache, layer_idx, kv)
         report.decode_compressions[layer_idx] = report.decode_compressions.get(layer_idx, 0) + 1
+
+
+def _rotary_module(model: nn.Module) -> nn.Module:
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb") and getattr(module, "inv_freq", None) is not None:
+            return module
+    raise ValueError(f"rerotate=True needs the model's rotary embedding; {type(model).__name__} has none")
+
+
+def _cache_positions(decoder: nn.Module, args: tuple, kwargs: dict, rotary: nn.Module, report: CompressionReport):
+    """Decoder pre-hook of re-rotating presses: forwards over a filled cache place their tokens right after it, and
+    the rotary table of every cache position (``report.state["rope"]``) is kept up to date for re-rotation."""
+    cache = find_cache(kwargs)
+    if cache is None or cache.get_seq_length() == 0:
+        return None  # the prefill keeps the prompt's own positions
+    inputs = kwargs.get("input_ids")
+    inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+    batch, n = inputs.shape[:2]
+    start = cache.get_seq_length()
+    positions = torch.arange(start, start + n, device=inputs.device)
+    kwargs["position_ids"] = positions[None].expand(batch, n)
+    if kwargs.get("cache_position") is not None:
+        kwargs["cache_position"] = positions
+    table = report.state.get("rope")
+    if table is None or table[0].shape[1] < start + n:
+        length = max(2 * (start + n), 64)  # grown geometrically: rebuilt O(log n) times
+        dtype = next(decoder.parameters()).dtype  # the dtype the model's own rotation uses for its keys
+        dummy = torch.zeros(1, dtype=dtype, device=inputs.device)
+        report.state["rope"] = rotary(dummy, torch.arange(length, device=inputs.device)[None])
+    return args, kwargs

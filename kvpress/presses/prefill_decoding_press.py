@@ -30,6 +30,14 @@ class PrefillDecodingPress(BasePress):
             if not isinstance(press, BasePress) or press.capabilities.phase != phase:
                 kind = type(press).__name__
                 raise ValueError(f"{name} must be a {phase}-phase press, got {kind}")
+        if self.decoding_press.capabilities.rerotates_positions and not (
+            self.prefill_press.capabilities.rerotates_positions
+        ):
+            raise ValueError(
+                "the decoding press places tokens at positions inside the cache (rerotate=True), so the prompt's kept "
+                f"keys must sit at positions 0..k-1 too: wrap the prefill press, KeyRerotationPress("
+                f"{type(self.prefill_press).__name__}(...))"
+            )
 
     @property
     def capabilities(self) -> Capabilities:

@@ -170,3 +170,41 @@ def test_bad_arguments():
         CompressedContext.prefill(model, random_ids(20), DecodingPress(KnormPress())).generate(
             [random_ids(2)], 3, eos_ids=[], cuda_graph=True
         )
+
+
+def test_streaming_llm_as_published_keeps_cache_positions():
+    """Sinks plus a rolling window, evicting at every step, positions inside the cache: after generating, layer 0's
+    cache holds exactly the keys the model computes for the kept tokens at positions 0..target-1 (layer 0's keys
+    depend on the token and its position only), however far generation went past the cache size."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvpress.presses.streaming_llm_press import StreamingLLMPress
+
+    model = tiny_model("llama")
+    ids, target, steps = random_ids(20, seed=8), 10, 25
+    press = DecodingPress(StreamingLLMPress(n_sink=4), compression_interval=1, target_size=target, rerotate=True)
+    assert press.capabilities.rerotates_positions
+    with torch.no_grad(), press(model):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps,
+                             min_new_tokens=steps, pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
+    cache = out["cache" if "cache" in out else "past_key_values"]
+    assert cache.get_seq_length() == target
+    seq = out.sequences[0, : 20 + steps - 1]  # the last token was generated but never fed
+    kept = torch.cat([seq[:4], seq[-(target - 4) :]])
+    attn = attention_layers(model)[0]
+    with torch.no_grad():
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(kept[None]))
+        k = attn.k_proj(h).view(1, target, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(h, torch.arange(target)[None])
+        want, _ = apply_rotary_pos_emb(k, k, cos, sin)
+    torch.testing.assert_close(cache.layers[0].keys, want, atol=1e-5, rtol=1e-5)
+
+
+def test_rerotation_refusals():
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        with DecodingPress(KnormPress(), rerotate=True)(tiny_model("gemma3")):
+            pass
+    with pytest.raises(ValueError, match=r"wrap the prefill press, KeyRerotationPress\(KnormPress\(...\)\)"):
+        PrefillDecodingPress(KnormPress(0.5), DecodingPress(KnormPress(), rerotate=True))
+    with pytest.raises(ValueError, match="rerotate must be True or False"):
+        DecodingPress(KnormPress(), rerotate=1)
