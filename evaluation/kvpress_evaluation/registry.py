@@ -32,8 +32,8 @@ _RESERVED = ("name", "label")
 # Fields holding inner presses: one spec, or a list of specs.
 _INNER, _INNER_LIST = "press", "presses"
 # Wrappers whose own arguments set the budget (the inner press's is ignored): the field the sweep sets, as
-# ``1 - ratio``, or None when a single ratio cannot express it (per-layer ratios).
-_OWN_BUDGET = {"per_layer": None, "memory_budget": "budget_fraction"}
+# ``1 - ratio``, or None when a single ratio cannot express it (per-layer ratios, a decoding press's target_size).
+_OWN_BUDGET = {"per_layer": None, "memory_budget": "budget_fraction", "decoding": None}
 _BUDGET_FIELDS = ("budget_fraction", "budget_bytes", "compression_ratios")
 
 

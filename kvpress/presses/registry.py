@@ -14,6 +14,7 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.composed_press import ComposedPress
+from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
@@ -23,6 +24,7 @@ from kvpress.presses.minicache_press import MiniCachePress
 from kvpress.presses.nacl_press import NACLPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
+from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.snapkv_press import SnapKVPress
@@ -49,6 +51,8 @@ PRESSES: dict[str, type[BasePress]] = {
     "key_rerotation": KeyRerotationPress,
     "chunk": ChunkPress,
     "memory_budget": MemoryBudgetPress,
+    "decoding": DecodingPress,
+    "prefill_decoding": PrefillDecodingPress,
 }
 
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
