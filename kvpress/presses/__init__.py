@@ -1,12 +1,15 @@
 """Presses: one compression method per file."""
 
 from kvpress.presses.adakv_press import AdaKVPress
+from kvpress.presses.attention_eviction_press import AttentionEvictionPress
 from kvpress.presses.base_press import BasePress
+from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
+from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
@@ -19,6 +22,7 @@ from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.report import CompressionReport
+from kvpress.presses.scissorhands_press import ScissorhandsPress
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
 from kvpress.presses.snapkv_press import SnapKVPress
@@ -28,13 +32,16 @@ from kvpress.presses.tova_press import TOVAPress
 
 __all__ = [
     "AdaKVPress",
+    "AttentionEvictionPress",
     "BasePress",
+    "CAMPress",
     "Capabilities",
     "ChunkPress",
     "ComposedPress",
     "CompressionReport",
     "DecodingPress",
     "ExpectedAttentionPress",
+    "H2OPress",
     "HeadKVPress",
     "KeyRerotationPress",
     "KnormPress",
@@ -46,6 +53,7 @@ __all__ = [
     "PrefillDecodingPress",
     "PyramidKVPress",
     "RandomPress",
+    "ScissorhandsPress",
     "ScorerPress",
     "ScorerWrapperPress",
     "SnapKVPress",

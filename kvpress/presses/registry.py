@@ -12,10 +12,12 @@ from typing import Any
 
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import BasePress
+from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
+from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
@@ -27,6 +29,7 @@ from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
 from kvpress.presses.random_press import RandomPress
+from kvpress.presses.scissorhands_press import ScissorhandsPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.streaming_llm_press import StreamingLLMPress
 from kvpress.presses.think_press import ThinKPress
@@ -53,6 +56,9 @@ PRESSES: dict[str, type[BasePress]] = {
     "memory_budget": MemoryBudgetPress,
     "decoding": DecodingPress,
     "prefill_decoding": PrefillDecodingPress,
+    "h2o": H2OPress,
+    "scissorhands": ScissorhandsPress,
+    "cam": CAMPress,
 }
 
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none

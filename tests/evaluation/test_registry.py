@@ -11,6 +11,7 @@ import kvpress.presses as presses_module
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.presses import (
     AdaKVPress,
+    AttentionEvictionPress,
     BasePress,
     ChunkPress,
     ComposedPress,
@@ -29,7 +30,7 @@ from kvpress_evaluation import registry
 from kvpress_evaluation.benchmark import Benchmark
 from kvpress_evaluation.ruler.benchmark import RulerBenchmark, RulerOptions
 
-ABSTRACT = {BasePress, ScorerPress, ScorerWrapperPress}
+ABSTRACT = {BasePress, ScorerPress, ScorerWrapperPress, AttentionEvictionPress}
 
 
 def test_every_press_of_the_library_is_registered_once():

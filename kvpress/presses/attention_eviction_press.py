@@ -1,0 +1,136 @@
+"""`AttentionEvictionPress`: the shared mechanics of presses that evict while generating, by the attention the cached
+tokens receive from the new queries (H2O, Scissorhands, CAM)."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvpress.cache.compressed_kv import CompressedKV
+from kvpress.cache.forward_keyword import find_cache
+from kvpress.cache.layer_access import read_layer, write_layer
+from kvpress.presses.base_press import BasePress, _cached_length
+from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.report import CompressionReport
+from kvpress.presses.scorer_press import gather_tokens
+from kvpress.utils import group_reduce, is_sliding_layer, query_states
+
+
+def new_query_attention(module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict):
+    """Softmax attention ``(batch, kv_heads, q, n)`` float32 of the forward's ``q`` new tokens over a layer's ``n``
+    cached keys ``(batch, kv_heads, n, head_dim)`` (the new tokens are the last ``q``, causal among themselves),
+    averaged over each kv head's query heads."""
+    b, h_kv, n, _ = keys.shape
+    q = query_states(module, hidden_states, kwargs["position_embeddings"]).to(keys.dtype)  # (b, h, q, d)
+    n_q = q.shape[2]
+    groups = q.shape[1] // h_kv
+    logits = torch.matmul(q.reshape(b, h_kv, groups * n_q, -1), keys.transpose(-1, -2)).float() * module.scaling
+    logits = logits.view(b, h_kv * groups, n_q, n)
+    future = torch.ones(n_q, n_q, dtype=torch.bool, device=keys.device).triu(1)
+    logits[..., n - n_q :].masked_fill_(future, float("-inf"))
+    return group_reduce(logits.softmax(-1), h_kv, "mean")
+
+
+@dataclass
+class AttentionEvictionPress(BasePress):
+    """Keep every layer at ``target_size`` tokens per (sequence, kv head) while generating, evicting by statistics of
+    the attention the cached tokens receive from each new token (:meth:`observe`, :meth:`keep`).
+
+    The statistics live in the call's report: tensors whose last axis follows the layer's tokens (new tokens enter
+    with zeros, evicted ones leave with them) and plain Python values. Every ``compression_interval`` new tokens, a
+    layer holding more than ``target_size`` tokens keeps the :meth:`keep` ones. The prompt is left whole (wrap both phases
+    with :class:`~kvpress.presses.prefill_decoding_press.PrefillDecodingPress`). Dense cache layers (a transformers
+    ``DynamicCache``) only.
+
+    Args:
+        target_size: tokens per (sequence, kv head) each layer holds after an eviction.
+        compression_interval: new tokens between evictions (1: at every step, as H2O and CAM are published).
+    """
+
+    target_size: int = 2048
+    compression_interval: int = 1
+
+    def __post_init__(self):
+        for name in ("target_size", "compression_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(phase="decode")
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        raise NotImplementedError(f"{type(self).__name__} evicts while decoding, through its forward hook")
+
+    # ---- what subclasses define -------------------------------------------------------------------------------
+    @abstractmethod
+    def observe(self, stats: dict[str, torch.Tensor], attention: torch.Tensor) -> None:
+        """Update ``stats`` in place with the attention ``(batch, kv_heads, q, n)`` of the forward's new tokens."""
+
+    @abstractmethod
+    def keep(self, stats: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """Increasing positions ``(batch, kv_heads, target_size)`` to keep out of ``n``."""
+
+    def evict(self, keys, values, kept: torch.Tensor, attention: torch.Tensor) -> CompressedKV:
+        """The layer after eviction: the kept tokens (presses that merge the evicted ones override this)."""
+        return CompressedKV(gather_tokens(keys, kept), gather_tokens(values, kept), indices=kept)
+
+    def initial_stats(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Statistics of a layer's tokens before any observation: zeros ``(batch, kv_heads, n)`` under ``"score"``."""
+        return {"score": keys.new_zeros(keys.shape[:3], dtype=torch.float32)}
+
+    # ---- mechanics --------------------------------------------------------------------------------------------
+    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output, report: CompressionReport):
+        cache = find_cache(kwargs)
+        if cache is None or is_sliding_layer(module):
+            return output
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        layer_idx, n_new = module.layer_idx, hidden_states.shape[1]
+        if _cached_length(cache, layer_idx) == n_new:
+            return output  # the prefill: not this press's phase
+        keys, values = read_layer(cache, layer_idx)
+        if keys is None:
+            raise ValueError(
+                f"{type(self).__name__} evicts from dense cache layers (a transformers DynamicCache); layer "
+                f"{layer_idx} is a {type(cache.layers[layer_idx]).__name__}, whose tokens it cannot read"
+            )
+        n = keys.shape[-2]
+        state = report.state.setdefault(("eviction", layer_idx), {"stats": None, "steps": 0})
+        stats = state["stats"] or self.initial_stats(keys[..., : n - n_new, :])
+        stats = {name: _pad_tokens(t, n) if isinstance(t, torch.Tensor) else t for name, t in stats.items()}
+        attention = new_query_attention(module, hidden_states, keys, kwargs)
+        self.observe(stats, attention)
+        state["steps"] += n_new
+        if state["steps"] >= self.compression_interval and n > self.target_size:
+            state["steps"] = 0
+            kept = self.keep(stats, n)
+            write_layer(cache, layer_idx, self.evict(keys, values, kept, attention))
+            stats = {name: _gather_tokens(t, kept) if isinstance(t, torch.Tensor) else t for name, t in stats.items()}
+            report.decode_compressions[layer_idx] = report.decode_compressions.get(layer_idx, 0) + 1
+        state["stats"] = stats
+        return output
+
+
+def _pad_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` ``(..., m)`` with zeros appended up to ``(..., n)`` (tokens added since the last observation)."""
+    return t if t.shape[-1] == n else torch.nn.functional.pad(t, (0, n - t.shape[-1]))
+
+
+def _gather_tokens(t: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(..., batch, kv_heads, n)`` restricted to ``kept`` ``(batch, kv_heads, k)`` along its last axis."""
+    return t.gather(-1, kept.expand(*t.shape[:-3], *kept.shape))
+
+
+def recent_and_top(score: torch.Tensor, n_keep: int, n_recent: int, n_sink: int = 0) -> torch.Tensor:
+    """Increasing positions ``(batch, kv_heads, n_keep)``: the first ``n_sink`` and last ``n_recent`` tokens, then the
+    highest ``score`` ``(batch, kv_heads, n)`` among the others (ties to the later token)."""
+    n = score.shape[-1]
+    position = torch.arange(n, device=score.device)
+    protected = (position < n_sink) | (position >= n - n_recent)
+    ranked = torch.where(protected, float("inf"), score.double())
+    # A stable ascending sort puts the later of equal scores last: the last n_keep are the kept ones.
+    return ranked.argsort(dim=-1, stable=True)[..., n - n_keep :].sort(dim=-1).values
