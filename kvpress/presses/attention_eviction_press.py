@@ -14,6 +14,7 @@ from kvpress.cache.forward_keyword import find_cache
 from kvpress.cache.layer_access import read_layer, write_layer
 from kvpress.presses.base_press import BasePress, _cached_length
 from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.decoding_press import check_dense
 from kvpress.presses.report import CompressionReport
 from kvpress.presses.scorer_press import gather_tokens
 from kvpress.utils import group_reduce, is_sliding_layer, query_states
@@ -41,9 +42,9 @@ class AttentionEvictionPress(BasePress):
 
     The statistics live in the call's report: tensors whose last axis follows the layer's tokens (new tokens enter
     with zeros, evicted ones leave with them) and plain Python values. Every ``compression_interval`` new tokens, a
-    layer holding more than ``target_size`` tokens keeps the :meth:`keep` ones. The prompt is left whole (wrap both phases
-    with :class:`~kvpress.presses.prefill_decoding_press.PrefillDecodingPress`). Dense cache layers (a transformers
-    ``DynamicCache``) only.
+    layer holding more than ``target_size`` tokens keeps the :meth:`keep` ones. The prompt is left whole (wrap both
+    phases with :class:`~kvpress.presses.prefill_decoding_press.PrefillDecodingPress`). Dense cache layers (a
+    transformers ``DynamicCache``) only.
 
     Args:
         target_size: tokens per (sequence, kv head) each layer holds after an eviction.
@@ -92,12 +93,8 @@ class AttentionEvictionPress(BasePress):
         layer_idx, n_new = module.layer_idx, hidden_states.shape[1]
         if _cached_length(cache, layer_idx) == n_new:
             return output  # the prefill: not this press's phase
+        check_dense(self, cache)
         keys, values = read_layer(cache, layer_idx)
-        if keys is None:
-            raise ValueError(
-                f"{type(self).__name__} evicts from dense cache layers (a transformers DynamicCache); layer "
-                f"{layer_idx} is a {type(cache.layers[layer_idx]).__name__}, whose tokens it cannot read"
-            )
         n = keys.shape[-2]
         state = report.state.setdefault(("eviction", layer_idx), {"stats": None, "steps": 0})
         stats = state["stats"] or self.initial_stats(keys[..., : n - n_new, :])

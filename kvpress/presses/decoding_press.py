@@ -13,7 +13,7 @@ from torch import nn
 
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.forward_keyword import find_cache
-from kvpress.cache.layer_access import read_layer, write_layer
+from kvpress.cache.layer_access import holds_kvpress_layers, read_layer, write_layer
 from kvpress.presses.base_press import BasePress, _cached_length
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.key_rerotation_press import rerotate_keys
@@ -137,6 +137,7 @@ class DecodingPress(BasePress):
         layer_idx = module.layer_idx
         if _cached_length(cache, layer_idx) == hidden_states.shape[1]:
             return output  # the prefill: not this press's phase
+        check_dense(self, cache)
         buffer = report.state.setdefault(("decoding", layer_idx), _Buffer())
         buffer.push(hidden_states.detach(), kwargs["position_embeddings"], self.hidden_states_buffer)
         if buffer.steps < self.compression_interval:
@@ -149,11 +150,6 @@ class DecodingPress(BasePress):
         """Bring ``module``'s layer of ``cache`` back to ``target_size`` tokens per head."""
         layer_idx = module.layer_idx
         keys, values = read_layer(cache, layer_idx)
-        if keys is None:
-            raise ValueError(
-                f"DecodingPress re-compresses dense cache layers (a transformers DynamicCache); layer {layer_idx} is "
-                f"a {type(cache.layers[layer_idx]).__name__}, whose tokens it cannot read"
-            )
         if keys.shape[-2] <= self.target_size:
             return
         scorer_kwargs = {**kwargs, "position_embeddings": (buffer.cos, buffer.sin)}
@@ -193,3 +189,14 @@ def _cache_positions(decoder: nn.Module, args: tuple, kwargs: dict, rotary: nn.M
         dummy = torch.zeros(1, dtype=dtype, device=inputs.device)
         report.state["rope"] = rotary(dummy, torch.arange(length, device=inputs.device)[None])
     return args, kwargs
+
+
+def check_dense(press: BasePress, cache) -> None:
+    """``ValueError`` unless ``cache`` stores every layer densely (a transformers ``DynamicCache``): decode-time
+    presses read and rewrite whole layers, which ragged, quantized, channel-pruned or merged layers do not allow."""
+    if holds_kvpress_layers(cache):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers if hasattr(layer, "dense_keys_values")})
+        raise ValueError(
+            f"{type(press).__name__} compresses while decoding, on dense cache layers (a transformers DynamicCache) "
+            f"only so far; this {type(cache).__name__} holds {', '.join(kinds)} layers"
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from kvpress.presses.attention_eviction_press import AttentionEvictionPress, recent_and_top
 
 

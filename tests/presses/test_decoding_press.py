@@ -12,9 +12,11 @@ from transformers import DynamicCache
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
+from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.generation import CompressedContext, prefill
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.decoding_press import DecodingPress
+from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
@@ -208,3 +210,15 @@ def test_rerotation_refusals():
         PrefillDecodingPress(KnormPress(0.5), DecodingPress(KnormPress(), rerotate=True))
     with pytest.raises(ValueError, match="rerotate must be True or False"):
         DecodingPress(KnormPress(), rerotate=1)
+
+
+@pytest.mark.parametrize("make_press", [lambda: DecodingPress(KnormPress(), 4, 8), lambda: H2OPress(target_size=8)],
+                         ids=["decoding", "h2o"])  # fmt: skip
+def test_kvpress_caches_are_refused_at_the_first_decode_step(make_press):
+    model = tiny_model("llama")
+    cache = VarlenCache(config=model.config)
+    ids = random_ids(20, seed=9)
+    with pytest.raises(ValueError, match=r"compresses while decoding, on dense cache layers .* holds VarlenLayer"):
+        with torch.no_grad(), make_press()(model):
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                           pad_token_id=0, **cache_kwargs(model, cache))  # fmt: skip
