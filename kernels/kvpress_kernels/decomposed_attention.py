@@ -148,6 +148,17 @@ if triton is not None:
         return c * rope_scale, s * rope_scale
 
     @triton.jit
+    def _outlier_chunk(pos_ptr, val_ptr, o0, hi, t0, D, BLOCK_N: tl.constexpr, MO: tl.constexpr):
+        """Outliers ``o0 .. o0 + MO`` of a group (its list ends at ``hi``), for the tile starting at slot ``t0`` of
+        the group: (row in the tile, channel, inside the tile and the list, value as float32), each ``(MO,)``."""
+        idx = o0 + tl.arange(0, MO)
+        ok = idx < hi
+        op = tl.load(pos_ptr + idx, mask=ok, other=0).to(tl.int32)
+        row = op // D - t0
+        ok = ok & (row >= 0) & (row < BLOCK_N)
+        return row, op % D, ok, tl.load(val_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _decomposed_split_kernel(
         q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, cg_ptr, cl_ptr, cgr_ptr,
         klut_ptr, vlut_ptr, ka_ptr, kb_ptr, kblk_ptr, va_ptr, vb_ptr, vblk_ptr,
@@ -205,7 +216,6 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + CHUNK, n_slots + tail_len)
         seg_hi = tl.minimum(k_hi, n_slots)
         n = tl.arange(0, BLOCK_N)
-        mo = tl.arange(0, MO)
         rp = tl.arange(0, RP)
         grp_i = tl.arange(0, BLOCK_M // ROWS)
         for n0 in range(k_lo, seg_hi, BLOCK_N):
@@ -267,13 +277,7 @@ if triton is not None:
                 lo = tl.load(kocu_ptr + grp)
                 hi = tl.load(kocu_ptr + grp + 1)
                 for o0 in range(lo, hi, MO):
-                    idx = o0 + mo
-                    ok = idx < hi
-                    op = tl.load(kopos_ptr + idx, mask=ok, other=0).to(tl.int32)
-                    row = op // D - t0
-                    ch = op % D
-                    ok = ok & (row >= 0) & (row < BLOCK_N)
-                    x = tl.load(koval_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+                    row, ch, ok, x = _outlier_chunk(kopos_ptr, koval_ptr, o0, hi, t0, D, BLOCK_N, MO)
                     # q gathered at each outlier's channel (and at its rotate-half partner): cheaper than building a
                     # channel-spread matrix for one more dot (H100, benchmarks/kernels/decomposed_tuning.py).
                     qc = tl.load(q_ptr + q_off[:, None] + ch[None, :] * q_d, mask=row_ok[:, None] & ok[None, :],
@@ -318,13 +322,7 @@ if triton is not None:
                 lo = tl.load(vocu_ptr + grp)
                 hi = tl.load(vocu_ptr + grp + 1)
                 for o0 in range(lo, hi, MO):
-                    idx = o0 + mo
-                    ok = idx < hi
-                    op = tl.load(vopos_ptr + idx, mask=ok, other=0).to(tl.int32)
-                    row = op // D - t0
-                    ch = op % D
-                    ok = ok & (row >= 0) & (row < BLOCK_N)
-                    x = tl.load(voval_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+                    row, ch, ok, x = _outlier_chunk(vopos_ptr, voval_ptr, o0, hi, t0, D, BLOCK_N, MO)
                     rows_oh = _narrow(tl.where(ok[None, :] & (n[:, None] == row[None, :]), 1.0, 0.0), DT, EXACT_BF16)
                     pt = _mm(pn, rows_oh, IEEE_DOT) * x[None, :]  # (BLOCK_M, MO)
                     cols_oh = tl.where(ok[:, None] & (ch[:, None] == d[None, :]), 1.0, 0.0)
