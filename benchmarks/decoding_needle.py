@@ -62,11 +62,11 @@ def variants(budget: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2000])
-    parser.add_argument("--n-per-length", type=int, default=6)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2000], help="context lengths in tokens")
+    parser.add_argument("--n-per-length", type=int, default=6, help="contexts per length (each its own passkey)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 512], help="tokens per head kept")
-    parser.add_argument("--seed", type=int, default=300)
-    parser.add_argument("--output", type=Path, default=OUT)
+    parser.add_argument("--seed", type=int, default=300, help="seed of the first context (then +1 per context)")
+    parser.add_argument("--output", type=Path, default=OUT, help=f"JSON results (default: {OUT})")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, tok = load_smollm2()

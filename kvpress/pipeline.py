@@ -170,12 +170,8 @@ class KVPressTextGenerationPipeline(Pipeline):
         if cuda_graph and not (torch.cuda.is_available() and self.model.device.type == "cuda"):
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         quantization = self._quantization(press, cache, kv_quantization)
-        if caps.compresses_decode and (caps.head_variable or quantization is not None or cache is not None and
-                                       type(cache) is not DynamicCache):  # fmt: skip
-            raise ValueError(
-                f"{type(press).__name__} compresses while decoding, which works on the dense cache (a transformers "
-                "DynamicCache) so far: pass a press that keeps the same count per head, without kv_quantization"
-            )
+        if caps.compresses_decode:
+            self._check_decode_time(press, caps, cache, quantization)
         forward = {
             "press": press,
             "max_new_tokens": max_new_tokens,
@@ -185,6 +181,26 @@ class KVPressTextGenerationPipeline(Pipeline):
             "record_kept": record_kept,
         }
         return preprocess, forward, {"single": single, "return_report": return_report}
+
+    @staticmethod
+    def _check_decode_time(press, caps: Capabilities, cache, quantization) -> None:
+        """Decode-time presses rewrite dense cache layers (a DynamicCache) only so far: refuse the rest by cause."""
+        name = type(press).__name__
+        if cache is not None and type(cache) is not DynamicCache:
+            raise ValueError(
+                f"{name} compresses while decoding, in a transformers DynamicCache only so far; got "
+                f"cache={type(cache).__name__}: pass cache=None or a DynamicCache"
+            )
+        if quantization is not None:
+            raise ValueError(
+                f"{name} compresses while decoding, in a dense (not quantized) cache only so far: pass "
+                "kv_quantization=None"
+            )
+        if caps.head_variable:
+            raise ValueError(
+                f"{name} keeps a different number of tokens per head (head-variable), and compresses while decoding, "
+                "which works on dense caches only so far: pass presses that keep the same count per head"
+            )
 
     def _quantization(self, press, cache, kv_quantization) -> QuantizationConfig | None:
         """The config the pipeline's cache is quantized with, or None; every conflict raises before the model runs."""

@@ -56,7 +56,7 @@ def write_layer(cache: Cache, layer_idx: int, kv: CompressedKV) -> None:
         raise ValueError(
             "the press keeps a different number of tokens per head, which a dense cache layer cannot store; "
             "use a kvpress VarlenCache: the pipeline picks one automatically; with model.generate pass "
-            "cache=kvpress.VarlenCache(config=model.config) (past_key_values= before transformers 5.25)"
+            "cache=kvpress.VarlenCache(config=model.config) (past_key_values= before transformers 5.24)"
         )
     elif isinstance(layer, DynamicLayer):
         # Contiguous copies so the full-size prefill tensors are freed as soon as the caller drops them.
