@@ -101,14 +101,15 @@ def main() -> None:
                      "perplexity_per_chunk": chunks, "kv_bytes_at_end": kv, "seconds": time.perf_counter() - t0})  # fmt: skip
         print(f"{name:<55} ppl {rows[-1]['perplexity']:8.3f}  per {args.chunk}: "
               + " ".join(f"{c:.2f}" for c in chunks), flush=True)  # fmt: skip
-    meta = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "tokens": n, "budget": args.budget,
-            "chunk": args.chunk, "max_position_embeddings": model.config.max_position_embeddings,
-            "torch": torch.__version__, "transformers": transformers.__version__, "cpu": platform.processor()}  # fmt: skip
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-        plot(rows, args.chunk, model.config.max_position_embeddings, out.with_suffix(".png"))
+        if args.output:  # after every method: a long run interrupted keeps what it measured
+            meta = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "tokens": n, "budget": args.budget,
+                    "chunk": args.chunk, "max_position_embeddings": model.config.max_position_embeddings,
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "cpu": platform.processor()}  # fmt: skip
+            out = Path(args.output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+            plot(rows, args.chunk, model.config.max_position_embeddings, out.with_suffix(".png"))
 
 
 def plot(rows, chunk: int, max_positions: int, path: Path) -> None:
