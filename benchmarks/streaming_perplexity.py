@@ -42,7 +42,7 @@ def methods(budget: int) -> dict:
         f"StreamingLLM (4 sinks + {budget - 4} recent, cache positions)": DecodingPress(
             StreamingLLMPress(n_sink=4), compression_interval=1, target_size=budget, hidden_states_buffer=1,
             rerotate=True),
-        f"StreamingLLM, original positions": DecodingPress(
+        f"StreamingLLM ({budget} tokens), original positions": DecodingPress(
             StreamingLLMPress(n_sink=4), compression_interval=1, target_size=budget, hidden_states_buffer=1),
         f"H2O ({budget} tokens, half recent)": H2OPress(target_size=budget),
         f"Knorm every 64 tokens ({budget})": DecodingPress(KnormPress(), compression_interval=64, target_size=budget,
@@ -100,7 +100,8 @@ def main() -> None:
             nll, kv = nll_streaming(model, ids, press, start=min(args.budget, 256))
         chunks = [math.exp(float(c.mean())) for c in nll.split(args.chunk)]
         rows.append({"method": name, "press": repr(press), "perplexity": math.exp(float(nll.mean())),
-                     "perplexity_per_chunk": chunks, "kv_bytes_at_end": kv, "seconds": time.perf_counter() - t0})  # fmt: skip
+                     "perplexity_per_chunk": chunks, "kv_bytes_at_end": kv,
+                     "seconds": time.perf_counter() - t0})  # fmt: skip
         print(f"{name:<55} ppl {rows[-1]['perplexity']:8.3f}  per {args.chunk}: "
               + " ".join(f"{c:.2f}" for c in chunks), flush=True)  # fmt: skip
         if args.output:  # after every method: a long run interrupted keeps what it measured
