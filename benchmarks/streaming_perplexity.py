@@ -7,7 +7,7 @@ needle-in-a-haystack filler of kvpress.needle (deterministic, shipped with the l
 SmolLM2's 8192 positions the full cache leaves the positions it was trained on, while cache positions
 (``rerotate=True``) never exceed the budget.
 
-    python benchmarks/streaming_perplexity.py --tokens 8704 --budget 256 --methods 0 1 3 \
+    python benchmarks/streaming_perplexity.py --tokens 8704 --budget 256 --methods 0 1 \
         --output benchmarks/results/streaming_perplexity_smollm2_cpu.json
 
 Writes the JSON (perplexity per chunk of ``--chunk`` tokens and overall, KV bytes held at the end) and a plot beside
