@@ -12,7 +12,8 @@ from torch import nn
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.forward_keyword import find_cache
 from kvpress.cache.layer_access import read_layer, write_layer
-from kvpress.presses.base_press import BasePress, _cached_length
+from kvpress.presses.base_press import BasePress, is_prefill, layer_input
+from kvpress.presses.budget import check_int
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.decoding_press import check_dense
 from kvpress.presses.report import CompressionReport
@@ -56,9 +57,7 @@ class AttentionEvictionPress(BasePress):
 
     def __post_init__(self):
         for name in ("target_size", "compression_interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(getattr(self, name), name, 1)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -89,10 +88,10 @@ class AttentionEvictionPress(BasePress):
         cache = find_cache(kwargs)
         if cache is None or is_sliding_layer(module):
             return output
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        hidden_states = layer_input(args, kwargs)
         layer_idx, n_new = module.layer_idx, hidden_states.shape[1]
-        if _cached_length(cache, layer_idx) == n_new:
-            return output  # the prefill: not this press's phase
+        if is_prefill(cache, module, hidden_states):
+            return output  # not this press's phase
         check_dense(self, cache)
         keys, values = read_layer(cache, layer_idx)
         n = keys.shape[-2]

@@ -98,21 +98,20 @@ class BasePress(ABC):
         """Pre-hook of the first attention layer: :meth:`check_length` on a prefill, before any layer writes."""
         cache = find_cache(kwargs)
         if cache is not None and _cached_length(cache, module.layer_idx) == 0:
-            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.check_length(hidden_states.shape[1])
+            self.check_length(layer_input(args, kwargs).shape[1])
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output, report: CompressionReport):
         """Hook body: hand the layer to :meth:`compress_prefill` if this forward is its prefill."""
         cache = find_cache(kwargs)
         if cache is None:
             return output
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        hidden_states = layer_input(args, kwargs)
         q_len = hidden_states.shape[1]
         if is_sliding_layer(module):
             # Sliding-window layers already hold a bounded window; pruning it would break their window semantics.
             return output
-        if _cached_length(cache, module.layer_idx) != q_len:
-            return output  # not a prefill: the cache held tokens before this forward
+        if not is_prefill(cache, module, hidden_states):
+            return output  # the cache held tokens before this forward
         keys, values = read_layer(cache, module.layer_idx)
         if keys is None or keys.shape[-2] != q_len:
             return output
@@ -168,6 +167,17 @@ class BasePress(ABC):
                 handles.append(decoder.register_forward_hook(guard.after, with_kwargs=True))
             handles.append(decoder.register_forward_pre_hook(switch.before, with_kwargs=True))
             yield report
+
+
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The ``(batch, n, hidden)`` hidden states an attention layer's forward received (keyword or first argument)."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def is_prefill(cache, module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether this forward filled ``module``'s layer of ``cache``: the layer holds exactly its tokens (seen from a
+    forward hook, after the layer wrote them)."""
+    return _cached_length(cache, module.layer_idx) == hidden_states.shape[1]
 
 
 def _cached_length(cache, layer_idx: int) -> int:

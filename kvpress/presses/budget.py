@@ -33,6 +33,12 @@ def n_kept(n_tokens: int, compression_ratio: float, target_size: int | None = No
     return min(n_tokens, max(0, round(n_tokens * (1.0 - compression_ratio))))
 
 
+def check_int(value: int, name: str, minimum: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def check_n_sink(n_sink: int) -> None:
     """Raise ``ValueError`` unless ``n_sink`` (leading tokens always kept) is a non-negative int."""
     if isinstance(n_sink, bool) or not isinstance(n_sink, int) or n_sink < 0:

@@ -14,7 +14,8 @@ from torch import nn
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.forward_keyword import find_cache
 from kvpress.cache.layer_access import holds_kvpress_layers, read_layer, write_layer
-from kvpress.presses.base_press import BasePress, _cached_length
+from kvpress.presses.base_press import BasePress, is_prefill, layer_input
+from kvpress.presses.budget import check_int
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.key_rerotation_press import rerotate_keys
 from kvpress.presses.report import CompressionReport
@@ -81,10 +82,8 @@ class DecodingPress(BasePress):
                 f"{type(self.press).__name__} reads the attention weights of its forward, which a decode step (one "
                 "query) cannot provide for the tokens it scores; pass a scorer that reads keys or hidden states"
             )
-        for name, minimum in (("compression_interval", 1), ("target_size", 1), ("hidden_states_buffer", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        for name in ("compression_interval", "target_size", "hidden_states_buffer"):
+            check_int(getattr(self, name), name, 1)
         if not isinstance(self.rerotate, bool):
             raise ValueError(f"rerotate must be True or False, got {self.rerotate!r}")
         window = getattr(self.press, "window_size", 0) or 0
@@ -133,10 +132,10 @@ class DecodingPress(BasePress):
         cache = find_cache(kwargs)
         if cache is None or is_sliding_layer(module):
             return output
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        hidden_states = layer_input(args, kwargs)
         layer_idx = module.layer_idx
-        if _cached_length(cache, layer_idx) == hidden_states.shape[1]:
-            return output  # the prefill: not this press's phase
+        if is_prefill(cache, module, hidden_states):
+            return output  # not this press's phase
         check_dense(self, cache)
         buffer = report.state.setdefault(("decoding", layer_idx), _Buffer())
         buffer.push(hidden_states.detach(), kwargs["position_embeddings"], self.hidden_states_buffer)

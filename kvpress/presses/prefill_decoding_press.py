@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from kvpress.cache.forward_keyword import find_cache
-from kvpress.presses.base_press import BasePress, _cached_length
+from kvpress.presses.base_press import BasePress, is_prefill, layer_input
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.report import CompressionReport
 
@@ -60,7 +60,6 @@ class PrefillDecodingPress(BasePress):
         cache = find_cache(kwargs)
         if cache is None:
             return output
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        prefill = _cached_length(cache, module.layer_idx) == hidden_states.shape[1]
+        prefill = is_prefill(cache, module, layer_input(args, kwargs))
         press = self.prefill_press if prefill else self.decoding_press
         return press.forward_hook(module, args, kwargs, output, report)

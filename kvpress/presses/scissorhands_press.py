@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress.presses.attention_eviction_press import AttentionEvictionPress, recent_and_top
+from kvpress.presses.budget import check_int
 
 
 @dataclass
@@ -36,9 +37,7 @@ class ScissorhandsPress(AttentionEvictionPress):
     def __post_init__(self):
         super().__post_init__()
         for name, minimum in (("history_window", 1), ("recent_size", 0), ("n_sink", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+            check_int(getattr(self, name), name, minimum)
         if self.recent_size + self.n_sink > self.target_size:
             raise ValueError(
                 f"recent_size + n_sink = {self.recent_size + self.n_sink} must fit in target_size={self.target_size}"
