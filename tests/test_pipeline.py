@@ -20,6 +20,7 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
+from kvpress.presses.quest_press import QuestPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from tests.fixtures_pipeline import (
     chat_prompt,
@@ -371,8 +372,9 @@ def test_report_without_a_context_is_an_error():
 @pytest.mark.parametrize(
     "press",
     [DecodingPress(KnormPress(), compression_interval=4, target_size=24),
-     PrefillDecodingPress(SnapKVPress(0.5, window_size=4), DecodingPress(KnormPress(), 4, 24))],
-    ids=["decoding", "prefill+decoding"],
+     PrefillDecodingPress(SnapKVPress(0.5, window_size=4), DecodingPress(KnormPress(), 4, 24)),
+     QuestPress(page_size=4, token_budget=16, dense_layers=1)],
+    ids=["decoding", "prefill+decoding", "quest"],
 )  # fmt: skip
 def test_decode_time_presses_equal_the_generation_layer(press):
     """The pipeline answers with the press active while decoding, as CompressedContext does on the same ids, and the

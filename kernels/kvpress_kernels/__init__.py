@@ -23,6 +23,9 @@ Public functions run the Triton kernel for CUDA tensors (or on CPU when ``KVPRES
 - ``decomposed_attention``: attention over ``DecomposedSegments``, each tile rebuilt in registers from that storage.
 - ``merged_attention``: attention over a cross-layer merged context (shared unit directions, per-layer magnitudes)
   plus the causal tail, without rebuilding the layer's keys (MiniCache).
+- ``PagedKV``: every token of a layer plus per-page element-wise key bounds (min, max); ``page_scores`` bounds
+  ``q . k`` over each page from them and ``select_pages`` keeps the best pages; ``page_attention`` attends over the
+  selected pages only (Quest: the bytes read per decode step follow the page budget, not the context).
 - ``varlen_attention``: queries (B, Hq, Q, D), the newest tail tokens, over segment ++ causal tail; GQA in-kernel,
   split-K for long segments. ``AttentionConfig`` overrides its launch heuristics (tests, tuning).
 
@@ -46,6 +49,9 @@ from .decomposed_segments import (
     fit_levels,
 )
 from .merged_attention import merged_attention, reference_merged_attention
+from .page_attention import page_attention, page_token_mask, reference_page_attention
+from .page_selection import page_scores, reference_page_scores, select_pages
+from .paged_kv import PagedKV
 from .quantization import (
     QuantizedTensor,
     dequantize,
@@ -72,6 +78,7 @@ __all__ = [
     "dequantize_decomposed",
     "fit_levels",
     "reference_decomposed_attention",
+    "PagedKV",
     "QuantizedSegments",
     "QuantizedTensor",
     "append_segment_groups",
@@ -80,6 +87,9 @@ __all__ = [
     "dequantize",
     "dequantize_segments",
     "merged_attention",
+    "page_attention",
+    "page_scores",
+    "page_token_mask",
     "quantize_keys",
     "quantize_segments",
     "quantize_values",
@@ -88,9 +98,12 @@ __all__ = [
     "reference_compact_segments",
     "reference_dequantize",
     "reference_merged_attention",
+    "reference_page_attention",
+    "reference_page_scores",
     "reference_quantize_keys",
     "reference_quantize_values",
     "reference_quantized_varlen_attention",
     "reference_varlen_attention",
+    "select_pages",
     "varlen_attention",
 ]

@@ -68,6 +68,26 @@ def write_layer(cache: Cache, layer_idx: int, kv: CompressedKV) -> None:
         )
 
 
+def replace_dense_layer(cache: Cache, layer_idx: int, kind: type, build) -> bool:
+    """Replace a dense full-attention ``DynamicCache`` layer by ``build(keys, values)``, a layer of type ``kind``
+    holding the same tokens in its own layout. Returns False (nothing done) when the layer is already a ``kind`` or
+    holds no token yet; raises ``ValueError`` for any other layer type."""
+    layer = _layer(cache, layer_idx)
+    if isinstance(layer, kind):
+        return False
+    if type(layer) is not DynamicLayer:
+        raise ValueError(
+            f"{kind.__name__} replaces dense full-attention layers of a transformers DynamicCache; layer {layer_idx} "
+            f"is a {type(layer).__name__} (accepted: a DynamicCache, the default of model.generate and the pipeline)"
+        )
+    if not layer.is_initialized or layer.keys is None:
+        return False
+    cache.layers[layer_idx] = build(layer.keys, layer.values)
+    layer.keys = layer.values = None  # a snapshot may still hold the old layer (see write_layer)
+    layer.is_initialized = False
+    return True
+
+
 def write_merged_pair(cache: Cache, layer_a: int, layer_b: int, merged: MergedKV) -> None:
     """Replace two dense full-attention layers of a ``DynamicCache`` by the merged pair ``merged``."""
     for idx in (layer_a, layer_b):
@@ -87,15 +107,22 @@ def write_merged_pair(cache: Cache, layer_a: int, layer_b: int, merged: MergedKV
 
 def layer_memory_bytes(cache: Cache) -> int:
     """Bytes held by the key/value tensors of every layer of ``cache``."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        if hasattr(layer, "memory_bytes"):
-            total += layer.memory_bytes()
-            continue
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    return sum(_layer_bytes(layer) for layer in getattr(cache, "layers", []))
+
+
+def _layer_bytes(layer) -> int:
+    if hasattr(layer, "memory_bytes"):
+        return layer.memory_bytes()
+    tensors = (getattr(layer, "keys", None), getattr(layer, "values", None))
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def decode_bytes_read(cache: Cache) -> int:
+    """Bytes of keys, values and metadata one decode step reads from ``cache`` at its current length: a layer that
+    reads selectively (``decode_bytes_read()``, e.g. Quest's) says so itself, any other is read whole."""
+    layers = getattr(cache, "layers", [])
+    return sum(layer.decode_bytes_read() if hasattr(layer, "decode_bytes_read") else _layer_bytes(layer)
+               for layer in layers)  # fmt: skip
 
 
 def dense_cache_bytes(config, n_tokens: int, batch_size: int, dtype: torch.dtype) -> int:

@@ -80,7 +80,10 @@ class CompressedContext:
             press.check_length(prompt.shape[1])
         caps = press.capabilities if press is not None else None
         prefill_press = press if caps is not None and caps.compresses_prefill else None
-        position, report = prefill(model, prompt, cache, prefill_press, record_kept)
+        # Attached for the prefill whatever its phase, as under `with press(model): model.generate()`: a decode-time
+        # press may lay the cache out for decoding then (QuestPress); the others leave the prefill alone.
+        position, report = prefill(model, prompt, cache, press, record_kept)
+        report = report if prefill_press is not None else None
         if isinstance(cache, VarlenCache):
             cache.next_positions = [position]
             if compact or isinstance(cache, QuantizedCache):

@@ -20,6 +20,7 @@ from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
+from kvpress.presses.quest_press import QuestPress
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.report import CompressionReport
 from kvpress.presses.scissorhands_press import ScissorhandsPress
@@ -52,6 +53,7 @@ __all__ = [
     "PerLayerCompressionPress",
     "PrefillDecodingPress",
     "PyramidKVPress",
+    "QuestPress",
     "RandomPress",
     "ScissorhandsPress",
     "ScorerPress",

@@ -28,6 +28,7 @@ from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
+from kvpress.presses.quest_press import QuestPress
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.scissorhands_press import ScissorhandsPress
 from kvpress.presses.snapkv_press import SnapKVPress
@@ -59,6 +60,7 @@ PRESSES: dict[str, type[BasePress]] = {
     "h2o": H2OPress,
     "scissorhands": ScissorhandsPress,
     "cam": CAMPress,
+    "quest": QuestPress,
 }
 
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none

@@ -24,8 +24,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_KERNEL_MODULES = ("compaction", "append", "varlen_attention", "quantization", "quantized_segments",
-                   "quantized_attention", "merged_attention", "decomposed_segments", "decomposed_attention")
+_KERNEL_MODULES = (
+    "compaction",
+    "append",
+    "varlen_attention",
+    "quantization",
+    "quantized_segments",
+    "quantized_attention",
+    "merged_attention",
+    "decomposed_segments",
+    "decomposed_attention",
+    "paged_kv",
+    "page_selection",
+    "page_attention",
+)
 
 
 def _reload_if_compiled() -> None:
