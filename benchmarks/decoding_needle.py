@@ -35,6 +35,7 @@ from kvpress.presses import (  # noqa: E402
     DecodingPress,
     H2OPress,
     KnormPress,
+    QuestPress,
     ScissorhandsPress,
     SnapKVPress,
     StreamingLLMPress,
@@ -55,6 +56,8 @@ def variants(budget: int) -> dict:
         "CAM (every token)": (CAMPress(target_size=budget), False),
         "StreamingLLM (4 sinks, rolling window, cache positions)": (DecodingPress(
             StreamingLLMPress(n_sink=4), 1, budget, hidden_states_buffer=1, rerotate=True), False),
+        "Quest (pages of 16, the best pages read at every token; every token kept)": (QuestPress(
+            page_size=16, token_budget=budget), False),
         "SnapKV at prefill, question in the prompt (window 16)": (SnapKVPress(target_size=budget, window_size=16),
                                                                   True),
     }  # fmt: skip

@@ -4,7 +4,14 @@ from kvpress.cache.attention import ATTENTION_NAME, compressed_attention, kvpres
 from kvpress.cache.channel_pruned_layer import ChannelPrunedLayer
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.forward_keyword import cache_keyword, cache_kwargs, find_cache
-from kvpress.cache.layer_access import layer_memory_bytes, read_layer, restore_cache, snapshot_cache, write_layer
+from kvpress.cache.layer_access import (
+    decode_bytes_read,
+    layer_memory_bytes,
+    read_layer,
+    restore_cache,
+    snapshot_cache,
+    write_layer,
+)
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer
@@ -24,6 +31,7 @@ __all__ = [
     "cache_keyword",
     "cache_kwargs",
     "compressed_attention",
+    "decode_bytes_read",
     "find_cache",
     "kvpress_attention",
     "layer_memory_bytes",
