@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_memory import GIB, llama31_8b_model, run_metadata  # noqa: E402
 
 from kvpress.cache.attention import compressed_attention  # noqa: E402
-from kvpress.cache.forward_keyword import cache_kwargs  # noqa: E402
 from kvpress.cache.layer_access import decode_bytes_read, layer_memory_bytes, restore_cache, snapshot_cache  # noqa: E402
 from kvpress.cache.quest_layer import QuestLayer  # noqa: E402
 from kvpress.cache.varlen_cache import VarlenCache  # noqa: E402
