@@ -184,22 +184,26 @@ class KVPressTextGenerationPipeline(Pipeline):
 
     @staticmethod
     def _check_decode_time(press, caps: Capabilities, cache, quantization) -> None:
-        """Decode-time presses rewrite dense cache layers (a DynamicCache) only so far: refuse the rest by cause."""
+        """Decode-time presses rewrite caches that store whole tokens: a DynamicCache, or a VarlenCache for the
+        presses that re-compress head-variable layers (``decodes_head_variable``); refuse the rest by cause."""
         name = type(press).__name__
-        if cache is not None and type(cache) is not DynamicCache:
+        accepted = (DynamicCache, VarlenCache) if caps.decodes_head_variable else (DynamicCache,)
+        if cache is not None and type(cache) not in accepted:
+            names = " or ".join(kind.__name__ for kind in accepted)
             raise ValueError(
-                f"{name} compresses while decoding, in a transformers DynamicCache only so far; got "
-                f"cache={type(cache).__name__}: pass cache=None or a DynamicCache"
+                f"{name} compresses while decoding, in a {names} only so far; got cache={type(cache).__name__}: "
+                f"pass cache=None or a {names}"
             )
         if quantization is not None:
             raise ValueError(
-                f"{name} compresses while decoding, in a dense (not quantized) cache only so far: pass "
+                f"{name} compresses while decoding, in a cache of whole (not quantized) tokens only so far: pass "
                 "kv_quantization=None"
             )
-        if caps.head_variable:
+        if caps.head_variable and not caps.decodes_head_variable:
             raise ValueError(
-                f"{name} keeps a different number of tokens per head (head-variable), and compresses while decoding, "
-                "which works on dense caches only so far: pass presses that keep the same count per head"
+                f"{name} keeps a different number of tokens per head (head-variable), and its decode-time press "
+                "compresses dense caches only: pass a DecodingPress to decode, or presses that keep the same count "
+                "per head"
             )
 
     def _quantization(self, press, cache, kv_quantization) -> QuantizationConfig | None:

@@ -12,10 +12,14 @@ import torch
 from transformers import DynamicCache
 
 from kvpress.cache.forward_keyword import cache_kwargs
+from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress.cache.quantized_cache import QuantizedCache
+from kvpress.pipeline import KVPressTextGenerationPipeline
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.decoding_press import DecodingPress
+from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
@@ -219,10 +223,16 @@ def test_press_needing_the_question_without_query_aware(baseline):
 def test_decode_phase_press_where_it_cannot_run(baseline):
     with pytest.raises(ValueError, match="compresses while decoding, through hooks that a captured CUDA graph"):
         _answer(press=DecodePress(0.5), cuda_graph=True)
-    with pytest.raises(ValueError, match="keeps a different number of tokens per head .* same count per head"):
-        _answer(press=PrefillDecodingPress(AdaKVPress(KnormPress(0.5)), DecodingPress(KnormPress())))
-    with pytest.raises(ValueError, match="in a transformers DynamicCache only so far; got cache=VarlenCache: pass"):
-        _answer(press=DecodingPress(KnormPress()), cache=VarlenCache(config=text_model().config))
+    with pytest.raises(ValueError, match="keeps a different number of tokens per head .* pass a DecodingPress"):
+        _answer(press=PrefillDecodingPress(AdaKVPress(KnormPress(0.5)), H2OPress(target_size=32)))
+    with pytest.raises(ValueError, match="in a DynamicCache only so far; got cache=VarlenCache: pass cache=None"):
+        _answer(press=H2OPress(target_size=32), cache=VarlenCache(config=text_model().config))
+    config = tiny_model("llama", head_dim=32).config
+    quantized = QuantizedCache(config=config, quantization=QuantizationConfig(group_size=32))
+    with pytest.raises(ValueError, match="in a DynamicCache or VarlenCache only so far; got cache=QuantizedCache"):
+        KVPressTextGenerationPipeline._check_decode_time(
+            DecodingPress(KnormPress()), DecodingPress(KnormPress()).capabilities, quantized, None
+        )
     _assert_still_answers(baseline)
 
 

@@ -373,8 +373,9 @@ def test_report_without_a_context_is_an_error():
     "press",
     [DecodingPress(KnormPress(), compression_interval=4, target_size=24),
      PrefillDecodingPress(SnapKVPress(0.5, window_size=4), DecodingPress(KnormPress(), 4, 24)),
+     PrefillDecodingPress(AdaKVPress(KnormPress(0.5)), DecodingPress(KnormPress(), 4, 24)),
      QuestPress(page_size=4, token_budget=16, dense_layers=1)],
-    ids=["decoding", "prefill+decoding", "quest"],
+    ids=["decoding", "prefill+decoding", "head-variable+decoding", "quest"],
 )  # fmt: skip
 def test_decode_time_presses_equal_the_generation_layer(press):
     """The pipeline answers with the press active while decoding, as CompressedContext does on the same ids, and the

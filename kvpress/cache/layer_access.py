@@ -8,6 +8,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 from kvpress.cache.channel_pruned_layer import ChannelPrunedLayer
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.merged_layer import MergedKV
+from kvpress.cache.quantized_layer import QuantizedVarlenLayer
+from kvpress.cache.varlen_layer import VarlenLayer
 from kvpress.utils import kv_geometry, layer_types
 
 
@@ -28,6 +30,20 @@ def read_layer(cache: Cache, layer_idx: int) -> tuple[torch.Tensor | None, torch
     if isinstance(layer, DynamicLayer) and layer.is_initialized and layer.keys is not None and layer.keys.numel():
         return layer.keys, layer.values
     return None, None
+
+
+def read_ragged_layer(cache: Cache, layer_idx: int):
+    """``(keys, values, lengths)`` of a compressed head-variable layer (:meth:`VarlenLayer.padded_keys_values`: each
+    head's tokens from position 0, zero padded), or ``None`` for a layer stored densely (:func:`read_layer` reads it).
+    Quantized layers raise ``ValueError`` (their tokens are not stored whole)."""
+    layer = _layer(cache, layer_idx)
+    if isinstance(layer, QuantizedVarlenLayer):
+        raise ValueError(
+            "re-compressing while decoding reads whole tokens; a QuantizedCache layer stores them quantized"
+        )
+    if isinstance(layer, VarlenLayer) and layer.ragged:
+        return layer.padded_keys_values()
+    return None
 
 
 def holds_kvpress_layers(cache: Cache) -> bool:

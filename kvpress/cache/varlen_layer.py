@@ -108,6 +108,30 @@ class VarlenLayer(DynamicLayer):
     def dense_keys_values(self):
         return (self.keys, self.values) if not self.ragged and self.is_initialized else (None, None)
 
+    def padded_keys_values(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each head's tokens (its context, then the tail) from position 0, zeros after, for re-compression:
+        ``keys, values`` ``(batch, kv_heads, L, head_dim)`` with ``L`` the longest head, and ``lengths``
+        ``(batch, kv_heads)`` long on the device. A copy of the layer's size (bounded by what it holds)."""
+        if not self.ragged:
+            raise ValueError("padded_keys_values reads a compressed (ragged) layer; this layer is still dense")
+        b, h, device = self.batch_size, self.num_heads, self.seg_k.device
+        seg_lens = self.seg_lens.to(device)
+        tail = self.tail_lens.long()
+        lengths = seg_lens + tail[:, None]
+        longest = int(lengths.max()) if lengths.numel() else 0
+        padded = []
+        for seg, buf in ((self.seg_k, self.tail_k), (self.seg_v, self.tail_v)):
+            out = seg.new_zeros(b * h, longest, seg.shape[-1])
+            owner = torch.repeat_interleave(torch.arange(b * h, device=device), seg_lens.flatten())
+            out[owner, torch.arange(seg.shape[0], device=device) - self.cu_seqlens.long()[owner]] = seg
+            t = torch.arange(self.tail_len, device=device)
+            valid = (t < tail[:, None]).repeat_interleave(h, 0)  # (b * h, T)
+            slot = seg_lens.reshape(-1, 1) + t
+            rows = torch.arange(b * h, device=device)[:, None].expand_as(slot)
+            out[rows[valid], slot[valid]] = buf[:, :, : self.tail_len].reshape(b * h, self.tail_len, -1)[valid]
+            padded.append(out.view(b, h, longest, -1))
+        return padded[0], padded[1], lengths
+
     def advance_host_tail(self, n_tokens: int) -> None:
         """Add ``n_tokens`` (may be negative) to the host mirror ``tail_len`` only; the device tensors are untouched.
 
@@ -178,7 +202,9 @@ class VarlenLayer(DynamicLayer):
             raise ValueError(f"batch indices must be in [0, {self.batch_size}), got {indices.tolist()}")
         cu = self.cu_seqlens.to("cpu", torch.long)
         segments = (indices[:, None] * self.num_heads + torch.arange(self.num_heads)).flatten()
-        rows = torch.cat([torch.arange(cu[s], cu[s + 1]) for s in segments.tolist()] + [torch.zeros(0, dtype=torch.long)])
+        rows = torch.cat(
+            [torch.arange(cu[s], cu[s + 1]) for s in segments.tolist()] + [torch.zeros(0, dtype=torch.long)]
+        )
         rows = rows.to(self.seg_k.device)
         self.seg_k, self.seg_v = self.seg_k[rows], self.seg_v[rows]
         self.seg_lens = self.seg_lens[indices]
@@ -213,7 +239,15 @@ class VarlenView:
         layer = self.layer
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = varlen_attention(
-            query, layer.seg_k, layer.seg_v, layer.cu_seqlens, layer.tail_k, layer.tail_v, layer.tail_lens,
-            scale, self.q_lens, check=False,
+            query,
+            layer.seg_k,
+            layer.seg_v,
+            layer.cu_seqlens,
+            layer.tail_k,
+            layer.tail_v,
+            layer.tail_lens,
+            scale,
+            self.q_lens,
+            check=False,
         )
         return out.transpose(1, 2).contiguous()

@@ -21,6 +21,8 @@ class Capabilities:
         head_variable: the press keeps a different number of tokens per head (needs a head-variable cache).
         prunes_channels: the press drops key channels rather than (or on top of) tokens.
         merges_layers: the press stores pairs of layers together (shared directions), in a dense cache only.
+        decodes_head_variable: the press compresses while decoding in a head-variable cache too (a ``VarlenCache``,
+            whose heads hold different numbers of tokens); decode-time presses without it need a dense cache.
     """
 
     phase: Literal["prefill", "decode", "both"] = "prefill"
@@ -30,6 +32,7 @@ class Capabilities:
     head_variable: bool = False
     prunes_channels: bool = False
     merges_layers: bool = False
+    decodes_head_variable: bool = False
 
     @property
     def compresses_prefill(self) -> bool:
@@ -51,4 +54,5 @@ class Capabilities:
             head_variable=self.head_variable or other.head_variable,
             prunes_channels=self.prunes_channels or other.prunes_channels,
             merges_layers=self.merges_layers or other.merges_layers,
+            decodes_head_variable=self.decodes_head_variable or other.decodes_head_variable,
         )

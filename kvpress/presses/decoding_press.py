@@ -13,13 +13,13 @@ from torch import nn
 
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.forward_keyword import find_cache
-from kvpress.cache.layer_access import holds_kvpress_layers, read_layer, write_layer
+from kvpress.cache.layer_access import holds_kvpress_layers, read_layer, read_ragged_layer, write_layer
 from kvpress.presses.base_press import BasePress, is_prefill, layer_input
 from kvpress.presses.budget import check_int
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.key_rerotation_press import rerotate_keys
 from kvpress.presses.report import CompressionReport
-from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_press import ScorerPress, gather_tokens
 from kvpress.utils import attention_layers, is_sliding_layer
 
 
@@ -99,7 +99,9 @@ class DecodingPress(BasePress):
     @property
     def capabilities(self) -> Capabilities:
         inner = self.press.capabilities
-        return dataclasses.replace(inner, phase="decode", rerotates_positions=self.rerotate)
+        return dataclasses.replace(
+            inner, phase="decode", rerotates_positions=self.rerotate, decodes_head_variable=not self.rerotate
+        )
 
     def validate(self, model: nn.Module) -> None:
         super().validate(model)
@@ -136,7 +138,7 @@ class DecodingPress(BasePress):
         layer_idx = module.layer_idx
         if is_prefill(cache, module, hidden_states):
             return output  # not this press's phase
-        check_dense(self, cache)
+        check_recompressible(self, cache)
         buffer = report.state.setdefault(("decoding", layer_idx), _Buffer())
         buffer.push(hidden_states.detach(), kwargs["position_embeddings"], self.hidden_states_buffer)
         if buffer.steps < self.compression_interval:
@@ -148,16 +150,45 @@ class DecodingPress(BasePress):
     def recompress(self, module, cache, buffer: _Buffer, kwargs: dict, report: CompressionReport) -> None:
         """Bring ``module``'s layer of ``cache`` back to ``target_size`` tokens per head."""
         layer_idx = module.layer_idx
-        keys, values = read_layer(cache, layer_idx)
-        if keys.shape[-2] <= self.target_size:
-            return
         scorer_kwargs = {**kwargs, "position_embeddings": (buffer.cos, buffer.sin)}
-        kv = self.compress(module, buffer.hidden, keys, values, None, scorer_kwargs)
-        kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
+        ragged = read_ragged_layer(cache, layer_idx)
+        if ragged is not None:
+            kv = self.recompress_ragged(module, buffer.hidden, *ragged, scorer_kwargs)
+        else:
+            keys, values = read_layer(cache, layer_idx)
+            if keys.shape[-2] <= self.target_size:
+                return
+            kv = self.compress(module, buffer.hidden, keys, values, None, scorer_kwargs)
+            kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
+        if kv is None:
+            return
         if self.rerotate:  # cache positions: a token's position is its index in the cache
             kv.keys = rerotate_keys(kv.keys, kv.indices, report.state["rope"])
         write_layer(cache, layer_idx, kv)
         report.decode_compressions[layer_idx] = report.decode_compressions.get(layer_idx, 0) + 1
+
+    def recompress_ragged(self, module, hidden, keys, values, lengths, kwargs) -> CompressedKV | None:
+        """The kept tokens of a head-variable layer, given as ``keys, values`` ``(batch, kv_heads, L, head_dim)``
+        holding ``lengths`` ``(batch, kv_heads)`` tokens per head from position 0: heads over ``target_size`` keep
+        their ``target_size`` best, the others everything. A head is scored over its own tokens only: the scorer
+        runs once per distinct length above the target, on the first ``n`` positions (exact for heads of length
+        ``n``), so query windows, softmaxes and positions are those of the head alone. ``None`` if no head is over."""
+        if self.rerotate:
+            raise ValueError(
+                "rerotate=True places new tokens right after the cache, which has no single length when heads hold "
+                "different numbers of tokens (a head-variable cache); pass rerotate=False"
+            )
+        target = self.target_size
+        if int(lengths.max()) <= target:
+            return None
+        position = torch.arange(keys.shape[2], device=keys.device)
+        scores = torch.where(position < lengths[..., None], float("inf"), float("-inf"))
+        for n in torch.unique(lengths[lengths > target]).tolist():
+            part = self._scorer.score(module, hidden, keys[:, :, :n], values[:, :, :n], None, kwargs).float()
+            scores[..., :n] = torch.where((lengths == n)[..., None], part, scores[..., :n])
+        kept = scores.topk(min(target, keys.shape[2]), dim=-1).indices.sort(dim=-1).values  # valid ones first
+        return CompressedKV(gather_tokens(keys, kept), gather_tokens(values, kept), indices=kept,
+                            head_lengths=lengths.clamp(max=target))  # fmt: skip
 
 
 def _rotary_module(model: nn.Module) -> nn.Module:
@@ -188,6 +219,19 @@ def _cache_positions(decoder: nn.Module, args: tuple, kwargs: dict, rotary: nn.M
         dummy = torch.zeros(1, dtype=dtype, device=inputs.device)
         report.state["rope"] = rotary(dummy, torch.arange(length, device=inputs.device)[None])
     return args, kwargs
+
+
+def check_recompressible(press: BasePress, cache) -> None:
+    """``ValueError`` unless every layer of ``cache`` stores whole tokens that a re-compression can rewrite: dense
+    transformers layers or head-variable :class:`~kvpress.cache.varlen_layer.VarlenLayer`s (not quantized,
+    channel-pruned or merged ones)."""
+    kinds = sorted({type(layer).__name__ for layer in cache.layers if hasattr(layer, "dense_keys_values")})
+    other = [kind for kind in kinds if kind != "VarlenLayer"]
+    if other:
+        raise ValueError(
+            f"{type(press).__name__} re-compresses while decoding layers that store whole tokens (a transformers "
+            f"DynamicCache or a kvpress VarlenCache); this {type(cache).__name__} holds {', '.join(other)} layers"
+        )
 
 
 def check_dense(press: BasePress, cache) -> None:

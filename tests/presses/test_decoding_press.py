@@ -12,14 +12,17 @@ from transformers import DynamicCache
 
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
+from kvpress.cache.quantization_config import QuantizationConfig
+from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.generation import CompressedContext, prefill
 from kvpress.presses.adakv_press import AdaKVPress
-from kvpress.presses.decoding_press import DecodingPress
+from kvpress.presses.decoding_press import DecodingPress, _Buffer
 from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
+from kvpress.presses.report import CompressionReport
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.utils import attention_layers
@@ -212,13 +215,114 @@ def test_rerotation_refusals():
         DecodingPress(KnormPress(), rerotate=1)
 
 
-@pytest.mark.parametrize("make_press", [lambda: DecodingPress(KnormPress(), 4, 8), lambda: H2OPress(target_size=8)],
-                         ids=["decoding", "h2o"])  # fmt: skip
-def test_kvpress_caches_are_refused_at_the_first_decode_step(make_press):
+def test_eviction_presses_refuse_kvpress_caches_at_the_first_decode_step():
     model = tiny_model("llama")
     cache = VarlenCache(config=model.config)
     ids = random_ids(20, seed=9)
     with pytest.raises(ValueError, match=r"compresses while decoding, on dense cache layers .* holds VarlenLayer"):
-        with torch.no_grad(), make_press()(model):
+        with torch.no_grad(), H2OPress(target_size=8)(model):
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                            pad_token_id=0, **cache_kwargs(model, cache))  # fmt: skip
+    model32 = tiny_model("llama", head_dim=32)
+    quantized = QuantizedCache(config=model32.config, quantization=QuantizationConfig(group_size=32))
+    with pytest.raises(ValueError, match=r"re-compresses while decoding layers that store whole tokens .* Quantized"):
+        with torch.no_grad(), DecodingPress(KnormPress(), 4, 8)(model32):
+            model32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0, **cache_kwargs(model32, quantized))  # fmt: skip
+
+
+# ---- head-variable (ragged) layers -------------------------------------------------------------------------------
+def ragged_layer(model, lengths: list[list[int]], tail: int, seed: int):
+    """Layer 1 of a VarlenCache holding ``lengths[b][h]`` random context tokens per head, then ``tail`` appended
+    ones; returns the cache and each head's tokens ``[(keys, values)]`` in order."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    d = cfg.head_dim
+    b, h = len(lengths), len(lengths[0])
+    cache = VarlenCache(config=cfg)
+    layer = cache.layers[1]
+    seg_lens = torch.tensor(lengths)
+    seg_k, seg_v = (
+        torch.randn(int(seg_lens.sum()), d, generator=gen),
+        torch.randn(int(seg_lens.sum()), d, generator=gen),
+    )
+    layer.adopt(seg_k, seg_v, seg_lens, d)
+    tail_k, tail_v = torch.randn(b, h, tail, d, generator=gen), torch.randn(b, h, tail, d, generator=gen)
+    layer.update(tail_k, tail_v)
+    heads, start = [], 0
+    for bi in range(b):
+        for hi in range(h):
+            n = lengths[bi][hi]
+            heads.append((torch.cat([seg_k[start : start + n], tail_k[bi, hi]]),
+                          torch.cat([seg_v[start : start + n], tail_v[bi, hi]])))  # fmt: skip
+            start += n
+    return cache, heads
+
+
+@pytest.mark.parametrize("scorer", [KnormPress(), SnapKVPress(window_size=4, kernel_size=1)], ids=["knorm", "snapkv"])
+def test_ragged_recompression_scores_each_head_over_its_own_tokens(scorer):
+    model = tiny_model("llama")
+    module = attention_layers(model)[1]
+    lengths, tail, target = [[30, 9], [17, 41]], 6, 20
+    cache, heads = ragged_layer(model, lengths, tail, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 8, model.config.hidden_size, generator=gen)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(100, 108)[None].expand(2, 8))
+    press = DecodingPress(scorer, compression_interval=4, target_size=target, hidden_states_buffer=8)
+    buffer = _Buffer(hidden, *position_embeddings)
+    press.recompress(module, cache, buffer, {}, CompressionReport(n_layers=3))
+    layer = cache.layers[1]
+    assert layer.seg_lens.tolist() == [[min(n + tail, target) for n in row] for row in lengths]
+    assert layer.tail_len == 0
+    cu = layer.cu_seqlens.tolist()
+    for s, (keys, values) in enumerate(heads):
+        b, h = divmod(s, 2)
+        n = keys.shape[0]
+        if n <= target:
+            kept = torch.arange(n)
+        else:  # the scorer on this head's tokens alone, placed in every head (a head's score reads its own only)
+            rep_k, rep_v = keys.expand(2, 2, n, -1), values.expand(2, 2, n, -1)
+            scores = scorer.score(module, hidden, rep_k, rep_v, None, {"position_embeddings": position_embeddings})
+            kept = scores[b, h].topk(target).indices.sort().values
+        torch.testing.assert_close(layer.seg_k[cu[s] : cu[s + 1]], keys[kept], rtol=0, atol=0)
+        torch.testing.assert_close(layer.seg_v[cu[s] : cu[s + 1]], values[kept], rtol=0, atol=0)
+
+
+def test_head_variable_prefill_then_bounded_decoding_under_generate():
+    model = tiny_model("llama")
+    ids = random_ids(64, seed=6)
+    cache = VarlenCache(config=model.config)
+    interval, target = 4, 24
+    press = PrefillDecodingPress(AdaKVPress(KnormPress(0.5)),
+                                 DecodingPress(SnapKVPress(window_size=4), interval, target, hidden_states_buffer=8))  # fmt: skip
+    assert press.capabilities.head_variable and press.capabilities.decodes_head_variable
+    bytes_seen = []
+
+    def watch(module, args, kwargs, output):
+        bytes_seen.append(cache.layers[module.layer_idx].memory_bytes())
+
+    handles = [m.register_forward_hook(watch, with_kwargs=True) for m in attention_layers(model)]
+    try:
+        with torch.no_grad(), press(model) as report:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40,
+                           do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))  # fmt: skip
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in cache.layers:
+        assert (layer.seg_lens <= target).all() and layer.tail_len < interval
+    assert all(count >= 8 for count in report.decode_compressions.values())
+    # Whole-token bytes of target + interval tokens per head, plus the tail's doubling slack and the metadata.
+    d, heads = model.config.head_dim, model.config.num_key_value_heads
+    bound = 2 * heads * d * 4 * (target + 2 * max(interval, 16)) + 64
+    assert max(bytes_seen[len(attention_layers(model)) * 2 :]) <= bound
+
+
+def test_uniform_ragged_cache_decodes_like_the_dense_cache():
+    model = tiny_model("qwen3")
+    ids, tail = random_ids(48, seed=7), random_ids(4, seed=8)
+    press = PrefillDecodingPress(KnormPress(0.5), DecodingPress(KnormPress(), 4, 16, hidden_states_buffer=1))
+    dense = CompressedContext.prefill(model, ids, press).generate([tail], 20, eos_ids=[])
+    ragged_cache = VarlenCache(config=model.config)
+    ragged = CompressedContext.prefill(model, ids, press, cache=ragged_cache, compact=True).generate([tail], 20, [])
+    assert ragged == dense
