@@ -14,8 +14,8 @@ from transformers import DynamicCache
 from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
-from kvpress.pipeline import KVPressTextGenerationPipeline
 from kvpress.cache.varlen_cache import VarlenCache
+from kvpress.pipeline import KVPressTextGenerationPipeline
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.decoding_press import DecodingPress
