@@ -62,8 +62,11 @@ class DecodingPress(BasePress):
     StreamingLLM as published (attention sinks and a rolling window, evicting at every step, cache positions) is
     ``DecodingPress(StreamingLLMPress(n_sink=4), compression_interval=1, target_size=window + 4, rerotate=True)``.
 
-    Each re-compression reads the layer whole and writes the kept tokens back (a transformers ``DynamicCache``
-    layer), so its cost is amortized over the interval; between re-compressions a step costs what it costs uncompressed.
+    Each re-compression reads the layer whole and writes the kept tokens back, so its cost is amortized over the
+    interval; between re-compressions a step costs what it costs uncompressed. Layers of a transformers
+    ``DynamicCache`` and head-variable layers of a ``VarlenCache`` (after a head-variable prefill press): there a
+    head over ``target_size`` keeps its best, scored over its own tokens (:meth:`recompress_ragged`), and the kept
+    rows become the layer's ragged context.
     """
 
     press: ScorerPress = None
