@@ -11,7 +11,8 @@ from transformers.cache_utils import DynamicLayer
 from kvpress.cache.attention import causal_suffix_mask
 from kvpress_kernels import PagedKV, page_attention, page_scores, select_pages
 
-_SAVED_PAGE = "_snapshot_open_page_bounds"  # snapshot key of the bounds of the page appends were filling
+_SAVED_PAGE = "_snapshot_open_page_bounds"
+_SLACK = 256  # tokens of room beyond the prefill, and the least a full buffer grows by  # snapshot key of the bounds of the page appends were filling
 
 
 class QuestLayer(DynamicLayer):
@@ -24,7 +25,8 @@ class QuestLayer(DynamicLayer):
     step reads about ``token_budget`` tokens plus the bounds (``2 / page_size`` of the keys) per kv head, while the
     memory held is the whole cache plus the bounds. Multi-token forwards (questions) attend over every token.
 
-    Appends write in place at device-side lengths; the buffer's capacity doubles when full.
+    Appends write in place at device-side lengths. The buffer starts with room for ``_SLACK`` more tokens and grows
+    by an eighth of its size when full (amortized O(1) per token, at most ~12% of the cache unused).
     """
 
     def __init__(self, paged: PagedKV, token_budget: int, recent_pages: int = 1):
@@ -41,7 +43,8 @@ class QuestLayer(DynamicLayer):
     @classmethod
     def from_dense(cls, keys, values, page_size: int, token_budget: int, recent_pages: int = 1) -> QuestLayer:
         """A layer holding ``keys, values`` ``(batch, kv_heads, n, head_dim)`` (copied into a paged buffer)."""
-        return cls(PagedKV.from_dense(keys, values, page_size), token_budget, recent_pages)
+        capacity = keys.shape[2] + _SLACK
+        return cls(PagedKV.from_dense(keys, values, page_size, capacity), token_budget, recent_pages)
 
     # ---- transformers layer API -------------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -49,7 +52,7 @@ class QuestLayer(DynamicLayer):
             raise ValueError("a QuestLayer takes unpadded new tokens (every sequence adds the same count)")
         q = key_states.shape[2]
         if self.length + q > self.paged.capacity:
-            self.paged.grow(max(self.length + q, 2 * self.paged.capacity))
+            self.paged.grow(max(self.length + q, self.paged.capacity + max(_SLACK, self.paged.capacity // 8)))
         self.paged.append(key_states.to(self.dtype), value_states.to(self.dtype))
         self.length += q
         view = QuestView(self)

@@ -64,7 +64,16 @@ class AttentionEvictionPress(BasePress):
         return Capabilities(phase="decode")
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        raise NotImplementedError(f"{type(self).__name__} evicts while decoding, through its forward hook")
+        """One eviction from fresh statistics: the forward's ``hidden_states.shape[1]`` queries (the last tokens of
+        ``keys``) are observed once, and the layer keeps :meth:`keep`'s ``target_size`` tokens (all, if it holds no
+        more). While generating, the forward hook does the same with statistics carried over the steps."""
+        n = keys.shape[-2]
+        if n <= self.target_size:
+            return CompressedKV(keys, values, indices=torch.arange(n, device=keys.device).expand(*keys.shape[:2], n))
+        stats = self.initial_stats(keys)
+        attention = new_query_attention(module, hidden_states, keys, kwargs)
+        self.observe(stats, attention)
+        return self.evict(keys, values, self.keep(stats, n), attention)
 
     # ---- what subclasses define -------------------------------------------------------------------------------
     @abstractmethod

@@ -91,8 +91,10 @@ def test_restore_undoes_appends_even_past_a_reallocation():
     query = torch.randn(1, 2, 1, 16, generator=gen)
     state = layer.snapshot()
     bounds = layer.paged.page_min.clone(), layer.paged.page_max.clone()
-    for _ in range(3):  # 3 x 20 tokens: the 40-slot buffer is reallocated
-        layer.update(torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 20, 16, generator=gen))
+    capacity = layer.paged.capacity
+    for _ in range(3):  # 3 x 120 tokens: past the room left, so the buffer is reallocated
+        layer.update(torch.randn(1, 2, 120, 16, generator=gen), torch.randn(1, 2, 120, 16, generator=gen))
+    assert layer.paged.capacity > capacity
     layer.restore(state)
     assert layer.get_seq_length() == 37 and layer.paged.lengths.tolist() == [37]
     assert torch.equal(layer.paged.page_min, bounds[0]) and torch.equal(layer.paged.page_max, bounds[1])
@@ -117,3 +119,13 @@ def test_batch_selection_keeps_each_sequence():
     layer.batch_select_indices(torch.tensor([2, 0]))
     assert torch.equal(layer.dense_keys_values()[0], keys[[2, 0]])
     assert layer.paged.lengths.tolist() == [20, 20]
+
+
+def test_the_buffer_grows_by_an_eighth_not_by_doubling():
+    layer, _, _, gen = make_layer(4, 1, 1, 4000, 8, 16, 64)
+    assert layer.paged.capacity == 4000 + 256  # room for 256 generated tokens before any reallocation
+    layer.update(torch.randn(1, 1, 256, 8, generator=gen), torch.randn(1, 1, 256, 8, generator=gen))
+    assert layer.paged.capacity == 4256
+    layer.update(torch.randn(1, 1, 1, 8, generator=gen), torch.randn(1, 1, 1, 8, generator=gen))
+    assert layer.paged.capacity == 4256 + 4256 // 8 + 16 - (4256 + 4256 // 8) % 16  # whole pages
+    assert layer.get_seq_length() == 4257

@@ -8,8 +8,9 @@ from torch.nn.functional import pad
 from kvpress.generation import CompressedContext, greedy_decode
 from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.h2o_press import H2OPress
+from kvpress.utils import attention_layers
 from tests.conftest import random_ids, tiny_model
-from tests.presses.eviction_reference import keep_rule, run_reference
+from tests.presses.eviction_reference import attention_f64, keep_rule, run_reference
 
 
 def h2o_rule(target, recent_ratio, interval, merge=False):
@@ -83,3 +84,25 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"recent_ratio must be a number in \[0, 1\], got 1.5"):
         H2OPress(recent_ratio=1.5)
     assert H2OPress().capabilities.phase == "decode"
+
+
+@pytest.mark.parametrize("n_queries", [1, 4])
+def test_one_shot_compress_keeps_what_the_queries_attend_to(n_queries):
+    """``compress`` outside generation: one observation of the forward's queries, then H2O's rule (float64)."""
+    model = tiny_model("llama")
+    module = attention_layers(model)[1]
+    gen = torch.Generator().manual_seed(12)
+    b, n, target = 2, 30, 12
+    keys = torch.randn(b, model.config.num_key_value_heads, n, model.config.head_dim, generator=gen)
+    values = torch.randn(keys.shape, generator=gen)
+    hidden = torch.randn(b, n_queries, model.config.hidden_size, generator=gen)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(n - n_queries, n)[None].expand(b, -1))
+    press = H2OPress(target_size=target, recent_ratio=0.25)
+    with torch.no_grad():
+        kv = press.compress(module, hidden, keys, values, None, {"position_embeddings": position_embeddings})
+        score = attention_f64(module, hidden, keys, position_embeddings).sum(2)
+    kept = keep_rule(score, target, round(0.25 * target))
+    torch.testing.assert_close(kv.keys, keys.gather(2, kept[..., None].expand(-1, -1, -1, keys.shape[-1])))
+    short = press.compress(module, hidden, keys[:, :, :target], values[:, :, :target], None,
+                           {"position_embeddings": position_embeddings})  # fmt: skip
+    assert torch.equal(short.keys, keys[:, :, :target])
