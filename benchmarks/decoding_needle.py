@@ -7,6 +7,7 @@ at the same number of tokens. Passkey contexts as benchmarks/snapkv_window_needl
 contains the passkey.
 
     python benchmarks/decoding_needle.py --lengths 2000 --n-per-length 6 --budgets 256 512
+    python benchmarks/decoding_needle.py --budgets 1024 --only Quest --output benchmarks/results/decoding_needle_quest_1024_smollm2_cpu.json
 
 Results: ``benchmarks/results/decoding_needle_smollm2_cpu.json`` (every answer) and a markdown table on stdout.
 """
@@ -70,6 +71,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 512], help="tokens per head kept")
     parser.add_argument("--seed", type=int, default=300, help="seed of the first context (then +1 per context)")
     parser.add_argument("--output", type=Path, default=OUT, help=f"JSON results (default: {OUT})")
+    parser.add_argument("--only", default=None, help="run only the presses whose label starts with this text")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, tok = load_smollm2()
@@ -82,7 +84,8 @@ def main(argv=None) -> None:
             runs.append({"length": n, "budget": None, "press": "none", "seed": case["seed"], "answer": answer,
                          "found": case["passkey"] in answer})  # fmt: skip
         for budget in args.budgets:
-            for label, (press, query_aware) in tqdm(variants(budget).items(), desc=f"{n} tokens, budget {budget}"):
+            chosen = {k: v for k, v in variants(budget).items() if args.only is None or k.startswith(args.only)}
+            for label, (press, query_aware) in tqdm(chosen.items(), desc=f"{n} tokens, budget {budget}"):
                 for case in items:
                     answer = pipe(case["text"], question=QUESTION, press=press, query_aware=query_aware,
                                   max_new_tokens=32)["answer"]  # fmt: skip
@@ -93,7 +96,7 @@ def main(argv=None) -> None:
         "| press | " + " | ".join(f"{n} tokens, {b} kept" for n, b in columns) + " |",
         "|---" * (1 + len(columns)) + "|",
     ]
-    for label in ["none", *variants(args.budgets[0])]:
+    for label in ["none", *(k for k in variants(args.budgets[0]) if args.only is None or k.startswith(args.only))]:
         cells = []
         for n, b in columns:
             found = [r["found"] for r in runs if r["press"] == label and r["length"] == n and r["budget"] in (b, None)]
