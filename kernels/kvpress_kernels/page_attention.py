@@ -41,6 +41,7 @@ def reference_page_attention(q: torch.Tensor, paged: PagedKV, pages: torch.Tenso
 
 
 if triton is not None:
+    from .page_selection import _group_query_rows
 
     @triton.jit
     def _page_attn_kernel(
@@ -53,14 +54,7 @@ if triton is not None:
         # Program (sequence * kv head, split): selected pages [split * PAGES_PER_SPLIT, ...), TILE_PAGES per tile.
         bh = tl.program_id(0)
         split = tl.program_id(1)
-        b = bh // HKV
-        h = bh % HKV
-        r = tl.arange(0, BLOCK_M)
-        r_ok = r < G
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        q_off = b.to(tl.int64) * q_b + (h * G + r).to(tl.int64) * q_h
-        q = tl.load(q_ptr + q_off[:, None] + d[None, :] * q_d, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        b, h, q, r, r_ok, d, d_ok = _group_query_rows(q_ptr, q_b, q_h, q_d, bh, HKV, D, G, BLOCK_M, BLOCK_D)
         length = tl.load(len_ptr + b)
         k_base = k_ptr + b.to(tl.int64) * k_b + h.to(tl.int64) * k_h
         v_base = v_ptr + b.to(tl.int64) * v_b + h.to(tl.int64) * v_h

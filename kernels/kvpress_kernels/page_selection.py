@@ -42,15 +42,10 @@ def _mark_pages(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, rec
 if triton is not None:
 
     @triton.jit
-    def _page_score_kernel(
-        q_ptr, lo_ptr, hi_ptr, len_ptr, out_ptr,
-        q_b, q_h, q_d, lo_b, lo_h, lo_p, lo_d, hi_b, hi_h, hi_p, hi_d, o_b, o_h, o_p,
-        HKV, D, N_PAGES, RECENT,
-        PAGE: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE_DOT: tl.constexpr,
-    ):  # fmt: skip
-        # Program (sequence * kv head, block of BLOCK_P pages): the group's G query rows against the pages' bounds.
-        bh = tl.program_id(0)
+    def _group_query_rows(q_ptr, q_b, q_h, q_d, bh, HKV, D, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_D: tl.constexpr):  # fmt: skip
+        """Program ``bh`` = sequence * HKV + kv head: (b, h, the G query rows of the head's group as a
+        (BLOCK_M, BLOCK_D) tile, row index, row valid, channel index, channel valid)."""
         b = bh // HKV
         h = bh % HKV
         r = tl.arange(0, BLOCK_M)
@@ -59,6 +54,19 @@ if triton is not None:
         d_ok = d < D
         q_off = b.to(tl.int64) * q_b + (h * G + r).to(tl.int64) * q_h
         q = tl.load(q_ptr + q_off[:, None] + d[None, :] * q_d, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        return b, h, q, r, r_ok, d, d_ok
+
+    @triton.jit
+    def _page_score_kernel(
+        q_ptr, lo_ptr, hi_ptr, len_ptr, out_ptr,
+        q_b, q_h, q_d, lo_b, lo_h, lo_p, lo_d, hi_b, hi_h, hi_p, hi_d, o_b, o_h, o_p,
+        HKV, D, N_PAGES, RECENT,
+        PAGE: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+        IEEE_DOT: tl.constexpr,
+    ):  # fmt: skip
+        # Program (sequence * kv head, block of BLOCK_P pages): the group's G query rows against the pages' bounds.
+        b, h, q, r, r_ok, d, d_ok = _group_query_rows(q_ptr, q_b, q_h, q_d, tl.program_id(0), HKV, D, G, BLOCK_M,
+                                                      BLOCK_D)  # fmt: skip
         # Split in fp32 (the interpreter compares bf16 by raw bits); exact back in q's dtype.
         q32 = q.to(tl.float32)
         q_pos = tl.maximum(q32, 0.0).to(q.dtype)
