@@ -55,6 +55,10 @@ def main() -> None:
     cache = DynamicCache(config=model.config)
     torch.cuda.reset_peak_memory_stats()
     kv_bytes, windows = [], []
+    result = {**run_metadata(), "command": " ".join(sys.argv), "variant": args.variant,
+              "press": repr(press) if args.variant == "decoding" else None, "prompt_tokens": args.prompt,
+              "new_tokens": args.new_tokens, "kv_bytes_bound": bound if args.variant == "decoding" else None,
+              "windows": windows}  # fmt: skip
     with torch.no_grad(), press(model) if args.variant == "decoding" else contextlib.nullcontext():
         logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1:].argmax(-1)
@@ -73,26 +77,23 @@ def main() -> None:
                                 "ms_per_token": round((t1 - t0) * 1000 / args.window, 2),
                                 "kv_bytes": kv_bytes[-1]})  # fmt: skip
                 print(json.dumps(windows[-1]), flush=True)
+                save(args.out, result)  # a run stopped by a time limit keeps its windows
                 t0 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated() - weights
-    result = {
-        **run_metadata(),
-        "command": " ".join(sys.argv),
-        "variant": args.variant,
-        "press": repr(press) if args.variant == "decoding" else None,
-        "prompt_tokens": args.prompt,
-        "new_tokens": args.new_tokens,
-        "kv_bytes_bound": bound if args.variant == "decoding" else None,
+    result.update({
         "kv_bytes_max": max(kv_bytes),
         "kv_bytes_final": kv_bytes[-1],
         "within_bound_every_step": all(b <= bound for b in kv_bytes) if args.variant == "decoding" else None,
         "peak_over_weights_gib": round(peak / GIB, 3),
-        "windows": windows,
-    }
+    })  # fmt: skip
     print(json.dumps({k: v for k, v in result.items() if k != "windows"}, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    save(args.out, result)
+
+
+def save(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

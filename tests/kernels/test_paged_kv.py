@@ -35,10 +35,10 @@ def test_grow_keeps_tokens_and_bounds_and_appends_continue():
     for f, old in before.items():
         assert torch.equal(getattr(paged, f)[:, :, : old.shape[2]], old)
     assert torch.isinf(paged.page_min[:, :, 2:]).all()
-    new = torch.randn(2, 1, 9, 4)
+    new = torch.randn(2, 1, 9, 4).to(DEVICE)
     paged.append(new, new)
     assert paged.lengths.tolist() == [16, 16]
-    keys = torch.cat([dense_k, new.to(DEVICE)], 2)
+    keys = torch.cat([dense_k, new], 2)
     torch.testing.assert_close(paged.page_max[:, :, :4], keys.unflatten(2, (4, 4)).amax(3), rtol=0, atol=0)
 
 
