@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -166,3 +168,25 @@ def window_attention(
     future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(1)
     logits[..., n - window :].masked_fill_(future, float("-inf"))
     return logits.softmax(dim=-1)
+
+
+_WARNED_LENGTHS: set[tuple[str, int, int]] = set()
+
+
+def warn_past_positions(config, n_tokens: int) -> None:
+    """Warn once per (model type, prompt length) when a prompt of ``n_tokens`` runs past the model's
+    ``max_position_embeddings``: the model was not trained on those positions (rotary embeddings extrapolate without
+    an error), and compressing the cache does not change a token's position."""
+    text = config.get_text_config(decoder=True)
+    limit = getattr(text, "max_position_embeddings", None)
+    key = (type(text).__name__, int(n_tokens), int(limit or 0))
+    if limit is None or n_tokens <= limit or key in _WARNED_LENGTHS:
+        return
+    _WARNED_LENGTHS.add(key)
+    warnings.warn(
+        f"the prompt holds {n_tokens} tokens, more than the model's max_position_embeddings={limit} "
+        f"({type(text).__name__}): positions past {limit} were not trained, so answers may degrade; compressing the "
+        "cache keeps each token's position",
+        UserWarning,
+        stacklevel=3,
+    )

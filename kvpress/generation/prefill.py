@@ -8,6 +8,7 @@ from torch import nn
 from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.report import CompressionReport
+from kvpress.utils import warn_past_positions
 
 
 def prefill(
@@ -20,6 +21,7 @@ def prefill(
     positions and their scores when ``record_kept``). No logits are computed: the first answer token comes from the
     question's own forward.
     """
+    warn_past_positions(model.config, input_ids.shape[1])
     base = model.base_model
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     kwargs = {"input_ids": input_ids, **cache_kwargs(base, cache), "position_ids": positions, "use_cache": True}

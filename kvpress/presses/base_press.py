@@ -18,7 +18,7 @@ from kvpress.cache.forward_keyword import CACHE_KEYWORDS, find_cache
 from kvpress.cache.layer_access import holds_kvpress_layers, read_layer, write_layer
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.report import CompressionReport
-from kvpress.utils import attention_layers, attn_implementation, is_sliding_layer
+from kvpress.utils import attention_layers, attn_implementation, is_sliding_layer, warn_past_positions
 
 
 class BasePress(ABC):
@@ -98,7 +98,9 @@ class BasePress(ABC):
         """Pre-hook of the first attention layer: :meth:`check_length` on a prefill, before any layer writes."""
         cache = find_cache(kwargs)
         if cache is not None and _cached_length(cache, module.layer_idx) == 0:
-            self.check_length(layer_input(args, kwargs).shape[1])
+            n_tokens = layer_input(args, kwargs).shape[1]
+            warn_past_positions(module.config, n_tokens)
+            self.check_length(n_tokens)
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output, report: CompressionReport):
         """Hook body: hand the layer to :meth:`compress_prefill` if this forward is its prefill."""

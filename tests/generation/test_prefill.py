@@ -1,12 +1,15 @@
 """prefill: the cache holds the prompt (compressed under a press), and the next position is where decoding resumes."""
 
+import warnings
+
+import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvpress.generation import prefill
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
-from tests.conftest import random_ids, tiny_model
+from tests.conftest import random_ids, tiny_config, tiny_model
 
 
 def test_without_a_press_the_whole_prompt_is_cached():
@@ -38,3 +41,21 @@ def test_rerotated_keys_continue_after_the_kept_length():
     cache = DynamicCache(config=model.config)
     position, _ = prefill(model, random_ids(40, seed=2), cache, KeyRerotationPress(KnormPress(0.5)))
     assert position == 20 == cache.get_seq_length()
+
+
+def test_a_prompt_past_the_trained_positions_warns_once_naming_both_numbers():
+    config = tiny_config("llama")
+    config.max_position_embeddings = 32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.warns(
+        UserWarning, match=r"the prompt holds 40 tokens, more than the model's max_position_embeddings=32"
+    ):
+        prefill(model, random_ids(40), DynamicCache(config=model.config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prefill(model, random_ids(40, seed=1), DynamicCache(config=model.config))  # the same length: said already
+        prefill(model, random_ids(32), DynamicCache(config=model.config))  # within the trained positions
+    with pytest.warns(UserWarning, match="holds 48 tokens"):
+        with KnormPress(0.5)(model):  # under a press, outside the generation layer (model.generate's prefill)
+            model(input_ids=random_ids(48), use_cache=True)
