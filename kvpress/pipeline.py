@@ -200,10 +200,11 @@ class KVPressTextGenerationPipeline(Pipeline):
                 "kv_quantization=None"
             )
         if caps.head_variable and not caps.decodes_head_variable:
+            decoding = type(getattr(press, "decoding_press", press)).__name__
             raise ValueError(
-                f"{name} keeps a different number of tokens per head (head-variable), and its decode-time press "
-                "compresses dense caches only: pass a DecodingPress to decode, or presses that keep the same count "
-                "per head"
+                f"{name} keeps a different number of tokens per head (head-variable), and {decoding}, which "
+                "compresses while decoding, works on dense caches only: pass a DecodingPress to decode, or presses "
+                "that keep the same count per head"
             )
 
     def _quantization(self, press, cache, kv_quantization) -> QuantizationConfig | None:

@@ -223,7 +223,10 @@ def test_press_needing_the_question_without_query_aware(baseline):
 def test_decode_phase_press_where_it_cannot_run(baseline):
     with pytest.raises(ValueError, match="compresses while decoding, through hooks that a captured CUDA graph"):
         _answer(press=DecodePress(0.5), cuda_graph=True)
-    with pytest.raises(ValueError, match="keeps a different number of tokens per head .* pass a DecodingPress"):
+    with pytest.raises(
+        ValueError,
+        match="head-variable.*, and H2OPress, which compresses while decoding, works on dense caches only: pass a Deco",
+    ):
         _answer(press=PrefillDecodingPress(AdaKVPress(KnormPress(0.5)), H2OPress(target_size=32)))
     with pytest.raises(ValueError, match="in a DynamicCache only so far; got cache=VarlenCache: pass cache=None"):
         _answer(press=H2OPress(target_size=32), cache=VarlenCache(config=text_model().config))
