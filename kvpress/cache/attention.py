@@ -60,13 +60,19 @@ def kvpress_attention(
     if attention_mask is not None:
         # A caller-built mask is sized for one layer; it cannot describe compressed layers of other lengths.
         raise ValueError("the 'kvpress' attention function builds its own masks; pass attention_mask=None")
-    q_len, kv_len = query.shape[2], key.shape[2]
-    mask = causal_suffix_mask(q_len, kv_len, query.device, sliding_window)
+    return suffix_attention(query, key, value, scaling, sliding_window), None
+
+
+def suffix_attention(query, key, value, scaling: float | None, sliding_window: int | None = None) -> torch.Tensor:
+    """Dense attention of ``query`` ``(batch, heads, q_len, head_dim)``, the newest ``q_len`` tokens, over ``key`` and
+    ``value`` ``(batch, kv_heads, kv_len, head_dim)`` (:func:`causal_suffix_mask`; GQA by head groups); returns
+    ``(batch, q_len, heads, head_dim)``."""
+    mask = causal_suffix_mask(query.shape[2], key.shape[2], query.device, sliding_window)
     groups = query.shape[1] // key.shape[1]
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1, dropout_p=0.0
     )
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 def register_attention() -> str:

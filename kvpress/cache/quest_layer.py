@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from kvpress.cache.attention import causal_suffix_mask
+from kvpress.cache.attention import suffix_attention
 from kvpress_kernels import PagedKV, page_attention, page_scores, select_pages
 
 _SAVED_PAGE = "_snapshot_open_page_bounds"
@@ -157,8 +156,4 @@ class QuestView:
             pages = select_pages(page_scores(q, layer.paged, layer.recent_pages), layer.n_select)
             layer.sparse_steps += 1
             return page_attention(q, layer.paged, pages, scale)[:, None]
-        keys, values = layer.dense_keys_values()
-        mask = causal_suffix_mask(query.shape[2], layer.length, query.device)
-        groups = query.shape[1] // keys.shape[1]
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
-        return out.transpose(1, 2).contiguous()
+        return suffix_attention(query, *layer.dense_keys_values(), scale)

@@ -119,16 +119,18 @@ class VarlenLayer(DynamicLayer):
         tail = self.tail_lens.long()
         lengths = seg_lens + tail[:, None]
         longest = int(lengths.max()) if lengths.numel() else 0
+        # Destination (head, slot) of every context row, then of every valid tail row: the same for keys and values.
+        owner = torch.repeat_interleave(torch.arange(b * h, device=device), seg_lens.flatten())
+        seg_slot = torch.arange(self.seg_k.shape[0], device=device) - self.cu_seqlens.long()[owner]
+        t = torch.arange(self.tail_len, device=device)
+        valid = (t < tail[:, None]).repeat_interleave(h, 0)  # (b * h, T)
+        tail_slot = (seg_lens.reshape(-1, 1) + t)[valid]
+        tail_head = torch.arange(b * h, device=device)[:, None].expand_as(valid)[valid]
         padded = []
         for seg, buf in ((self.seg_k, self.tail_k), (self.seg_v, self.tail_v)):
             out = seg.new_zeros(b * h, longest, seg.shape[-1])
-            owner = torch.repeat_interleave(torch.arange(b * h, device=device), seg_lens.flatten())
-            out[owner, torch.arange(seg.shape[0], device=device) - self.cu_seqlens.long()[owner]] = seg
-            t = torch.arange(self.tail_len, device=device)
-            valid = (t < tail[:, None]).repeat_interleave(h, 0)  # (b * h, T)
-            slot = seg_lens.reshape(-1, 1) + t
-            rows = torch.arange(b * h, device=device)[:, None].expand_as(slot)
-            out[rows[valid], slot[valid]] = buf[:, :, : self.tail_len].reshape(b * h, self.tail_len, -1)[valid]
+            out[owner, seg_slot] = seg
+            out[tail_head, tail_slot] = buf[:, :, : self.tail_len].reshape(b * h, self.tail_len, -1)[valid]
             padded.append(out.view(b, h, longest, -1))
         return padded[0], padded[1], lengths
 

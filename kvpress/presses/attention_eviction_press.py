@@ -15,7 +15,7 @@ from kvpress.cache.layer_access import read_layer, write_layer
 from kvpress.presses.base_press import BasePress, is_prefill, layer_input
 from kvpress.presses.budget import check_int
 from kvpress.presses.capabilities import Capabilities
-from kvpress.presses.decoding_press import check_dense
+from kvpress.presses.decoding_press import check_decode_layer
 from kvpress.presses.report import CompressionReport
 from kvpress.presses.scorer_press import gather_tokens
 from kvpress.utils import group_reduce, is_sliding_layer, query_states
@@ -101,7 +101,8 @@ class AttentionEvictionPress(BasePress):
         layer_idx, n_new = module.layer_idx, hidden_states.shape[1]
         if is_prefill(cache, module, hidden_states):
             return output  # not this press's phase
-        check_dense(self, cache)
+        check_decode_layer(self, cache, layer_idx, (), "compresses while decoding, on dense cache layers (a "
+                           "transformers DynamicCache) only so far")  # fmt: skip
         keys, values = read_layer(cache, layer_idx)
         n = keys.shape[-2]
         state = report.state.setdefault(("eviction", layer_idx), {"stats": None, "steps": 0})

@@ -13,7 +13,8 @@ from torch import nn
 
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.forward_keyword import find_cache
-from kvpress.cache.layer_access import holds_kvpress_layers, read_layer, read_ragged_layer, write_layer
+from kvpress.cache.layer_access import read_layer, read_ragged_layer, write_layer
+from kvpress.cache.varlen_layer import VarlenLayer
 from kvpress.presses.base_press import BasePress, is_prefill, layer_input
 from kvpress.presses.budget import check_int
 from kvpress.presses.capabilities import Capabilities
@@ -141,7 +142,8 @@ class DecodingPress(BasePress):
         layer_idx = module.layer_idx
         if is_prefill(cache, module, hidden_states):
             return output  # not this press's phase
-        check_recompressible(self, cache)
+        check_decode_layer(self, cache, layer_idx, (VarlenLayer,), "re-compresses while decoding layers that store "
+                           "whole tokens (a transformers DynamicCache or a kvpress VarlenCache)")  # fmt: skip
         buffer = report.state.setdefault(("decoding", layer_idx), _Buffer())
         buffer.push(hidden_states.detach(), kwargs["position_embeddings"], self.hidden_states_buffer)
         if buffer.steps < self.compression_interval:
@@ -224,25 +226,12 @@ def _cache_positions(decoder: nn.Module, args: tuple, kwargs: dict, rotary: nn.M
     return args, kwargs
 
 
-def check_recompressible(press: BasePress, cache) -> None:
-    """``ValueError`` unless every layer of ``cache`` stores whole tokens that a re-compression can rewrite: dense
-    transformers layers or head-variable :class:`~kvpress.cache.varlen_layer.VarlenLayer`s (not quantized,
-    channel-pruned or merged ones)."""
-    kinds = sorted({type(layer).__name__ for layer in cache.layers if hasattr(layer, "dense_keys_values")})
-    other = [kind for kind in kinds if kind != "VarlenLayer"]
-    if other:
+def check_decode_layer(press: BasePress, cache, layer_idx: int, accepted: tuple[type, ...], needs: str) -> None:
+    """``ValueError`` unless layer ``layer_idx`` of ``cache`` is a transformers layer or exactly one of the ``accepted``
+    kvpress layer types: a decode-time press reads and rewrites whole tokens, which quantized, channel-pruned or merged
+    layers (and ragged ones, for presses that do not accept them) do not hold. ``needs`` says what the press needs."""
+    layer = cache.layers[layer_idx]
+    if hasattr(layer, "dense_keys_values") and type(layer) not in accepted:
         raise ValueError(
-            f"{type(press).__name__} re-compresses while decoding layers that store whole tokens (a transformers "
-            f"DynamicCache or a kvpress VarlenCache); this {type(cache).__name__} holds {', '.join(other)} layers"
-        )
-
-
-def check_dense(press: BasePress, cache) -> None:
-    """``ValueError`` unless ``cache`` stores every layer densely (a transformers ``DynamicCache``): decode-time
-    presses read and rewrite whole layers, which ragged, quantized, channel-pruned or merged layers do not allow."""
-    if holds_kvpress_layers(cache):
-        kinds = sorted({type(layer).__name__ for layer in cache.layers if hasattr(layer, "dense_keys_values")})
-        raise ValueError(
-            f"{type(press).__name__} compresses while decoding, on dense cache layers (a transformers DynamicCache) "
-            f"only so far; this {type(cache).__name__} holds {', '.join(kinds)} layers"
+            f"{type(press).__name__} {needs}; this {type(cache).__name__} holds {type(layer).__name__} layers"
         )
