@@ -12,7 +12,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache, model_head_dim
 from kvpress.cache.varlen_cache import VarlenCache
-from kvpress.generation import CompressedContext, make_cache
+from kvpress.generation import CompressedContext, graph_decoding_press, make_cache
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
 from kvpress.utils import layer_types
@@ -133,11 +133,8 @@ class KVPressTextGenerationPipeline(Pipeline):
                 f"cache must be a transformers Cache (e.g. DynamicCache) or None, got {type(cache).__name__}"
             )
         caps = press.capabilities if press is not None else Capabilities()
-        if caps.compresses_decode and cuda_graph:
-            raise ValueError(
-                f"{type(press).__name__} compresses while decoding, through hooks that a captured CUDA graph does not "
-                "run; pass cuda_graph=False"
-            )
+        if cuda_graph:
+            graph_decoding_press(press)  # decode-time presses other than DecodingPress act at every step: refused
         if caps.needs_question and not query_aware:
             raise ValueError(
                 f"{type(press).__name__} needs the question in the compressed prompt: pass query_aware=True"
@@ -333,7 +330,7 @@ class KVPressTextGenerationPipeline(Pipeline):
                 raise ValueError(f"the cache holds {len(context.positions)} sequences; context=None takes one")
             return {"answers": [a for t in tails for a in self._answer(context, [t], max_new_tokens, cuda_graph)],
                     "reports": None}  # fmt: skip
-        cache = cache if cache is not None else make_cache(self.model, press, quantization)
+        cache = cache if cache is not None else make_cache(self.model, press, quantization, ragged=cuda_graph)
         prefill = functools.partial(CompressedContext.prefill, self.model, press=press, cache=cache,
                                     record_kept=record_kept, compact=cuda_graph)  # fmt: skip
         answers, reports = [], []

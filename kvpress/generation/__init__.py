@@ -6,8 +6,19 @@ not want the pipeline.
 """
 
 from kvpress.generation.context import CompressedContext, make_cache, summarize
-from kvpress.generation.decode import greedy_decode
+from kvpress.generation.decode import decode_chunks, graph_decoding_press, greedy_decode
 from kvpress.generation.graph_decoder import GraphDecoder
 from kvpress.generation.prefill import prefill
+from kvpress.generation.step_recorder import StepRecorder
 
-__all__ = ["CompressedContext", "GraphDecoder", "greedy_decode", "make_cache", "prefill", "summarize"]
+__all__ = [
+    "CompressedContext",
+    "GraphDecoder",
+    "StepRecorder",
+    "decode_chunks",
+    "graph_decoding_press",
+    "greedy_decode",
+    "make_cache",
+    "prefill",
+    "summarize",
+]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Collection
 
 import torch
@@ -20,13 +19,19 @@ from kvpress.generation.prefill import prefill
 from kvpress.presses.base_press import BasePress
 
 
-def make_cache(model: nn.Module, press: BasePress | None = None, quantization: QuantizationConfig | None = None):
+def make_cache(
+    model: nn.Module,
+    press: BasePress | None = None,
+    quantization: QuantizationConfig | None = None,
+    ragged: bool = False,
+):
     """The cache a press needs: a :class:`QuantizedCache` under ``quantization``, a :class:`VarlenCache` for presses
-    that keep a different number of tokens per head, else a transformers ``DynamicCache``."""
+    that keep a different number of tokens per head or when ``ragged`` (CUDA-graph decoding), else a transformers
+    ``DynamicCache``."""
     if quantization is not None:
         rope = rotary_table(model) if quantization.pre_rope else None
         return QuantizedCache(config=model.config, quantization=quantization, rope=rope)
-    if press is not None and press.capabilities.head_variable:
+    if ragged or (press is not None and press.capabilities.head_variable):
         return VarlenCache(config=model.config)
     return DynamicCache(config=model.config)
 
@@ -151,17 +156,10 @@ class CompressedContext:
         returned to the compressed context afterwards."""
         if len(tails) != len(self.positions):
             raise ValueError(f"got {len(tails)} tails for a cache of {len(self.positions)} sequences; give one each")
-        if cuda_graph and self.decoding_press is not None:
-            raise ValueError(
-                f"cuda_graph=True replays a captured step, without the hooks of {type(self.decoding_press).__name__}, "
-                "which compresses while decoding; pass cuda_graph=False"
-            )
-        press = self.decoding_press
         try:
             # A decode-time press acts on the question and every generated token; its state starts fresh per answer.
-            with press(self.model) if press is not None else contextlib.nullcontext():
-                return greedy_decode(self.model, self.cache, tails, self.positions, max_new_tokens, eos_ids, pad_id,
-                                     cuda_graph)  # fmt: skip
+            return greedy_decode(self.model, self.cache, tails, self.positions, max_new_tokens, eos_ids, pad_id,
+                                 cuda_graph, self.decoding_press)  # fmt: skip
         finally:
             restore_cache(self.cache, self._state)
 

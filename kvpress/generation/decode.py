@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
@@ -10,7 +11,13 @@ from torch import nn
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.varlen_cache import VarlenCache
+from kvpress.cache.varlen_layer import VarlenLayer
 from kvpress.generation.graph_decoder import GraphDecoder
+from kvpress.generation.step_recorder import StepRecorder
+from kvpress.presses.base_press import BasePress
+from kvpress.presses.decoding_press import DecodingPress, check_decode_layer
+from kvpress.presses.report import CompressionReport
+from kvpress.utils import attention_layers, is_sliding_layer
 
 
 def greedy_decode(
@@ -22,6 +29,7 @@ def greedy_decode(
     eos_ids: Collection[int],
     pad_id: int = 0,
     cuda_graph: bool = False,
+    press: BasePress | None = None,
 ) -> list[list[int]]:
     """Greedy tokens of every sequence of ``cache`` after its prompt tail; each stops at any id of ``eos_ids``.
 
@@ -30,16 +38,56 @@ def greedy_decode(
         positions: the position of each tail's first token (where the sequence's context ends).
         cuda_graph: decode through a captured CUDA graph (:class:`GraphDecoder`; a compressed ``VarlenCache`` on
             CUDA) instead of one eager forward per token. Tokens equal the eager loop's.
+        press: a decode-time press attached while decoding (it acts on the tail and every generated token; its
+            state starts fresh). With ``cuda_graph``, a :class:`DecodingPress` (alone or in a
+            :class:`PrefillDecodingPress`): the graph replays the steps between two re-compressions, which run eagerly.
 
     Tails of different lengths are right-padded (with ``pad_id``) and the cache told each sequence's real count, so
     padding never enters it. The cache keeps the tails and answers afterwards. Returns the generated ids (EOS
     excluded), one list per sequence.
     """
+    eos = set(eos_ids)
+    generated: list[list[int]] = [[] for _ in tails]
+    finished = [False] * len(tails)
+    steps = decode_chunks(model, cache, tails, positions, max_new_tokens, sorted(eos), pad_id, cuda_graph, press)
+    for chunk in steps:
+        for b, row in enumerate(chunk.tolist()):
+            for tok in row:
+                if finished[b]:
+                    break
+                if tok in eos:
+                    finished[b] = True
+                else:
+                    generated[b].append(tok)
+        if all(finished):
+            steps.close()
+    return generated
+
+
+def decode_chunks(
+    model: nn.Module,
+    cache,
+    tails: list[torch.Tensor],
+    positions: list[int],
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int = 0,
+    cuda_graph: bool = False,
+    press: BasePress | None = None,
+    chunk_size: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """The greedy tokens of :func:`greedy_decode` as they come: ``(batch, k)`` long chunks, ``max_new_tokens`` in
+    all. The eager loop yields one token per chunk; a CUDA graph yields each run of replays (at most ``chunk_size``
+    tokens; by default all of them, or those between two re-compressions of ``press``), stopped early once every
+    sequence has produced an id of ``eos_ids`` within it. Stop iterating to stop decoding (the cache then holds the
+    tokens generated so far)."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    decoding = graph_decoding_press(press) if cuda_graph else None
     if cuda_graph and not isinstance(cache, VarlenCache):
         raise ValueError(  # noqa: TRY004
             "cuda_graph=True decodes from a VarlenCache; pass cache=VarlenCache(config=model.config)"
         )
-    eos = set(eos_ids)
     device = tails[0].device
     batch = len(tails)
     lengths = [t.shape[1] for t in tails]
@@ -49,18 +97,8 @@ def greedy_decode(
         ids[b, : lengths[b]] = t[0]
     start = torch.tensor(positions, device=device)
     padded = min(lengths) != width
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    finished = [False] * batch
 
-    def take(b: int, tok: int) -> None:
-        if finished[b]:
-            return
-        if tok in eos:
-            finished[b] = True
-        else:
-            generated[b].append(tok)
-
-    with torch.no_grad(), compressed_attention(model):
+    with torch.no_grad(), compressed_attention(model), attached(press, model) as report:
         if padded:
             cache.new_token_lengths = torch.tensor(lengths, dtype=torch.int32, device=device)
         try:
@@ -75,27 +113,103 @@ def greedy_decode(
             if padded:
                 cache.new_token_lengths = None
         last = torch.tensor(lengths, device=device) - 1 if padded else torch.full((batch,), -1, device=device)
-        token = out.logits[torch.arange(batch, device=device), last].argmax(-1)
-        position = start + torch.tensor(lengths, device=device)
-        for step in range(max_new_tokens):
-            for b, tok in enumerate(token.tolist()):
-                take(b, tok)
-            if all(finished) or step == max_new_tokens - 1:
-                break
-            if cuda_graph:
-                decoder = GraphDecoder(model, cache, max_new_tokens)
-                rest = decoder.decode(token[:, None], position[:, None], max_new_tokens - 1 - step, sorted(eos))
-                for b, row in enumerate(rest.tolist()):
-                    for tok in row:
-                        take(b, tok)
-                break
+        token = out.logits[torch.arange(batch, device=device), last].argmax(-1)[:, None]
+        position = (start + torch.tensor(lengths, device=device))[:, None]
+        del out
+        yield token
+        remaining = max_new_tokens - 1
+        if cuda_graph:
+            yield from _graph_chunks(model, cache, token, position, remaining, eos_ids, decoding, report, chunk_size)
+            return
+        for _ in range(remaining):
             out = model(
-                input_ids=token[:, None],
-                **cache_kwargs(model, cache),
-                position_ids=position[:, None],
-                use_cache=True,
-                logits_to_keep=1,
+                input_ids=token, **cache_kwargs(model, cache), position_ids=position, use_cache=True, logits_to_keep=1
             )
             position = position + 1
-            token = out.logits[:, -1].argmax(-1)
-    return generated
+            token = out.logits[:, -1:].argmax(-1)
+            yield token
+
+
+def _graph_chunks(model, cache, token, position, remaining: int, eos_ids, decoding, report, chunk_size):
+    """Replays of captured steps; with a :class:`DecodingPress`, one graph per stretch between re-compressions,
+    whose inputs a :class:`StepRecorder` keeps for the press, which then re-compresses eagerly."""
+    if decoding is None:
+        if remaining > 0:
+            yield from _replays(GraphDecoder(model, cache, remaining), token, position, remaining, eos_ids, chunk_size)
+        return
+    layers = [m for m in attention_layers(model) if not is_sliding_layer(m)]
+    for module in layers:
+        check_decode_layer(decoding, cache, module.layer_idx, (VarlenLayer,), "re-compresses, between graph "
+                           "replays, layers that store whole tokens (a VarlenCache without quantization)")  # fmt: skip
+    with StepRecorder(model, decoding.hidden_states_buffer) as recorder:
+        while remaining > 0:
+            n = min(decoding.steps_to_recompression(report), remaining)
+            with suspended(report):  # the press's hooks would otherwise run during warm-up and capture
+                decoder = GraphDecoder(model, cache, n)
+            done = 0
+            for chunk in _replays(decoder, token, position, n, eos_ids, chunk_size, report):
+                done += chunk.shape[1]
+                yield chunk
+            del decoder  # frees the graph's memory pool before the next capture
+            remaining -= done
+            if done < n:
+                return  # every sequence ended
+            token, position = chunk[:, -1:], position + done
+            kwargs = cache_kwargs(model, cache)
+            for module in layers:
+                hidden, cos, sin = recorder.last(module.layer_idx, done)
+                kwargs["position_embeddings"] = (cos, sin)
+                decoding.observe(module, cache, hidden, (cos, sin), kwargs, report)
+
+
+def _replays(decoder: GraphDecoder, token, position, n: int, eos_ids, chunk_size, report=None):
+    """``n`` steps of ``decoder`` from ``token`` at ``position``, in chunks of at most ``chunk_size``."""
+    done = 0
+    while done < n:
+        k = min(chunk_size or n, n - done)
+        with suspended(report):
+            chunk = decoder.decode(*((token, position) if done == 0 else (None, None)), k, eos_ids)
+        done += chunk.shape[1]
+        yield chunk
+        if chunk.shape[1] < k:
+            return  # every sequence ended
+
+
+def graph_decoding_press(press: BasePress | None) -> DecodingPress | None:
+    """The :class:`DecodingPress` that CUDA-graph decoding drives between replays for ``press`` (``None`` without a
+    decode-time press); ``ValueError`` for the decode-time presses a graph cannot run (they act at every step)."""
+    if press is None or not press.capabilities.compresses_decode:
+        return None
+    decoding = getattr(press, "decoding_press", press)
+    if type(decoding) is not DecodingPress or decoding.rerotate:
+        raise ValueError(
+            f"cuda_graph=True replays captured steps, which run no press hooks; between replays it re-compresses "
+            f"with a DecodingPress (rerotate=False), alone or in a PrefillDecodingPress, while "
+            f"{type(decoding).__name__}{' (rerotate=True)' if type(decoding) is DecodingPress else ''} acts at every "
+            "step: pass cuda_graph=False"
+        )
+    return decoding
+
+
+@contextlib.contextmanager
+def suspended(report: CompressionReport | None) -> Iterator[None]:
+    """Keep the press's hooks idle while steps run that the press is told about afterwards (graph warm-up, capture
+    and replays: a replay runs no hooks, and the others must not count twice)."""
+    if report is None:
+        yield
+        return
+    report.suspended = True
+    try:
+        yield
+    finally:
+        report.suspended = False
+
+
+@contextlib.contextmanager
+def attached(press: BasePress | None, model: nn.Module) -> Iterator[CompressionReport | None]:
+    """``with press(model) as report`` when there is a press; yields ``None`` otherwise."""
+    if press is None:
+        yield None
+        return
+    with press(model) as report:
+        yield report

@@ -198,6 +198,8 @@ class _Hook:
     report: CompressionReport = field(repr=False)
 
     def __call__(self, module, args, kwargs, output):
+        if self.report.suspended:
+            return output
         return self.press.forward_hook(module, args, kwargs, output, self.report)
 
 

@@ -144,13 +144,26 @@ class DecodingPress(BasePress):
             return output  # not this press's phase
         check_decode_layer(self, cache, layer_idx, (VarlenLayer,), "re-compresses while decoding layers that store "
                            "whole tokens (a transformers DynamicCache or a kvpress VarlenCache)")  # fmt: skip
-        buffer = report.state.setdefault(("decoding", layer_idx), _Buffer())
-        buffer.push(hidden_states.detach(), kwargs["position_embeddings"], self.hidden_states_buffer)
+        self.observe(module, cache, hidden_states, kwargs["position_embeddings"], kwargs, report)
+        return output
+
+    def observe(self, module, cache, hidden_states, position_embeddings, kwargs: dict, report) -> None:
+        """Count ``hidden_states`` ``(batch, m, hidden)`` (with their rotary ``(cos, sin)``) as ``m`` tokens generated
+        into ``module``'s layer of ``cache``, and re-compress the layer once ``compression_interval`` have been.
+
+        The hook calls it at every decode forward; a decoder that runs steps without hooks (a replayed CUDA graph)
+        calls it after them with the steps' recorded inputs (the last ``hidden_states_buffer`` suffice)."""
+        buffer = report.state.setdefault(("decoding", module.layer_idx), _Buffer())
+        buffer.push(hidden_states.detach(), position_embeddings, self.hidden_states_buffer)
         if buffer.steps < self.compression_interval:
-            return output
+            return
         buffer.steps = 0
         self.recompress(module, cache, buffer, kwargs, report)
-        return output
+
+    def steps_to_recompression(self, report: CompressionReport) -> int:
+        """Decode steps until the next re-compression of some layer (``compression_interval`` before the first)."""
+        done = [v.steps for k, v in report.state.items() if isinstance(k, tuple) and k[0] == "decoding"]
+        return self.compression_interval - max(done, default=0)
 
     def recompress(self, module, cache, buffer: _Buffer, kwargs: dict, report: CompressionReport) -> None:
         """Bring ``module``'s layer of ``cache`` back to ``target_size`` tokens per head."""

@@ -24,6 +24,8 @@ class CompressionReport:
             received, for the layers whose press ranks tokens by a score (on CPU; ``NaN`` where nothing scored it).
         decode_compressions: ``{layer_idx: count}`` of re-compressions done while decoding (decode-time presses).
         state: scratch space of presses that act across forwards (buffers, step counts), dropped with the report.
+        suspended: while ``True`` the press's layer hooks return at once: a decoder that drives the press itself
+            (CUDA-graph decoding with a decode-time press) sets it while it captures and replays steps.
     """
 
     n_layers: int
@@ -35,6 +37,7 @@ class CompressionReport:
     scores: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     decode_compressions: dict[int, int] = field(default_factory=dict)
     state: dict = field(default_factory=dict, repr=False)
+    suspended: bool = False
 
     def record(
         self,

@@ -171,10 +171,13 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="prefill_press must be a prefill-phase press, got DecodingPress"):
         PrefillDecodingPress(DecodingPress(KnormPress()), DecodingPress(KnormPress()))
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="cuda_graph=True replays a captured step"):
+    with pytest.raises(ValueError, match="cuda_graph=True decodes from a VarlenCache"):
         CompressedContext.prefill(model, random_ids(20), DecodingPress(KnormPress())).generate(
             [random_ids(2)], 3, eos_ids=[], cuda_graph=True
         )
+    streaming = DecodingPress(KnormPress(), rerotate=True)
+    with pytest.raises(ValueError, match=r"with a DecodingPress \(rerotate=False\).*DecodingPress \(rerotate=True\)"):
+        CompressedContext.prefill(model, random_ids(20), streaming).generate([random_ids(2)], 3, [], cuda_graph=True)
 
 
 def test_streaming_llm_as_published_keeps_cache_positions():
