@@ -171,6 +171,28 @@ def layer_attention_us(cache, layer_idx: int, heads: int, head_dim: int, repeats
     return round(statistics.median(times[5:]), 1)
 
 
+def profile_kernels(model, cache, position: int, steps: int, top: int = 25) -> list[dict]:
+    """GPU microseconds per decode step of each kernel over ``steps`` eager steps (kernel time only: the gaps of the
+    host-bound eager loop are not counted), the ``top`` largest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.full((1, 1), position, dtype=torch.long, device="cuda")
+    state = snapshot_cache(cache)
+    with torch.no_grad(), compressed_attention(model):
+        greedy_step(model, cache, ids, pos)  # compiles
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                greedy_step(model, cache, ids, pos)
+            torch.cuda.synchronize()
+    restore_cache(cache, state)
+    rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return [{"kernel": e.key[:90], "calls_per_step": round(e.count / steps, 1),
+             "us_per_step": round(e.self_device_time_total / steps, 1)} for e in rows[:top]]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=131072)
@@ -178,6 +200,9 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200, help="timed graph replays")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS eager Quest steps: GPU time per step of each kernel")  # fmt: skip
+    parser.add_argument("--only", choices=["quest", "full"], default=None, help="run one variant")
     args = parser.parse_args()
 
     model = llama31_8b_model()
@@ -192,7 +217,7 @@ def main() -> None:
     kv_row = 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * cfg.num_hidden_layers  # K+V bytes per token, bf16
     budget_floor = (weights + args.budget * kv_row) / bandwidth * 1000
     result["floor_weights_and_budget_ms"] = round(budget_floor, 3)
-    for name in ("quest", "full"):
+    for name in ("quest", "full") if args.only is None else (args.only,):
         if name == "quest":
             cache = quest_cache(model, args.context, args.page_size, args.budget, room)
         else:
@@ -200,6 +225,9 @@ def main() -> None:
         read = decode_bytes_read(cache)
         timing = time_decode(model, cache, args.context, args.steps, check)
         layer_us = layer_attention_us(cache, 0, cfg.num_attention_heads, cfg.head_dim)
+        if args.profile and name == "quest":
+            result["quest_profile"] = profile_kernels(model, cache, args.context, args.profile)
+            print(json.dumps(result["quest_profile"], indent=1), flush=True)
         floor = (weights + read) / bandwidth * 1000
         result["variants"][name] = {
             **timing,
@@ -212,9 +240,10 @@ def main() -> None:
         print(name, json.dumps(result["variants"][name]), flush=True)
         del cache
         torch.cuda.empty_cache()
-    quest = result["variants"]["quest"]["graph_ms_median"]
-    result["quest_over_budget_floor"] = round(quest / budget_floor, 3)
-    result["quest_speedup_over_full"] = round(result["variants"]["full"]["graph_ms_median"] / quest, 3)
+    if args.only is None:
+        quest = result["variants"]["quest"]["graph_ms_median"]
+        result["quest_over_budget_floor"] = round(quest / budget_floor, 3)
+        result["quest_speedup_over_full"] = round(result["variants"]["full"]["graph_ms_median"] / quest, 3)
     print(json.dumps({k: v for k, v in result.items() if k != "variants"}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

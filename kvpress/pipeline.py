@@ -13,6 +13,7 @@ from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache, model_head_dim
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.generation import CompressedContext, graph_decoding_press, make_cache
+from kvpress.generation.prefill import check_chunk_size
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
 from kvpress.utils import layer_types
@@ -29,7 +30,7 @@ class KVPressTextGenerationPipeline(Pipeline):
 
     ``pipe(context, question=... | questions=[...], answer_prefix="", press=None, max_new_tokens=50,
     max_context_length=None, cache=None, query_aware=False, use_chat_template=None, cuda_graph=False,
-    kv_quantization=None)``
+    kv_quantization=None, prefill_chunk_size=None)``
 
     - The context (with the chat template's prefix) is prefilled once, under the press; each question (with the
       template's suffix and ``answer_prefix``) is then answered by greedy decoding from the compressed cache, and the
@@ -53,6 +54,9 @@ class KVPressTextGenerationPipeline(Pipeline):
       the prefill.
     - ``cuda_graph=True`` (CUDA and a ``VarlenCache`` only) decodes through a captured CUDA graph, removing the
       Python overhead of the token-by-token loop.
+    - ``prefill_chunk_size``: prefill the context at most that many tokens per forward, the press bringing the cache
+      back to its budget after each chunk, so peak memory follows the chunk, not the context
+      (:func:`kvpress.generation.prefill`; presses with ``capabilities.chunked_prefill``). ``None``: one forward.
     - ``kv_quantization``: a :class:`~kvpress.cache.QuantizationConfig` (or a dict of its fields) stores the cache
       quantized: the pipeline builds a :class:`~kvpress.cache.QuantizedCache` (single contexts, batches,
       query-aware) and quantizes every layer after the prefill, compressed by the press or not. A press with a
@@ -86,6 +90,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         use_chat_template: bool | None = None,
         cuda_graph: bool = False,
         kv_quantization: QuantizationConfig | dict | None = None,
+        prefill_chunk_size: int | None = None,
         return_report: bool = False,
         record_kept: bool = False,
         **kwargs,
@@ -94,7 +99,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError(
                 f"unknown pipeline argument(s) {sorted(kwargs)}; accepted: question, questions, answer_prefix, press, "
                 "max_new_tokens, max_context_length, cache, query_aware, use_chat_template, cuda_graph, "
-                "kv_quantization, return_report, record_kept"
+                "kv_quantization, prefill_chunk_size, return_report, record_kept"
             )
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")  # noqa: TRY004
@@ -166,6 +171,12 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError(f"cuda_graph=True decodes from a VarlenCache, which {type(press).__name__} does not use")
         if cuda_graph and not (torch.cuda.is_available() and self.model.device.type == "cuda"):
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        check_chunk_size(prefill_chunk_size, press)
+        if prefill_chunk_size is not None and (kv_quantization is not None or isinstance(cache, QuantizedCache)):
+            raise ValueError(
+                "prefill_chunk_size re-compresses each chunk from whole tokens, which a QuantizedCache does not keep; "
+                "pass prefill_chunk_size=None with kv_quantization"
+            )
         quantization = self._quantization(press, cache, kv_quantization)
         if caps.compresses_decode:
             self._check_decode_time(press, caps, cache, quantization)
@@ -176,6 +187,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             "cuda_graph": cuda_graph,
             "quantization": quantization,
             "record_kept": record_kept,
+            "chunk_size": prefill_chunk_size,
         }
         return preprocess, forward, {"single": single, "return_report": return_report}
 
@@ -312,10 +324,12 @@ class KVPressTextGenerationPipeline(Pipeline):
         return [self.tokenizer.decode(g, skip_special_tokens=True) for g in ids]
 
     def _forward(
-        self, inputs, press=None, max_new_tokens=50, cache=None, cuda_graph=False, quantization=None, record_kept=False
-    ):
+        self, inputs, press=None, max_new_tokens=50, cache=None, cuda_graph=False, quantization=None, record_kept=False,
+        chunk_size=None,
+    ):  # fmt: skip
         if "batch" in inputs:
-            return self._forward_batch(inputs["batch"], press, max_new_tokens, cuda_graph, quantization, record_kept)
+            return self._forward_batch(inputs["batch"], press, max_new_tokens, cuda_graph, quantization, record_kept,
+                                       chunk_size)  # fmt: skip
         device = self.model.device
         prompts = [p.to(device) for p in inputs["prompts"]]
         tails = [t.to(device) for t in inputs["tails"]]
@@ -332,7 +346,7 @@ class KVPressTextGenerationPipeline(Pipeline):
                     "reports": None}  # fmt: skip
         cache = cache if cache is not None else make_cache(self.model, press, quantization, ragged=cuda_graph)
         prefill = functools.partial(CompressedContext.prefill, self.model, press=press, cache=cache,
-                                    record_kept=record_kept, compact=cuda_graph)  # fmt: skip
+                                    record_kept=record_kept, compact=cuda_graph, chunk_size=chunk_size)  # fmt: skip
         answers, reports = [], []
         if len(prompts) == 1:  # one compressed context shared by every question
             context = prefill(prompts[0])
@@ -389,10 +403,11 @@ class KVPressTextGenerationPipeline(Pipeline):
             for a, r in zip(outputs["batch_answers"], outputs["batch_reports"])
         ]
 
-    def _forward_batch(self, items, press, max_new_tokens, cuda_graph, quantization=None, record_kept=False):
+    def _forward_batch(self, items, press, max_new_tokens, cuda_graph, quantization=None, record_kept=False,
+                       chunk_size=None):  # fmt: skip
         device = self.model.device
         prompts = [item["prompts"][0].to(device) for item in items]
-        context = CompressedContext.prefill_batch(self.model, prompts, press, quantization, record_kept)
+        context = CompressedContext.prefill_batch(self.model, prompts, press, quantization, record_kept, chunk_size)
         answers: list[list[str]] = [[] for _ in items]
         for j in range(len(items[0]["tails"])):
             tails = [item["tails"][j].to(device) for item in items]

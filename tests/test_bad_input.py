@@ -267,3 +267,20 @@ def test_other_argument_types(baseline, kwargs, message):
     with pytest.raises(ValueError, match=message):
         text_pipeline()(CONTEXT, question=QUESTION, **kwargs)
     _assert_still_answers(baseline)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prefill_chunk_size": 0}, r"chunk_size must be an int >= 1 or None \(one forward\), got 0"),
+        ({"prefill_chunk_size": "64"}, r"chunk_size must be an int >= 1 or None \(one forward\), got '64'"),
+        ({"prefill_chunk_size": 16, "press": ObservedAttentionPress(0.5)},
+         "ObservedAttentionPress cannot compress a prefill chunk by chunk .it reads the attention weights"),
+        ({"prefill_chunk_size": 16, "press": KnormPress(0.5), "kv_quantization": {"bits": 4, "group_size": 16}},
+         "prefill_chunk_size re-compresses each chunk from whole tokens, which a QuantizedCache does not keep"),
+    ],
+)  # fmt: skip
+def test_prefill_chunk_size_where_it_cannot_run(baseline, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        text_pipeline()(CONTEXT, question=QUESTION, **kwargs)
+    _assert_still_answers(baseline)

@@ -393,3 +393,26 @@ def test_decode_time_presses_equal_the_generation_layer(press):
         [tail_ids], 12, eos_ids(pipe.model, pipe.tokenizer)
     )[0]
     assert together["answers"][0] == pipe.tokenizer.decode(direct, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("press", [None, SnapKVPress(0.5, window_size=4), AdaKVPress(KnormPress(0.5))],
+                         ids=["none", "snapkv", "adakv"])  # fmt: skip
+def test_prefill_chunk_size_equals_the_generation_layer(press):
+    """``prefill_chunk_size`` prefills the context chunk by chunk, as ``CompressedContext.prefill(chunk_size=)`` does
+    on the same ids; without a press the answers equal a one-forward prefill's."""
+    pipe = text_pipeline("llama")
+    context = random_text(90, seed=12)
+    out = pipe(context, question=QUESTIONS[0], press=press, max_new_tokens=10, prefill_chunk_size=24,
+               return_report=True)  # fmt: skip
+    prompt, tail = _split(pipe.tokenizer, context, QUESTIONS[0], "")
+    ids = pipe.tokenizer(prompt[: prompt.index(context) + len(context)], add_special_tokens=False,
+                         return_tensors="pt").input_ids  # fmt: skip
+    tail_ids = pipe.tokenizer(QUESTIONS[0] + tail, add_special_tokens=False, return_tensors="pt").input_ids
+    direct = CompressedContext.prefill(pipe.model, ids, press, chunk_size=24)
+    answer = direct.generate([tail_ids], 10, eos_ids(pipe.model, pipe.tokenizer))[0]
+    assert out["answer"] == pipe.tokenizer.decode(answer, skip_special_tokens=True)
+    assert out["report"].kv_bytes == direct.summaries[0].kv_bytes
+    if press is None:
+        assert out["answer"] == pipe(context, question=QUESTIONS[0], max_new_tokens=10)["answer"]
+    else:
+        assert out["report"].compression_ratio == pytest.approx(0.5, abs=1 / ids.shape[1])

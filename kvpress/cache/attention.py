@@ -69,6 +69,11 @@ def suffix_attention(query, key, value, scaling: float | None, sliding_window: i
     ``(batch, q_len, heads, head_dim)``."""
     mask = causal_suffix_mask(query.shape[2], key.shape[2], query.device, sliding_window)
     groups = query.shape[1] // key.shape[1]
+    if mask is not None and groups > 1 and query.shape[2] > query.shape[3]:
+        # sdpa's fused kernels take a mask or grouped heads, not both; its fallback materializes q_len x kv_len
+        # weights per query head, which for a long chunk (q_len > head_dim) outweighs repeating the keys and values.
+        key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
+        groups = 1
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1, dropout_p=0.0
     )

@@ -130,7 +130,7 @@ class VarlenLayer(DynamicLayer):
         for seg, buf in ((self.seg_k, self.tail_k), (self.seg_v, self.tail_v)):
             out = seg.new_zeros(b * h, longest, seg.shape[-1])
             out[owner, seg_slot] = seg
-            out[tail_head, tail_slot] = buf[:, :, : self.tail_len].reshape(b * h, self.tail_len, -1)[valid]
+            out[tail_head, tail_slot] = buf[:, :, : self.tail_len].reshape(b * h, self.tail_len, buf.shape[-1])[valid]
             padded.append(out.view(b, h, longest, -1))
         return padded[0], padded[1], lengths
 

@@ -70,8 +70,10 @@ class CompressedContext:
         quantization: QuantizationConfig | None = None,
         record_kept: bool = False,
         compact: bool = False,
+        chunk_size: int | None = None,
     ) -> "CompressedContext":
-        """Prefill ``prompt`` ``(1, n)`` into ``cache`` (default: :func:`make_cache`; must be empty) under ``press``.
+        """Prefill ``prompt`` ``(1, n)`` into ``cache`` (default: :func:`make_cache`; must be empty) under ``press``,
+        in one forward or ``chunk_size`` tokens at a time (:func:`~kvpress.generation.prefill`).
 
         ``compact=True`` moves a :class:`VarlenCache` into its ragged decode layout right away (the CUDA-graph decoder
         needs it); quantized caches always quantize the context here, compressed by the press or not.
@@ -87,7 +89,7 @@ class CompressedContext:
         prefill_press = press if caps is not None and caps.compresses_prefill else None
         # Attached for the prefill whatever its phase, as under `with press(model): model.generate()`: a decode-time
         # press may lay the cache out for decoding then (QuestPress); the others leave the prefill alone.
-        position, report = prefill(model, prompt, cache, press, record_kept)
+        position, report = prefill(model, prompt, cache, press, record_kept, chunk_size)
         report = report if prefill_press is not None else None
         if isinstance(cache, VarlenCache):
             cache.next_positions = [position]
@@ -105,6 +107,7 @@ class CompressedContext:
         press: BasePress | None = None,
         quantization: QuantizationConfig | None = None,
         record_kept: bool = False,
+        chunk_size: int | None = None,
     ) -> "CompressedContext":
         """Prefill each prompt ``(1, n_b)`` alone under ``press``, then stack the compressed caches into one ragged
         cache (a :class:`VarlenCache`, or a :class:`QuantizedCache` under ``quantization``): no padding token enters
@@ -122,7 +125,9 @@ class CompressedContext:
         caches, positions, summaries = [], [], []
         for prompt in prompts:
             ragged = make_cache(model, None, quantization) if quantization else VarlenCache(config=model.config)
-            one = cls.prefill(model, prompt, press, ragged, record_kept=record_kept, compact=True)
+            one = cls.prefill(
+                model, prompt, press, ragged, record_kept=record_kept, compact=True, chunk_size=chunk_size
+            )
             caches.append(one.cache)
             positions += one.positions
             summaries += one.summaries

@@ -1,37 +1,94 @@
-"""Prefill a prompt into a cache, under a press or not."""
+"""Prefill a prompt into a cache, under a press or not, in one forward or chunk by chunk."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
+from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
+from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.report import CompressionReport
 from kvpress.utils import warn_past_positions
 
 
 def prefill(
-    model: nn.Module, input_ids: torch.Tensor, cache, press: BasePress | None = None, record_kept: bool = False
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    cache,
+    press: BasePress | None = None,
+    record_kept: bool = False,
+    chunk_size: int | None = None,
 ) -> tuple[int, CompressionReport | None]:
-    """Run ``input_ids`` ``(1, n)`` through ``model``'s decoder into ``cache`` (which must be empty), under ``press``.
+    """Run ``input_ids`` ``(batch, n)`` through ``model``'s decoder into ``cache`` (which must be empty), under ``press``.
+
+    ``chunk_size`` prefills at most ``chunk_size`` tokens per forward (near-equal chunks): each chunk attends to the cache the earlier chunks
+    left (compressed) plus itself, at its original positions, and the press then brings every layer back to the
+    budget of the tokens seen so far, so peak memory follows the chunk and the budget, not the prompt. Presses must
+    support it (``capabilities.chunked_prefill``); ``None`` (the default) prefills in one forward.
 
     Returns the position of the next token (``n``; the longest kept length for presses that re-rotate kept keys to
     contiguous positions) and the press's :class:`CompressionReport` (``None`` without a press; with the kept
     positions and their scores when ``record_kept``). No logits are computed: the first answer token comes from the
     question's own forward.
     """
-    warn_past_positions(model.config, input_ids.shape[1])
+    n = input_ids.shape[1]
+    check_chunk_size(chunk_size, press)
+    if chunk_size is not None and isinstance(cache, QuantizedCache) and press is not None:
+        raise ValueError(
+            "chunk_size re-compresses each chunk from whole tokens, which a QuantizedCache does not keep once "
+            "compressed; pass chunk_size=None, or prefill into a VarlenCache"
+        )
+    warn_past_positions(model.config, n)
     base = model.base_model
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    kwargs = {"input_ids": input_ids, **cache_kwargs(base, cache), "position_ids": positions, "use_cache": True}
-    with torch.no_grad():
-        if press is None:
-            base(**kwargs)
-            return input_ids.shape[1], None
-        with press(model, record_kept=record_kept) as report:
-            base(**kwargs)
+    positions = torch.arange(n, device=input_ids.device)[None]
+    bounds = chunk_bounds(n, chunk_size)
+    if press is not None and len(bounds) > 2:
+        press.check_length(min(b - a for a, b in zip(bounds, bounds[1:])))  # e.g. a window inside every chunk
+    with torch.no_grad(), press(model, record_kept=record_kept) if press else contextlib.nullcontext() as report:
+        for start, end in zip(bounds, bounds[1:]):
+            if report is not None and chunk_size is not None:
+                report.prefill_chunk = (start, end)
+            # Later chunks run over a compressed cache whose layers may hold different lengths (per-layer budgets),
+            # which the model's single mask cannot describe: the "kvpress" attention derives each layer's own.
+            with compressed_attention(model) if start > 0 else contextlib.nullcontext():
+                base(input_ids=input_ids[:, start:end], **cache_kwargs(base, cache),
+                     position_ids=positions[:, start:end], use_cache=True)  # fmt: skip
+        if report is not None:
+            report.prefill_chunk = None
+    if press is None:
+        return n, None
     if press.capabilities.rerotates_positions and report.kept_lengths:
         # Kept keys sit at positions 0..kept-1; layers may differ, so continue after the longest.
         return int(max(v.max().item() for v in report.kept_lengths.values())), report
-    return input_ids.shape[1], report
+    return n, report
+
+
+def chunk_bounds(n: int, chunk_size: int | None) -> list[int]:
+    """Boundaries ``[0, ..., n]`` of the fewest chunks of at most ``chunk_size`` tokens, of near-equal sizes (a short
+    last chunk would starve presses that score with the chunk's last tokens)."""
+    if chunk_size is None or n <= chunk_size:
+        return [0, n]
+    count = -(-n // chunk_size)
+    return [i * n // count for i in range(count + 1)]
+
+
+def check_chunk_size(chunk_size: int | None, press: BasePress | None) -> None:
+    """``ValueError`` unless ``chunk_size`` is ``None`` or an int >= 1 and ``press`` can prefill chunk by chunk."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1 or None (one forward), got {chunk_size!r}")
+    if press is None:
+        return
+    caps = press.capabilities
+    if caps.compresses_prefill and not caps.chunked_prefill:
+        need = " (it reads the attention weights of the whole prompt)" if caps.needs_attention_weights else ""
+        raise ValueError(
+            f"{type(press).__name__} cannot compress a prefill chunk by chunk{need}; accepted: presses that score "
+            "tokens (ScorerPress: KnormPress, SnapKVPress, TOVAPress, ...) and AdaKVPress around one; pass "
+            "chunk_size=None"
+        )

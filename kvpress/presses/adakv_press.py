@@ -8,7 +8,8 @@ import torch
 
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
-from kvpress.presses.scorer_press import ScorerPress, keep_per_head, rank_key
+from kvpress.presses.chunk_budget import CHUNK_BUDGET
+from kvpress.presses.scorer_press import ScorerPress, keep_per_head, rank_key, score_ragged
 
 
 @dataclass
@@ -48,7 +49,7 @@ class AdaKVPress(BasePress):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(head_variable=True).merge(self.press.capabilities)
+        return Capabilities(head_variable=True, chunked_prefill=True).merge(self.press.capabilities)
 
     def validate(self, model) -> None:
         self.press.validate(model)
@@ -57,6 +58,14 @@ class AdaKVPress(BasePress):
         self.press.check_length(n_tokens)
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        chunk = kwargs.get(CHUNK_BUDGET)
+        if chunk is not None:
+            # The layer keeps heads * k tokens for the chunk's seen tokens, from each head's own (ragged) tokens.
+            k = self.press.n_kept(chunk.seen, module)
+            if k * keys.shape[1] >= int(chunk.valid(keys).sum(1).min()):
+                return None  # nothing to drop
+            scores = score_ragged(self.press, module, hidden_states, keys, values, chunk.lengths, kwargs)
+            return keep_per_head(keys, values, scores, head_budgets(scores, k, self.alpha_safeguard))
         n = keys.shape[-2]
         k = self.press.n_kept(n, module)
         if k >= n:

@@ -15,8 +15,9 @@ from torch import nn
 from kvpress.cache.attention import ATTENTION_NAME, register_attention
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.forward_keyword import CACHE_KEYWORDS, find_cache
-from kvpress.cache.layer_access import holds_kvpress_layers, read_layer, write_layer
+from kvpress.cache.layer_access import holds_kvpress_layers, read_layer, read_ragged_layer, write_layer
 from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.chunk_budget import CHUNK_BUDGET, ChunkBudget
 from kvpress.presses.report import CompressionReport
 from kvpress.utils import attention_layers, attn_implementation, is_sliding_layer, warn_past_positions
 
@@ -112,6 +113,9 @@ class BasePress(ABC):
         if is_sliding_layer(module):
             # Sliding-window layers already hold a bounded window; pruning it would break their window semantics.
             return output
+        if report.prefill_chunk is not None:
+            self.compress_prefill_chunk(module, cache, hidden_states, kwargs, report)
+            return output
         if not is_prefill(cache, module, hidden_states):
             return output  # the cache held tokens before this forward
         keys, values = read_layer(cache, module.layer_idx)
@@ -136,6 +140,34 @@ class BasePress(ABC):
             )
         write_layer(cache, layer_idx, kv)
         report.record(layer_idx, n_tokens=q_len, lengths=kv.lengths, indices=kv.indices, scores=kv.scores)
+
+    def compress_prefill_chunk(self, module, cache, hidden_states, kwargs, report: CompressionReport) -> None:
+        """Chunked prefill: bring ``module``'s layer (the kept tokens of the earlier chunks, then this chunk's) back to
+        the budget of the prompt tokens seen so far, through :meth:`compress` told so by a :class:`ChunkBudget`."""
+        layer_idx = module.layer_idx
+        start, end = report.prefill_chunk
+        ragged = read_ragged_layer(cache, layer_idx)
+        keys, values, lengths = ragged if ragged is not None else (*read_layer(cache, layer_idx), None)
+        budget = ChunkBudget(seen=end, lengths=lengths)
+        kv = self.compress(module, hidden_states, keys, values, None, {**kwargs, CHUNK_BUDGET: budget})
+        positions = report.state.get(("chunk_positions", layer_idx)) if report.record_kept else None
+        if report.record_kept:  # prompt position of every token the layer holds, in its order
+            positions = _chunk_positions(positions, budget.valid(keys), start, end, keys.shape[2])
+        if kv is None:  # every token stays
+            kept = budget.valid(keys)
+            indices = None
+        else:
+            kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
+            if kv.indices is None:
+                raise RuntimeError(f"{self!r} compressed a prefill chunk without saying which tokens it kept")
+            write_layer(cache, layer_idx, kv)
+            kept = kv.lengths
+            indices = kv.indices
+        if positions is not None:
+            if indices is not None:
+                positions = positions.gather(2, indices.to(positions.device))
+            report.state[("chunk_positions", layer_idx)] = positions
+        report.record(layer_idx, n_tokens=end, lengths=kept, indices=positions)
 
     # ---- context manager -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -169,6 +201,20 @@ class BasePress(ABC):
                 handles.append(decoder.register_forward_hook(guard.after, with_kwargs=True))
             handles.append(decoder.register_forward_pre_hook(switch.before, with_kwargs=True))
             yield report
+
+
+def _chunk_positions(previous, valid: torch.Tensor, start: int, end: int, width: int) -> torch.Tensor:
+    """Prompt positions ``(batch, kv_heads, width)`` of a layer's tokens after chunk ``start..end`` was appended:
+    each head's ``previous`` kept positions (``None`` for the first chunk), then ``start..end-1``; ``-1`` pads."""
+    b, h = valid.shape
+    out = torch.full((b, h, width), -1, dtype=torch.long, device=valid.device)
+    before = valid - (end - start)  # tokens each head held before the chunk
+    if previous is not None:
+        m = min(previous.shape[2], width)
+        out[..., :m] = previous[..., :m].to(out.device)
+    slots = before[..., None] + torch.arange(end - start, device=valid.device)
+    out.scatter_(2, slots, torch.arange(start, end, device=valid.device).expand(b, h, -1))
+    return out
 
 
 def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:

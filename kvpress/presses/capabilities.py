@@ -23,6 +23,9 @@ class Capabilities:
         merges_layers: the press stores pairs of layers together (shared directions), in a dense cache only.
         decodes_head_variable: the press compresses while decoding in a head-variable cache too (a ``VarlenCache``,
             whose heads hold different numbers of tokens); decode-time presses without it need a dense cache.
+        chunked_prefill: the press can compress a prefill chunk by chunk (``prefill(..., chunk_size=)``): after each
+            chunk it brings the layer (the kept tokens of earlier chunks plus the chunk) back to the budget of every
+            token seen so far, scoring with the chunk's hidden states only.
     """
 
     phase: Literal["prefill", "decode", "both"] = "prefill"
@@ -33,6 +36,7 @@ class Capabilities:
     prunes_channels: bool = False
     merges_layers: bool = False
     decodes_head_variable: bool = False
+    chunked_prefill: bool = False
 
     @property
     def compresses_prefill(self) -> bool:
@@ -55,4 +59,5 @@ class Capabilities:
             prunes_channels=self.prunes_channels or other.prunes_channels,
             merges_layers=self.merges_layers or other.merges_layers,
             decodes_head_variable=self.decodes_head_variable or other.decodes_head_variable,
+            chunked_prefill=self.chunked_prefill and other.chunked_prefill,  # both must support it
         )

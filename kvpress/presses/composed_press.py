@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -71,7 +72,8 @@ class ComposedPress(BasePress):
 
     @property
     def capabilities(self) -> Capabilities:
-        return functools.reduce(Capabilities.merge, (press.capabilities for press in self.presses))
+        merged = functools.reduce(Capabilities.merge, (press.capabilities for press in self.presses))
+        return dataclasses.replace(merged, chunked_prefill=False)  # each press would need its share of the budget
 
     @property
     def compression_ratio(self) -> float:

@@ -20,7 +20,7 @@ from kvpress.presses.budget import check_int
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.key_rerotation_press import rerotate_keys
 from kvpress.presses.report import CompressionReport
-from kvpress.presses.scorer_press import ScorerPress, gather_tokens
+from kvpress.presses.scorer_press import ScorerPress, gather_tokens, score_ragged
 from kvpress.utils import attention_layers, is_sliding_layer
 
 
@@ -199,11 +199,11 @@ class DecodingPress(BasePress):
         target = self.target_size
         if int(lengths.max()) <= target:
             return None
+        # Heads within the target keep everything: +inf on their tokens, without scoring them.
+        over = torch.where(lengths > target, lengths, 0)
+        scores = score_ragged(self._scorer, module, hidden, keys, values, over, kwargs)
         position = torch.arange(keys.shape[2], device=keys.device)
-        scores = torch.where(position < lengths[..., None], float("inf"), float("-inf"))
-        for n in torch.unique(lengths[lengths > target]).tolist():
-            part = self._scorer.score(module, hidden, keys[:, :, :n], values[:, :, :n], None, kwargs).float()
-            scores[..., :n] = torch.where((lengths == n)[..., None], part, scores[..., :n])
+        scores = torch.where((over == 0)[..., None] & (position < lengths[..., None]), float("inf"), scores)
         kept = scores.topk(min(target, keys.shape[2]), dim=-1).indices.sort(dim=-1).values  # valid ones first
         return CompressedKV(gather_tokens(keys, kept), gather_tokens(values, kept), indices=kept,
                             head_lengths=lengths.clamp(max=target))  # fmt: skip

@@ -62,7 +62,7 @@ class KeyRerotationPress(ScorerWrapperPress):
 
     @property
     def capabilities(self) -> Capabilities:
-        return dataclasses.replace(self.press.capabilities, rerotates_positions=True)
+        return dataclasses.replace(self.press.capabilities, rerotates_positions=True, chunked_prefill=False)
 
     def validate(self, model: nn.Module) -> None:
         super().validate(model)

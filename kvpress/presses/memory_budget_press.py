@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -206,7 +207,7 @@ class MemoryBudgetPress(BasePress):
     # ---- BasePress ------------------------------------------------------------------------------------------------
     @property
     def capabilities(self) -> Capabilities:
-        return self.press.capabilities
+        return dataclasses.replace(self.press.capabilities, chunked_prefill=False)  # budgets from the whole prompt
 
     def validate(self, model: nn.Module) -> None:
         super().validate(model)

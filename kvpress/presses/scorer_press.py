@@ -11,6 +11,8 @@ from torch import nn
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.budget import check_budget, n_kept
+from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.chunk_budget import CHUNK_BUDGET, ChunkBudget
 
 
 @dataclass
@@ -46,7 +48,14 @@ class ScorerPress(BasePress):
         """Tokens kept per (sequence, kv-head) for a prefill of ``n_tokens`` (``module`` allows per-layer budgets)."""
         return n_kept(n_tokens, self.compression_ratio, self.target_size)
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(chunked_prefill=True)
+
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        chunk = kwargs.get(CHUNK_BUDGET)
+        if chunk is not None:
+            return self.compress_chunk(module, hidden_states, keys, values, kwargs, chunk)
         n = keys.shape[-2]
         k = self.n_kept(n, module)
         if k >= n:
@@ -54,10 +63,41 @@ class ScorerPress(BasePress):
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
         return keep_tokens(keys, values, self.select(scores, k, module), scores)
 
+    def compress_chunk(self, module, hidden_states, keys, values, kwargs, chunk: ChunkBudget):
+        """One chunk of a chunked prefill: every head keeps the budget of ``chunk.seen`` tokens (all it holds if
+        fewer), scored over its own tokens (:func:`score_ragged`)."""
+        valid = chunk.valid(keys)
+        k = min(self.n_kept(chunk.seen, module), int(valid.min()))
+        if k >= int(valid.max()):
+            return None  # nothing to drop
+        scores = score_ragged(self, module, hidden_states, keys, values, chunk.lengths, kwargs)
+        return keep_tokens(keys, values, self.select(scores, k, module), scores)
+
     def select(self, scores: torch.Tensor, k: int, module: nn.Module) -> torch.Tensor:
         """Positions ``(batch, kv_heads, k)`` to keep, increasing, given the ``(batch, kv_heads, n)`` scores: the top
         ``k`` (:func:`top_positions`). Presses that pick otherwise (sampling) override this."""
         return top_positions(scores, k)
+
+
+def score_ragged(scorer: ScorerPress, module, hidden, keys, values, lengths: torch.Tensor | None, kwargs: dict):
+    """``scorer``'s scores ``(batch, kv_heads, n)`` of ``keys, values`` holding ``lengths`` ``(batch, kv_heads)``
+    tokens per head from position 0 (``None``: all ``n``), ``-inf`` past each head's tokens.
+
+    A head is scored over its own tokens only: the scorer runs once per distinct length, on the first ``m``
+    positions (exact for the heads of length ``m``), so windows of recent tokens, softmaxes and positions are the
+    head's own. Without attention weights (``attentions=None``).
+    """
+    n = keys.shape[2]
+    if lengths is None or bool((lengths == n).all()):
+        return scorer.score(module, hidden, keys, values, None, kwargs).float()
+    lengths = lengths.to(keys.device)
+    scores = torch.full(keys.shape[:3], float("-inf"), device=keys.device)
+    for m in torch.unique(lengths).tolist():
+        if m == 0:
+            continue
+        part = scorer.score(module, hidden, keys[:, :, :m], values[:, :, :m], None, kwargs).float()
+        scores[..., :m] = torch.where((lengths == m)[..., None], part, scores[..., :m])
+    return scores
 
 
 def rank_key(scores: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,8 @@ class ScorerWrapperPress(BasePress):
 
     @property
     def capabilities(self) -> Capabilities:
-        return self.press.capabilities
+        # A wrapper decides the kept tokens itself: a chunked prefill needs its own support (ChunkBudget).
+        return dataclasses.replace(self.press.capabilities, chunked_prefill=False)
 
     @property
     def compression_ratio(self) -> float:

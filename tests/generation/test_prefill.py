@@ -6,9 +6,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from kvpress.cache.attention import compressed_attention
+from kvpress.cache.forward_keyword import cache_kwargs
+from kvpress.cache.layer_access import read_layer
+from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.generation import prefill
+from kvpress.generation.prefill import chunk_bounds
+from kvpress.presses.adakv_press import AdaKVPress
+from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.observed_attention_press import ObservedAttentionPress
+from kvpress.presses.pyramidkv_press import PyramidKVPress
+from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.presses.tova_press import TOVAPress
+from kvpress.utils import attention_layers
 from tests.conftest import random_ids, tiny_config, tiny_model
 
 
@@ -59,3 +71,143 @@ def test_a_prompt_past_the_trained_positions_warns_once_naming_both_numbers():
     with pytest.warns(UserWarning, match="holds 48 tokens"):
         with KnormPress(0.5)(model):  # under a press, outside the generation layer (model.generate's prefill)
             model(input_ids=random_ids(48), use_cache=True)
+
+
+# ---- chunked prefill ---------------------------------------------------------------------------------------------
+def _layers(cache):
+    return [read_layer(cache, i) for i in range(len(cache.layers))]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3"])
+@pytest.mark.parametrize("kind", [DynamicCache, VarlenCache])
+def test_uncompressed_chunks_equal_one_forward(arch, kind):
+    """Each chunk attends to the cache plus itself at its original positions: without compression the cache (and the
+    next forward's logits) equal a one-forward prefill's, sliding-window layers included."""
+    model = tiny_model(arch)
+    ids = random_ids(45, batch=2, seed=3)
+    whole, chunked = kind(config=model.config), kind(config=model.config)
+    prefill(model, ids, whole)
+    assert prefill(model, ids, chunked, chunk_size=8) == (45, None)
+    for (k1, v1), (k2, v2) in zip(_layers(whole), _layers(chunked)):
+        torch.testing.assert_close(k2, k1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v2, v1, atol=1e-5, rtol=1e-5)
+    nxt = random_ids(1, batch=2, seed=4)
+    with torch.no_grad(), compressed_attention(model):
+        logits = [model(input_ids=nxt, **cache_kwargs(model, c), position_ids=torch.full((2, 1), 45)).logits
+                  for c in (whole, chunked)]  # fmt: skip
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
+def _greedy_reference(norms: torch.Tensor, bounds: list[int], ratio: float, heads_share: bool) -> list[set]:
+    """Plain-Python chunked Knorm on one sequence: ``norms`` ``(kv_heads, n)`` key norms (static at layer 0: its keys
+    depend on the token and its position only). After each chunk the layer keeps ``round(seen * (1 - ratio))`` tokens
+    per head, the lowest norms among what it held plus the chunk; with ``heads_share`` (AdaKV without safeguard) the
+    layer keeps heads times that, the lowest norms of any head."""
+    heads = norms.shape[0]
+    held = [[] for _ in range(heads)]
+    for start, end in zip(bounds, bounds[1:]):
+        held = [h + list(range(start, end)) for h in held]
+        k = round(end * (1 - ratio))
+        if heads_share:
+            ranked = sorted((float(norms[h, p]), h, p) for h in range(heads) for p in held[h])[: k * heads]
+            held = [[p for _, hh, p in ranked if hh == h] for h in range(heads)]
+        else:
+            held = [sorted(h, key=lambda p, i=i: float(norms[i, p]))[:k] for i, h in enumerate(held)]
+    return [set(h) for h in held]
+
+
+@pytest.mark.parametrize("batch, chunk", [(1, 7), (2, 12), (3, 30)])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_chunked_knorm_keeps_what_a_plain_reference_keeps(batch, chunk, adaptive):
+    """Layer 0's kept positions and stored keys, against :func:`_greedy_reference` on the one-forward keys."""
+    model = tiny_model("qwen2")  # 2 kv heads
+    ids = random_ids(61, batch=batch, seed=chunk)
+    press = AdaKVPress(KnormPress(0.4), alpha_safeguard=0.0) if adaptive else KnormPress(0.4)
+    full = DynamicCache(config=model.config)
+    prefill(model, ids, full)
+    keys0, values0 = read_layer(full, 0)
+    cache = VarlenCache(config=model.config) if adaptive else DynamicCache(config=model.config)
+    _, report = prefill(model, ids, cache, press, record_kept=True, chunk_size=chunk)
+    bounds = chunk_bounds(61, chunk)
+    assert len(bounds) > 2 and max(b - a for a, b in zip(bounds, bounds[1:])) <= chunk
+    assert report.original_lengths[0] == 61 and report.n_records == len(bounds[1:]) * len(cache.layers)
+    kept = report.kept_indices[0]
+    stored = cache.layers[0].padded_keys_values()[0] if adaptive else read_layer(cache, 0)[0]
+    for b in range(batch):
+        want = _greedy_reference(keys0[b].float().norm(dim=-1), bounds, 0.4, adaptive)
+        for h, positions in enumerate(want):
+            got = [p for p in kept[b, h].tolist() if p >= 0]
+            assert set(got) == positions
+            assert int(report.kept_lengths[0][b, h]) == len(positions)
+            # The cache holds the prefill's own keys of those tokens, in the recorded order.
+            torch.testing.assert_close(stored[b, h, : len(got)], keys0[b, h, got], atol=1e-5, rtol=1e-5)
+    assert int(report.kept_lengths[0].sum()) == batch * 2 * round(61 * 0.6)
+
+
+@pytest.mark.parametrize(
+    "press",
+    [
+        lambda: SnapKVPress(0.5, window_size=4),
+        lambda: AdaKVPress(SnapKVPress(0.5, window_size=4)),
+        lambda: KnormPress(target_size=16),
+        lambda: TOVAPress(0.3),
+        lambda: PyramidKVPress(0.5, window_size=4),
+    ],  # fmt: skip
+)
+def test_every_layer_ends_at_the_budget_of_the_whole_prompt(press):
+    model = tiny_model("llama")
+    press = press()
+    cache = VarlenCache(config=model.config) if press.capabilities.head_variable else DynamicCache(config=model.config)
+    _, report = prefill(model, random_ids(70, seed=9), cache, press, chunk_size=20)
+    modules = attention_layers(model)
+    for i in range(len(cache.layers)):
+        per_head = press.press.n_kept(70, modules[i]) if isinstance(press, AdaKVPress) else press.n_kept(70, modules[i])
+        lengths = cache.head_lengths(i) if isinstance(cache, VarlenCache) else torch.tensor([[cache.get_seq_length(i)]])
+        assert int(lengths.sum()) == lengths.numel() * per_head
+        assert report.original_lengths[i] == 70
+
+
+def test_chunk_size_errors_leave_the_cache_empty():
+    model = tiny_model("llama")
+    cache = DynamicCache(config=model.config)
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1 or None \(one forward\), got"):
+            prefill(model, random_ids(20), cache, KnormPress(0.5), chunk_size=bad)
+    for press, reason in (
+        (ObservedAttentionPress(0.5), "reads the attention weights"),
+        (ChunkPress(KnormPress(0.5)), ""),
+    ):
+        with pytest.raises(
+            ValueError, match=f"{type(press).__name__} cannot compress a prefill chunk by chunk.*{reason}"
+        ):
+            prefill(model, random_ids(20), cache, press, chunk_size=8)
+    with pytest.raises(ValueError, match="window_size"):  # the window must fit in every chunk
+        prefill(model, random_ids(30), cache, SnapKVPress(0.5, window_size=12), chunk_size=10)
+    assert cache.get_seq_length() == 0
+    prefill(model, random_ids(20), cache, KnormPress(0.5), chunk_size=8)  # still usable
+    assert cache.get_seq_length() == 10
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_later_chunk_attends_to_the_compressed_cache_like_an_explicit_mask(arch):
+    """Independent reference for a chunk over a compressed cache: the first chunk compressed alone, the second run by
+    the model's own attention with an explicit mask (every kept token, causal within the chunk), then Knorm's
+    selection in plain torch. Every layer must hold the same keys and values."""
+    model = tiny_model(arch)
+    ids = random_ids(40, seed=21)
+    cache = DynamicCache(config=model.config)
+    prefill(model, ids, cache, KnormPress(0.5), chunk_size=20)
+
+    ref = DynamicCache(config=model.config)
+    prefill(model, ids[:, :20], ref, KnormPress(0.5))  # 10 kept per head
+    mask = torch.ones(1, 1, 20, 30, dtype=torch.bool)
+    mask[..., 10:] = torch.ones(20, 20, dtype=torch.bool).tril()
+    with torch.no_grad():
+        model.model(input_ids=ids[:, 20:], **cache_kwargs(model.model, ref), attention_mask=mask,
+                    position_ids=torch.arange(20, 40)[None])  # fmt: skip
+    for i, (keys, values) in enumerate(_layers(ref)):
+        kept = (-keys.float().norm(dim=-1)).topk(20, dim=-1).indices.sort(dim=-1).values[..., None]
+        got_k, got_v = read_layer(cache, i)
+        torch.testing.assert_close(got_k, keys.gather(2, kept.expand(-1, -1, -1, keys.shape[-1])), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_v, values.gather(2, kept.expand(-1, -1, -1, values.shape[-1])), atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
