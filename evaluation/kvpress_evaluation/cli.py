@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="contexts per pipeline call")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through a captured CUDA graph (CUDA only)")
+    g.add_argument("--prefill-chunk-size", type=int,
+                   help="prefill each context in chunks of at most this many tokens (bounded peak memory)")
     g.add_argument("--kv-quantization", type=_yaml_value,
                    help="store the cache quantized, a YAML mapping, e.g. '{bits: 4, group_size: 64}' (default: not "
                    "quantized)")  # fmt: skip
@@ -139,6 +141,7 @@ _FIELDS = {
     "max_context_length": "max_context_length", "max_new_tokens": "max_new_tokens", "seed": "seed",
     "press": "presses", "ratios": "compression_ratios", "query_aware": "query_aware",
     "use_chat_template": "use_chat_template", "batch_size": "batch_size", "cuda_graph": "cuda_graph",
+    "prefill_chunk_size": "prefill_chunk_size",
     "output_dir": "output_dir", "plots": "plots",
 }
 

@@ -71,6 +71,8 @@ class EvalConfig(BaseModel):
         use_chat_template: ``None`` uses the tokenizer's template when it has one.
         batch_size: contexts per pipeline call (stacked without padding); 1 with ``query_aware``.
         cuda_graph: decode through a captured CUDA graph (CUDA only).
+        prefill_chunk_size: prefill each context in chunks of at most this many tokens, the press bringing the cache
+            back to its budget after each (presses with ``chunked_prefill``); ``None``: one forward.
         kv_quantization: quantize the compressed cache (bits, group size, full-precision window, per-layer bits).
         output_dir: root of the run directories, ``summary.csv``/``summary.md`` and plots.
         seed: example subset, generated data and presses with a ``seed`` argument.
@@ -97,6 +99,7 @@ class EvalConfig(BaseModel):
     use_chat_template: bool | None = None
     batch_size: int = 1
     cuda_graph: bool = False
+    prefill_chunk_size: int | None = None
     kv_quantization: QuantizationConfig | None = None
     output_dir: str = "results"
     seed: int = 42
@@ -153,7 +156,7 @@ class EvalConfig(BaseModel):
             raise ValueError(f"must be in (0, 1], got {value}")
         return value
 
-    @field_validator("n_examples", "max_context_length", "max_new_tokens", "batch_size")
+    @field_validator("n_examples", "max_context_length", "max_new_tokens", "batch_size", "prefill_chunk_size")
     @classmethod
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
@@ -171,6 +174,11 @@ class EvalConfig(BaseModel):
             raise ValueError("n_examples: give either fraction or n_examples, not both")
         if self.batch_size > 1 and self.query_aware:
             raise ValueError("batch_size: query_aware compresses one prompt per question; use batch_size 1")
+        if self.prefill_chunk_size is not None and self.kv_quantization is not None:
+            raise ValueError(
+                "prefill_chunk_size: chunks are re-compressed from whole tokens, which a quantized cache does not keep; "
+                "drop kv_quantization or prefill_chunk_size"
+            )
         if self.cuda_graph and self.device is not None and not self.device.startswith("cuda"):
             raise ValueError(f"cuda_graph: needs a CUDA device, got device={self.device!r}")
         # Validated options replace the raw ones, so the resolved config shows every default.

@@ -237,6 +237,8 @@ def _check_pipeline_options(config: EvalConfig) -> None:
     accepted = inspect.signature(KVPressTextGenerationPipeline._sanitize_parameters).parameters
     if config.kv_quantization is not None and "kv_quantization" not in accepted:
         raise ValueError("kv_quantization: this kvpress pipeline does not support quantized caches")
+    if config.prefill_chunk_size is not None and "prefill_chunk_size" not in accepted:
+        raise ValueError("prefill_chunk_size: this kvpress pipeline does not prefill in chunks")
 
 
 # ---- examples -------------------------------------------------------------------------------------------------------
@@ -299,6 +301,8 @@ def answer(pipe, batch: list[Example], press, config: EvalConfig) -> list[tuple[
     }
     if config.kv_quantization is not None:
         kwargs["kv_quantization"] = config.kv_quantization
+    if config.prefill_chunk_size is not None:
+        kwargs["prefill_chunk_size"] = config.prefill_chunk_size
     if len(batch) == 1:
         out = pipe(batch[0].context, question=batch[0].question, **kwargs)
         return [(out["answer"], _memory(out["report"]))]

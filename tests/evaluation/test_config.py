@@ -68,8 +68,13 @@ def test_defaults_are_safe_and_offline():
 
 
 def test_run_plan_sweeps_presses_that_take_a_ratio():
-    presses = ["none", "knorm", {"name": "chunk", "press": "tova", "chunk_length": 64},
-               {"name": "streaming_llm", "target_size": 100}, {"name": "think", "key_channel_compression_ratio": 0.5}]
+    presses = [
+        "none",
+        "knorm",
+        {"name": "chunk", "press": "tova", "chunk_length": 64},
+        {"name": "streaming_llm", "target_size": 100},
+        {"name": "think", "key_channel_compression_ratio": 0.5},
+    ]
     ratios = [0.125, 0.5, 0.75]
     config = parse_config({"presses": presses, "compression_ratios": ratios, "kv_quantization": {"bits": 4}})
     expected = ["none_kv4"]
@@ -137,6 +142,8 @@ BAD = [
     ({"kv_quantization": {"bits": 5}}, "kv_quantization.bits"),
     ({"kv_quantization": {"bitz": 4}}, "kv_quantization.bitz"),
     ({"cuda_graph": True, "device": "cpu"}, "cuda_graph"),
+    ({"prefill_chunk_size": 0}, "prefill_chunk_size"),
+    ({"prefill_chunk_size": 64, "kv_quantization": {"bits": 4}}, "prefill_chunk_size"),
 ]
 
 
@@ -161,6 +168,7 @@ def test_good_variants_of_the_bad_fields_pass():
         {"presses": ["knorm", {"name": "knorm", "label": "knorm2"}]},
         {"presses": ["observed_attention"], "attn_implementation": "eager"},
         {"kv_quantization": {"bits": 2}},
+        {"prefill_chunk_size": 64},
     ]
     for data in good:
         parse_config(data)

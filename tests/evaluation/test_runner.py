@@ -213,6 +213,19 @@ def test_batched_contexts_answer_like_single_ones(tmp_path):
     assert [r["prediction"] for r in three] == [r["prediction"] for r in one]
 
 
+def test_chunked_prefill_runs_and_is_part_of_the_configuration(tmp_path):
+    """Without a press a chunked prefill answers like one forward; with one the run completes, and a resumed run may
+    not change the chunk size (it changes the answers)."""
+    _evaluate(_config(tmp_path / "one", max_new_tokens=4))
+    _evaluate(_config(tmp_path / "chunked", max_new_tokens=4, prefill_chunk_size=8))
+    assert [r["prediction"] for r in _predictions(tmp_path / "chunked" / "none")] == [
+        r["prediction"] for r in _predictions(tmp_path / "one" / "none")
+    ]
+    _evaluate(_config(tmp_path / "knorm", presses=["knorm"], max_new_tokens=3, prefill_chunk_size=8))
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        _evaluate(_config(tmp_path / "knorm", presses=["knorm"], max_new_tokens=3, prefill_chunk_size=16))
+
+
 def test_batches_group_consecutive_examples_with_equal_prefix_and_length():
     rng = random.Random(0)
     examples = [
