@@ -76,9 +76,11 @@ def main() -> None:
                            press=press, chunk_size=args.window)  # fmt: skip
     torch.cuda.synchronize()
     t0, done, pending = time.perf_counter(), 0, 0
+    start = time.perf_counter()
     for chunk in chunks:
         done += chunk.shape[1]
         pending += chunk.shape[1]
+        print(f"{done} tokens, {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         if done % args.window and done != args.new_tokens:
             continue
         torch.cuda.synchronize()
