@@ -81,7 +81,7 @@ def main() -> None:
         done += chunk.shape[1]
         pending += chunk.shape[1]
         print(f"{done} tokens, {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        if done % args.window and done != args.new_tokens:
+        if pending < args.window and done != args.new_tokens:
             continue
         torch.cuda.synchronize()
         t1 = time.perf_counter()

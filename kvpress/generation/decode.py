@@ -159,7 +159,7 @@ def _graph_chunks(model, cache, token, position, remaining: int, eos_ids, decodi
             for module in layers:
                 hidden, cos, sin = recorder.last(module.layer_idx, done)
                 kwargs["position_embeddings"] = (cos, sin)
-                decoding.observe(module, cache, hidden, (cos, sin), kwargs, report)
+                decoding.observe(module, cache, hidden, (cos, sin), kwargs, report, n_steps=done)
 
 
 def _replays(decoder: GraphDecoder, token, position, n: int, eos_ids, chunk_size, report=None):

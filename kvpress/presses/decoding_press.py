@@ -34,11 +34,13 @@ class _Buffer:
     sin: torch.Tensor | None = None
     steps: int = 0  # tokens appended since the last re-compression
 
-    def push(self, hidden: torch.Tensor, position_embeddings, size: int) -> None:
+    def push(self, hidden: torch.Tensor, position_embeddings, size: int, steps: int) -> None:
+        """Keep the last ``size`` of the buffered and the new inputs; ``steps`` tokens were appended (at least the
+        rows of ``hidden``: a decoder that recorded only the last ones says how many steps they close)."""
         cos, sin = position_embeddings
         parts = zip((self.hidden, self.cos, self.sin), (hidden, cos, sin))
         self.hidden, self.cos, self.sin = (x if old is None else torch.cat([old, x], 1)[:, -size:] for old, x in parts)
-        self.steps += hidden.shape[1]
+        self.steps += steps
 
 
 @dataclass
@@ -147,14 +149,18 @@ class DecodingPress(BasePress):
         self.observe(module, cache, hidden_states, kwargs["position_embeddings"], kwargs, report)
         return output
 
-    def observe(self, module, cache, hidden_states, position_embeddings, kwargs: dict, report) -> None:
-        """Count ``hidden_states`` ``(batch, m, hidden)`` (with their rotary ``(cos, sin)``) as ``m`` tokens generated
-        into ``module``'s layer of ``cache``, and re-compress the layer once ``compression_interval`` have been.
+    def observe(self, module, cache, hidden_states, position_embeddings, kwargs: dict, report, n_steps=None) -> None:
+        """Count ``n_steps`` tokens generated into ``module``'s layer of ``cache`` (default: the ``m`` rows of
+        ``hidden_states`` ``(batch, m, hidden)``, the last inputs, with their rotary ``(cos, sin)``), and re-compress
+        the layer once ``compression_interval`` have been.
 
         The hook calls it at every decode forward; a decoder that runs steps without hooks (a replayed CUDA graph)
-        calls it after them with the steps' recorded inputs (the last ``hidden_states_buffer`` suffice)."""
+        calls it after them with the last recorded inputs (``hidden_states_buffer`` of them suffice) and the count."""
+        steps = hidden_states.shape[1] if n_steps is None else n_steps
+        if steps < hidden_states.shape[1]:
+            raise ValueError(f"n_steps={n_steps} is fewer than the {hidden_states.shape[1]} inputs given")
         buffer = report.state.setdefault(("decoding", module.layer_idx), _Buffer())
-        buffer.push(hidden_states.detach(), position_embeddings, self.hidden_states_buffer)
+        buffer.push(hidden_states.detach(), position_embeddings, self.hidden_states_buffer, steps)
         if buffer.steps < self.compression_interval:
             return
         buffer.steps = 0

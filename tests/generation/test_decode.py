@@ -102,16 +102,18 @@ def _graph_decoder(monkeypatch, model):
 
 
 @pytest.mark.parametrize(
-    "arch, batch, prefill_press",
-    [("llama", 1, None), ("qwen2", 2, lambda: AdaKVPress(KnormPress(0.5))), ("phi3", 1, lambda: KnormPress(0.3))],
-)
-def test_graph_decoding_under_a_decoding_press_equals_the_eager_loop(monkeypatch, arch, batch, prefill_press):
+    "arch, batch, prefill_press, buffer",
+    [("llama", 1, None, 6), ("qwen2", 2, lambda: AdaKVPress(KnormPress(0.5)), 6), ("phi3", 1, lambda: KnormPress(0.3), 4),
+     ("llama", 2, None, 4)],
+)  # fmt: skip
+def test_graph_decoding_under_a_decoding_press_equals_the_eager_loop(monkeypatch, arch, batch, prefill_press, buffer):
     """Replays between re-compressions, the steps' inputs recorded for the press: same tokens, same re-compressed
     cache as the eager loop, whose hooks see every step (interval 5 from a 3-token tail: stretches of 2, 5, ..., 1,
-    yielded in chunks of at most 3)."""
+    yielded in chunks of at most 3; a buffer of 4 records fewer steps than a stretch holds)."""
     model = _graph_decoder(monkeypatch, tiny_model(arch))
     device = model.device
-    decoding = DecodingPress(SnapKVPress(window_size=4), compression_interval=5, target_size=14, hidden_states_buffer=6)
+    decoding = DecodingPress(SnapKVPress(window_size=4), compression_interval=5, target_size=14,
+                             hidden_states_buffer=buffer)  # fmt: skip
     press = decoding if prefill_press is None else PrefillDecodingPress(prefill_press(), decoding)
     ids, tail = random_ids(30, batch=batch, seed=11).to(device), random_ids(3, batch=batch, seed=12).to(device)
     caches, tokens = [], []
