@@ -171,7 +171,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError(f"cuda_graph=True decodes from a VarlenCache, which {type(press).__name__} does not use")
         if cuda_graph and not (torch.cuda.is_available() and self.model.device.type == "cuda"):
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        check_chunk_size(prefill_chunk_size, press)
+        check_chunk_size(prefill_chunk_size, press, "prefill_chunk_size")
         if prefill_chunk_size is not None and (kv_quantization is not None or isinstance(cache, QuantizedCache)):
             raise ValueError(
                 "prefill_chunk_size re-compresses each chunk from whole tokens, which a QuantizedCache does not keep; "

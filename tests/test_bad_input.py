@@ -272,10 +272,11 @@ def test_other_argument_types(baseline, kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"prefill_chunk_size": 0}, r"chunk_size must be an int >= 1 or None \(one forward\), got 0"),
-        ({"prefill_chunk_size": "64"}, r"chunk_size must be an int >= 1 or None \(one forward\), got '64'"),
+        ({"prefill_chunk_size": 0}, r"prefill_chunk_size must be an int >= 1 or None \(one forward\), got 0"),
+        ({"prefill_chunk_size": "64"}, r"prefill_chunk_size must be an int >= 1 or None \(one forward\), got '64'"),
         ({"prefill_chunk_size": 16, "press": ObservedAttentionPress(0.5)},
-         "ObservedAttentionPress cannot compress a prefill chunk by chunk .it reads the attention weights"),
+         "ObservedAttentionPress cannot compress a prefill chunk by chunk .it reads the attention weights.*pass "
+         "prefill_chunk_size=None"),
         ({"prefill_chunk_size": 16, "press": KnormPress(0.5), "kv_quantization": {"bits": 4, "group_size": 16}},
          "prefill_chunk_size re-compresses each chunk from whole tokens, which a QuantizedCache does not keep"),
     ],

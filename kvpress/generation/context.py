@@ -22,13 +22,14 @@ from kvpress.presses.base_press import BasePress
 def make_cache(
     model: nn.Module,
     press: BasePress | None = None,
-    quantization: QuantizationConfig | None = None,
+    quantization: QuantizationConfig | dict | None = None,
     ragged: bool = False,
 ):
     """The cache a press needs: a :class:`QuantizedCache` under ``quantization``, a :class:`VarlenCache` for presses
     that keep a different number of tokens per head or when ``ragged`` (CUDA-graph decoding), else a transformers
     ``DynamicCache``."""
     if quantization is not None:
+        quantization = QuantizationConfig.coerce(quantization, "quantization")
         rope = rotary_table(model) if quantization.pre_rope else None
         return QuantizedCache(config=model.config, quantization=quantization, rope=rope)
     if ragged or (press is not None and press.capabilities.head_variable):
@@ -67,7 +68,7 @@ class CompressedContext:
         prompt: torch.Tensor,
         press: BasePress | None = None,
         cache=None,
-        quantization: QuantizationConfig | None = None,
+        quantization: QuantizationConfig | dict | None = None,
         record_kept: bool = False,
         compact: bool = False,
         chunk_size: int | None = None,
@@ -105,7 +106,7 @@ class CompressedContext:
         model: nn.Module,
         prompts: list[torch.Tensor],
         press: BasePress | None = None,
-        quantization: QuantizationConfig | None = None,
+        quantization: QuantizationConfig | dict | None = None,
         record_kept: bool = False,
         chunk_size: int | None = None,
     ) -> "CompressedContext":

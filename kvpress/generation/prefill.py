@@ -76,12 +76,13 @@ def chunk_bounds(n: int, chunk_size: int | None) -> list[int]:
     return [i * n // count for i in range(count + 1)]
 
 
-def check_chunk_size(chunk_size: int | None, press: BasePress | None) -> None:
-    """``ValueError`` unless ``chunk_size`` is ``None`` or an int >= 1 and ``press`` can prefill chunk by chunk."""
+def check_chunk_size(chunk_size: int | None, press: BasePress | None, name: str = "chunk_size") -> None:
+    """``ValueError`` unless ``chunk_size`` is ``None`` or an int >= 1 and ``press`` can prefill chunk by chunk
+    (``name``: the parameter as the caller calls it)."""
     if chunk_size is None:
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1 or None (one forward), got {chunk_size!r}")
+        raise ValueError(f"{name} must be an int >= 1 or None (one forward), got {chunk_size!r}")
     if press is None:
         return
     caps = press.capabilities
@@ -89,6 +90,6 @@ def check_chunk_size(chunk_size: int | None, press: BasePress | None) -> None:
         need = " (it reads the attention weights of the whole prompt)" if caps.needs_attention_weights else ""
         raise ValueError(
             f"{type(press).__name__} cannot compress a prefill chunk by chunk{need}; accepted: presses that score "
-            "tokens (ScorerPress: KnormPress, SnapKVPress, TOVAPress, ...) and AdaKVPress around one; pass "
-            "chunk_size=None"
+            f"tokens (ScorerPress: KnormPress, SnapKVPress, TOVAPress, ...) and AdaKVPress around one; pass "
+            f"{name}=None"
         )

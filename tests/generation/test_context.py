@@ -73,3 +73,20 @@ def test_misuse_is_refused():
         resumed.clear()
     with pytest.raises(ValueError, match="window_size=8 is larger than the context"):
         CompressedContext.prefill(model, random_ids(1), SnapKVPress(0.5, window_size=8))
+
+
+def test_quantization_given_as_a_dict_equals_the_config():
+    """``quantization`` takes a dict of the config's fields, as the pipeline does; a bad one names the parameter."""
+    from kvpress.cache.quantization_config import QuantizationConfig
+    from kvpress.cache.quantized_cache import QuantizedCache
+
+    model = tiny_model("llama", head_dim=32)
+    ids, tail = random_ids(40, seed=6), random_ids(3, seed=7)
+    fields = {"bits": 4, "group_size": 32, "residual_length": 32}
+    as_dict = CompressedContext.prefill(model, ids, KnormPress(0.5), quantization=fields)
+    as_config = CompressedContext.prefill(model, ids, KnormPress(0.5), quantization=QuantizationConfig(**fields))
+    assert isinstance(as_dict.cache, QuantizedCache)
+    assert as_dict.generate([tail], 5, []) == as_config.generate([tail], 5, [])
+    assert as_dict.summaries[0].kv_bytes == as_config.summaries[0].kv_bytes
+    with pytest.raises(ValueError, match="quantization.*bits"):
+        CompressedContext.prefill(model, ids, KnormPress(0.5), quantization={"bits": 5})
