@@ -125,7 +125,7 @@ class CompressedContext:
         kind = VarlenCache if quantization is None else QuantizedCache
         caches, positions, summaries = [], [], []
         for prompt in prompts:
-            ragged = make_cache(model, None, quantization) if quantization else VarlenCache(config=model.config)
+            ragged = make_cache(model, None, quantization, ragged=True)
             one = cls.prefill(
                 model, prompt, press, ragged, record_kept=record_kept, compact=True, chunk_size=chunk_size
             )

@@ -158,7 +158,6 @@ def _graph_chunks(model, cache, token, position, remaining: int, eos_ids, decodi
             kwargs = cache_kwargs(model, cache)
             for module in layers:
                 hidden, cos, sin = recorder.last(module.layer_idx, done)
-                kwargs["position_embeddings"] = (cos, sin)
                 decoding.observe(module, cache, hidden, (cos, sin), kwargs, report, n_steps=done)
 
 

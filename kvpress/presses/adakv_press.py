@@ -59,18 +59,18 @@ class AdaKVPress(BasePress):
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         chunk = kwargs.get(CHUNK_BUDGET)
-        if chunk is not None:
+        if chunk is None:
+            n = keys.shape[-2]
+            k = self.press.n_kept(n, module)
+            if k >= n:
+                return keys, values
+            scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs).float()
+        else:
             # The layer keeps heads * k tokens for the chunk's seen tokens, from each head's own (ragged) tokens.
             k = self.press.n_kept(chunk.seen, module)
             if k * keys.shape[1] >= int(chunk.valid(keys).sum(1).min()):
                 return None  # nothing to drop
             scores = score_ragged(self.press, module, hidden_states, keys, values, chunk.lengths, kwargs)
-            return keep_per_head(keys, values, scores, head_budgets(scores, k, self.alpha_safeguard))
-        n = keys.shape[-2]
-        k = self.press.n_kept(n, module)
-        if k >= n:
-            return keys, values
-        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs).float()
         return keep_per_head(keys, values, scores, head_budgets(scores, k, self.alpha_safeguard))
 
 

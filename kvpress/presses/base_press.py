@@ -150,11 +150,13 @@ class BasePress(ABC):
         keys, values, lengths = ragged if ragged is not None else (*read_layer(cache, layer_idx), None)
         budget = ChunkBudget(seen=end, lengths=lengths)
         kv = self.compress(module, hidden_states, keys, values, None, {**kwargs, CHUNK_BUDGET: budget})
-        positions = report.state.get(("chunk_positions", layer_idx)) if report.record_kept else None
+        valid = budget.valid(keys)
+        positions = None
         if report.record_kept:  # prompt position of every token the layer holds, in its order
-            positions = _chunk_positions(positions, budget.valid(keys), start, end, keys.shape[2])
+            positions = _chunk_positions(report.state.get(("chunk_positions", layer_idx)), valid, start, end,
+                                         keys.shape[2])  # fmt: skip
         if kv is None:  # every token stays
-            kept = budget.valid(keys)
+            kept = valid
             indices = None
         else:
             kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
