@@ -12,7 +12,8 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache, model_head_dim
 from kvpress.cache.varlen_cache import VarlenCache
-from kvpress.generation import CompressedContext, graph_decoding_press, make_cache
+from kvpress.generation import CompressedContext, graph_decoding_press, make_cache, resolve_cuda_graph
+from kvpress.generation.decode import check_graph_device
 from kvpress.generation.prefill import check_chunk_size
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
@@ -29,7 +30,7 @@ class KVPressTextGenerationPipeline(Pipeline):
     """Answer questions about a long context whose KV cache is compressed by a press.
 
     ``pipe(context, question=... | questions=[...], answer_prefix="", press=None, max_new_tokens=50,
-    max_context_length=None, cache=None, query_aware=False, use_chat_template=None, cuda_graph=False,
+    max_context_length=None, cache=None, query_aware=False, use_chat_template=None, cuda_graph=None,
     kv_quantization=None, prefill_chunk_size=None)``
 
     - The context (with the chat template's prefix) is prefilled once, under the press; each question (with the
@@ -52,8 +53,11 @@ class KVPressTextGenerationPipeline(Pipeline):
       decoded for all contexts together; ``questions`` may then be one list per context (same count for each).
     - ``pipe(None, question=..., cache=VarlenCache.load(path))`` answers from a saved compressed context, skipping
       the prefill.
-    - ``cuda_graph=True`` (CUDA and a ``VarlenCache`` only) decodes through a captured CUDA graph, removing the
-      Python overhead of the token-by-token loop.
+    - ``cuda_graph``: on CUDA, answers are decoded by default (``None``) through a captured CUDA graph from a
+      ``VarlenCache`` the pipeline builds, removing the Python overhead of the token-by-token loop; where a graph
+      cannot apply (presses acting at every step, channel-pruned or merged layers, sliding-window layers, a
+      ``cache=`` that is not a ``VarlenCache``) the eager loop runs, with a warning naming the cause. ``True``
+      insists on the graph (an error says what stands in the way); ``False`` always takes the eager loop.
     - ``prefill_chunk_size``: prefill the context at most that many tokens per forward, the press bringing the cache
       back to its budget after each chunk, so peak memory follows the chunk, not the context
       (:func:`kvpress.generation.prefill`; presses with ``capabilities.chunked_prefill``). ``None``: one forward.
@@ -88,7 +92,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         cache=None,
         query_aware: bool = False,
         use_chat_template: bool | None = None,
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
         kv_quantization: QuantizationConfig | dict | None = None,
         prefill_chunk_size: int | None = None,
         return_report: bool = False,
@@ -101,8 +105,8 @@ class KVPressTextGenerationPipeline(Pipeline):
                 "max_new_tokens, max_context_length, cache, query_aware, use_chat_template, cuda_graph, "
                 "kv_quantization, prefill_chunk_size, return_report, record_kept"
             )
-        if not isinstance(cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")  # noqa: TRY004
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True, False or None (automatic), got {cuda_graph!r}")  # noqa: TRY004
         if not isinstance(return_report, bool):
             raise ValueError(f"return_report must be True or False, got {return_report!r}")  # noqa: TRY004
         if not isinstance(record_kept, bool):
@@ -138,6 +142,7 @@ class KVPressTextGenerationPipeline(Pipeline):
                 f"cache must be a transformers Cache (e.g. DynamicCache) or None, got {type(cache).__name__}"
             )
         caps = press.capabilities if press is not None else Capabilities()
+        cuda_graph = resolve_cuda_graph(cuda_graph, self.model, press, cache)
         if cuda_graph:
             graph_decoding_press(press)  # decode-time presses other than DecodingPress act at every step: refused
         if caps.needs_question and not query_aware:
@@ -169,8 +174,8 @@ class KVPressTextGenerationPipeline(Pipeline):
             )
         if caps.merges_layers and cuda_graph:
             raise ValueError(f"cuda_graph=True decodes from a VarlenCache, which {type(press).__name__} does not use")
-        if cuda_graph and not (torch.cuda.is_available() and self.model.device.type == "cuda"):
-            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        if cuda_graph:
+            check_graph_device(self.model)
         check_chunk_size(prefill_chunk_size, press, "prefill_chunk_size")
         if prefill_chunk_size is not None and (kv_quantization is not None or isinstance(cache, QuantizedCache)):
             raise ValueError(

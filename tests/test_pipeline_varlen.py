@@ -96,7 +96,9 @@ def test_head_variable_press_gets_a_varlen_cache_automatically():
     context = random_text(60)
     press = AdaKVPress(SnapKVPress(0.5, window_size=4))
     auto = pipe(context, question="Why?", press=press, max_new_tokens=5)
-    explicit = pipe(context, question="Why?", press=press, max_new_tokens=5, cache=VarlenCache(config=pipe.model.config))
+    explicit = pipe(
+        context, question="Why?", press=press, max_new_tokens=5, cache=VarlenCache(config=pipe.model.config)
+    )
     assert auto == explicit
 
 
@@ -153,7 +155,7 @@ def test_batch_argument_errors():
         pipe(contexts, question="a?", cache=VarlenCache(config=pipe.model.config))
     with pytest.raises(ValueError, match="pass the contexts one at a time"):
         pipe(contexts, question="a?", query_aware=True)
-    with pytest.raises(ValueError, match="cuda_graph must be True or False"):
+    with pytest.raises(ValueError, match=r"cuda_graph must be True, False or None \(automatic\)"):
         pipe(contexts[0], question="a?", cuda_graph="yes")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
@@ -213,7 +215,39 @@ def test_batch_reports_equal_each_context_alone(make_press):
         ids = pipe._encode(pipe._split_template(context, None)[0])
         cache = VarlenCache(config=model.config)
         press = make_press()
-        with torch.no_grad(), (press(model) if press is not None else contextlib.nullcontext()):
+        with torch.no_grad(), press(model) if press is not None else contextlib.nullcontext():
             model.model(input_ids=ids, **cache_kwargs(model.model, cache))
         cache.compact()
         assert got["kv_bytes"] == cache.memory_bytes()
+
+
+def test_pipeline_decodes_through_a_graph_by_default_on_cuda(monkeypatch):
+    """On CUDA, ``cuda_graph`` left at its default builds a compacted VarlenCache and replays captured steps, with the
+    eager loop's answers; a press that acts at every step falls back to the eager loop, saying so once."""
+    from transformers import pipeline
+
+    from kvpress.generation import decode as decode_module
+    from kvpress.pipeline import TASK
+    from kvpress.presses.h2o_press import H2OPress
+    from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
+    from tests.fixtures_pipeline import smollm2_tokenizer
+    from tests.generation.replayed_steps import graph_ready
+
+    captures = []
+    model = graph_ready(monkeypatch, text_model("llama"), captures)
+    pipe = pipeline(TASK, model=model, tokenizer=smollm2_tokenizer())
+    context = _contexts(1)[0]
+    for press in (None, AdaKVPress(SnapKVPress(0.4, window_size=4))):
+        eager = pipe(context, questions=QUESTIONS, press=press, max_new_tokens=6, cuda_graph=False)
+        assert not captures
+        cache = VarlenCache(config=model.config)
+        auto = pipe(context, questions=QUESTIONS, press=press, max_new_tokens=6, cache=cache)
+        assert auto == eager
+        assert len(captures) == len(QUESTIONS)  # one capture per answer
+        assert all(layer.ragged for layer in cache.layers)
+        captures.clear()
+    every_step = PrefillDecodingPress(KnormPress(0.5), H2OPress(target_size=32))
+    with pytest.warns(UserWarning, match="eager loop .*: H2OPress acts at every decode step"):
+        pipe(context, question=QUESTIONS[0], press=every_step, max_new_tokens=4)
+    assert not captures
+    assert decode_module.graph_decoding_blocker(model, every_step) in decode_module._ANNOUNCED

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap prompts in the tokenizer's chat template; not set: when it has one")
     g.add_argument("--batch-size", type=int, help="contexts per pipeline call")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode through a captured CUDA graph (CUDA only)")
+                   help="decode through a captured CUDA graph (CUDA only) or the eager loop (--no-cuda-graph); not set: "
+                        "the graph wherever it applies on CUDA")
     g.add_argument("--prefill-chunk-size", type=int,
                    help="prefill each context in chunks of at most this many tokens (bounded peak memory)")
     g.add_argument("--kv-quantization", type=_yaml_value,

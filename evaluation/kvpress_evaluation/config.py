@@ -70,7 +70,8 @@ class EvalConfig(BaseModel):
         query_aware: compress the context together with the question (observation-window presses need it).
         use_chat_template: ``None`` uses the tokenizer's template when it has one.
         batch_size: contexts per pipeline call (stacked without padding); 1 with ``query_aware``.
-        cuda_graph: decode through a captured CUDA graph (CUDA only).
+        cuda_graph: decode through a captured CUDA graph (``True``: CUDA only) or the eager loop (``False``);
+            ``None``: the graph wherever it applies on CUDA, else the eager loop (with a warning on CUDA).
         prefill_chunk_size: prefill each context in chunks of at most this many tokens, the press bringing the cache
             back to its budget after each (presses with ``chunked_prefill``); ``None``: one forward.
         kv_quantization: quantize the compressed cache (bits, group size, full-precision window, per-layer bits).
@@ -98,7 +99,7 @@ class EvalConfig(BaseModel):
     query_aware: bool = False
     use_chat_template: bool | None = None
     batch_size: int = 1
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None
     prefill_chunk_size: int | None = None
     kv_quantization: QuantizationConfig | None = None
     output_dir: str = "results"

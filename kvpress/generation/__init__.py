@@ -6,7 +6,13 @@ not want the pipeline.
 """
 
 from kvpress.generation.context import CompressedContext, make_cache, summarize
-from kvpress.generation.decode import decode_chunks, graph_decoding_press, greedy_decode
+from kvpress.generation.decode import (
+    decode_chunks,
+    graph_decoding_blocker,
+    graph_decoding_press,
+    greedy_decode,
+    resolve_cuda_graph,
+)
 from kvpress.generation.graph_decoder import GraphDecoder
 from kvpress.generation.prefill import prefill
 from kvpress.generation.step_recorder import StepRecorder
@@ -16,9 +22,11 @@ __all__ = [
     "GraphDecoder",
     "StepRecorder",
     "decode_chunks",
+    "graph_decoding_blocker",
     "graph_decoding_press",
     "greedy_decode",
     "make_cache",
     "prefill",
+    "resolve_cuda_graph",
     "summarize",
 ]

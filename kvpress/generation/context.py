@@ -14,7 +14,7 @@ from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.rotary import rotary_table
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.compression_summary import CompressionSummary
-from kvpress.generation.decode import greedy_decode
+from kvpress.generation.decode import graph_decoding_blocker, greedy_decode
 from kvpress.generation.prefill import prefill
 from kvpress.presses.base_press import BasePress
 
@@ -70,16 +70,20 @@ class CompressedContext:
         cache=None,
         quantization: QuantizationConfig | dict | None = None,
         record_kept: bool = False,
-        compact: bool = False,
+        compact: bool | None = None,
         chunk_size: int | None = None,
     ) -> "CompressedContext":
-        """Prefill ``prompt`` ``(1, n)`` into ``cache`` (default: :func:`make_cache`; must be empty) under ``press``,
-        in one forward or ``chunk_size`` tokens at a time (:func:`~kvpress.generation.prefill`).
+        """Prefill ``prompt`` ``(1, n)`` into ``cache`` (default: :func:`make_cache`, ragged where CUDA-graph decoding
+        applies; must be empty) under ``press``, in one forward or ``chunk_size`` tokens at a time
+        (:func:`~kvpress.generation.prefill`).
 
         ``compact=True`` moves a :class:`VarlenCache` into its ragged decode layout right away (the CUDA-graph decoder
-        needs it); quantized caches always quantize the context here, compressed by the press or not.
+        needs it); ``None`` does so where graph decoding applies (:func:`graph_decoding_blocker`). Quantized caches
+        always quantize the context here, compressed by the press or not.
         """
-        cache = cache if cache is not None else make_cache(model, press, quantization)
+        if compact is None:
+            compact = graph_decoding_blocker(model, press, cache) is None
+        cache = cache if cache is not None else make_cache(model, press, quantization, ragged=compact)
         if cache.get_seq_length() > 0:
             raise ValueError("cache must be empty: the context is prefilled into it")
         empty = snapshot_cache(cache)
@@ -156,10 +160,10 @@ class CompressedContext:
         max_new_tokens: int,
         eos_ids: Collection[int],
         pad_id: int = 0,
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
     ) -> list[list[int]]:
-        """Greedy answer ids of every sequence after its tail ``(1, L_b)`` (:func:`greedy_decode`); the cache is
-        returned to the compressed context afterwards."""
+        """Greedy answer ids of every sequence after its tail ``(1, L_b)`` (:func:`greedy_decode`; ``cuda_graph=None``
+        replays a CUDA graph wherever one applies); the cache is returned to the compressed context afterwards."""
         if len(tails) != len(self.positions):
             raise ValueError(f"got {len(tails)} tails for a cache of {len(self.positions)} sequences; give one each")
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Collection, Iterator
 
 import torch
@@ -12,12 +13,12 @@ from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
-from kvpress.generation.graph_decoder import GraphDecoder
+from kvpress.generation.graph_decoder import GraphDecoder, check_graph_cache
 from kvpress.generation.step_recorder import StepRecorder
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.decoding_press import DecodingPress, check_decode_layer
 from kvpress.presses.report import CompressionReport
-from kvpress.utils import attention_layers, is_sliding_layer
+from kvpress.utils import attention_layers, is_sliding_layer, layer_types
 
 
 def greedy_decode(
@@ -28,7 +29,7 @@ def greedy_decode(
     max_new_tokens: int,
     eos_ids: Collection[int],
     pad_id: int = 0,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     press: BasePress | None = None,
 ) -> list[list[int]]:
     """Greedy tokens of every sequence of ``cache`` after its prompt tail; each stops at any id of ``eos_ids``.
@@ -37,7 +38,9 @@ def greedy_decode(
         tails: one ``(1, L_b)`` prompt tail per sequence (the question, not yet in the cache), fed first.
         positions: the position of each tail's first token (where the sequence's context ends).
         cuda_graph: decode through a captured CUDA graph (:class:`GraphDecoder`; a compressed ``VarlenCache`` on
-            CUDA) instead of one eager forward per token. Tokens equal the eager loop's.
+            CUDA) instead of one eager forward per token. Tokens equal the eager loop's. ``None`` (default): the
+            graph wherever it applies (:func:`graph_decoding_blocker`), else the eager loop, announced once per cause
+            on CUDA; ``False``: always the eager loop.
         press: a decode-time press attached while decoding (it acts on the tail and every generated token; its
             state starts fresh). With ``cuda_graph``, a :class:`DecodingPress` (alone or in a
             :class:`PrefillDecodingPress`): the graph replays the steps between two re-compressions, which run eagerly.
@@ -72,7 +75,7 @@ def decode_chunks(
     max_new_tokens: int,
     eos_ids: list[int],
     pad_id: int = 0,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     press: BasePress | None = None,
     chunk_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
@@ -83,11 +86,14 @@ def decode_chunks(
     tokens generated so far)."""
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    cuda_graph = resolve_cuda_graph(cuda_graph, model, press, cache)
     decoding = graph_decoding_press(press) if cuda_graph else None
     if cuda_graph and not isinstance(cache, VarlenCache):
         raise ValueError(  # noqa: TRY004
             "cuda_graph=True decodes from a VarlenCache; pass cache=VarlenCache(config=model.config)"
         )
+    if cuda_graph:
+        check_graph_device(model)
     device = tails[0].device
     batch = len(tails)
     lengths = [t.shape[1] for t in tails]
@@ -188,6 +194,74 @@ def graph_decoding_press(press: BasePress | None) -> DecodingPress | None:
             "step: pass cuda_graph=False"
         )
     return decoding
+
+
+def graph_decoding_blocker(model: nn.Module, press: BasePress | None = None, cache=None) -> str | None:
+    """Why greedy decoding of ``model`` under ``press`` from ``cache`` cannot replay a captured CUDA graph, in words;
+    ``None`` when it can. ``cache=None`` stands for the cache :func:`~kvpress.generation.make_cache` builds with
+    ``ragged=True`` (a :class:`VarlenCache`, compacted after the prefill)."""
+    if press is not None:
+        name = type(press).__name__
+        if press.capabilities.merges_layers:
+            return f"{name} merges layer pairs in a transformers DynamicCache, which grows by concatenation"
+        if press.capabilities.prunes_channels:
+            return f"{name} prunes key channels, which stay in dense layers that grow by concatenation"
+        try:
+            graph_decoding_press(press)
+        except ValueError:
+            name = type(getattr(press, "decoding_press", press)).__name__
+            return f"{name} acts at every decode step, and a replayed graph runs no press hooks"
+    if any(kind != "full_attention" for kind in layer_types(model.config.get_text_config(decoder=True))):
+        return "the model has sliding-window layers, which stay in dense layers that grow by concatenation"
+    if cache is not None and not isinstance(cache, VarlenCache):
+        return f"a {type(cache).__name__} grows by concatenation (pass cache=None or a kvpress VarlenCache)"
+    if cache is not None and getattr(cache, "offloading", False):
+        return "the cache offloads layers between devices each forward"
+    if cache is not None and cache.get_seq_length() > 0:  # an empty one is filled and compacted by the prefill
+        for i, layer in enumerate(cache.layers):
+            if isinstance(layer, VarlenLayer) and not layer.ragged:
+                return f"layer {i} of the VarlenCache is dense (call cache.compact() after the prefill)"
+        try:
+            check_graph_cache(cache)
+        except ValueError as err:
+            return str(err)
+    if not on_cuda(model):
+        return f"the model is on {model.device}, not on a CUDA device"
+    return None
+
+
+def on_cuda(model: nn.Module) -> bool:
+    """Whether ``model`` runs on a CUDA device (where graph decoding applies)."""
+    return model.device.type == "cuda"
+
+
+def check_graph_device(model: nn.Module) -> None:
+    """``ValueError`` unless ``model`` is on a CUDA device (``cuda_graph=True`` captures CUDA graphs)."""
+    if not on_cuda(model):
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {model.device}")
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def resolve_cuda_graph(cuda_graph: bool | None, model: nn.Module, press: BasePress | None = None, cache=None) -> bool:
+    """Whether to decode through a CUDA graph: ``cuda_graph`` when it is a bool; for ``None``, wherever
+    :func:`graph_decoding_blocker` finds nothing in the way. A CUDA model that falls back to the eager loop says why,
+    once per cause (a ``UserWarning``): that loop is host-bound, several times slower per token."""
+    if cuda_graph is not None:
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True, False or None (automatic), got {cuda_graph!r}")  # noqa: TRY004
+        return cuda_graph
+    reason = graph_decoding_blocker(model, press, cache)
+    if reason is not None and on_cuda(model) and reason not in _ANNOUNCED:
+        _ANNOUNCED.add(reason)
+        warnings.warn(
+            f"decoding with the eager loop (one forward per token, host-bound on CUDA) instead of a captured CUDA "
+            f"graph: {reason}. Pass cuda_graph=False to choose the eager loop and silence this warning",
+            UserWarning,
+            stacklevel=3,
+        )
+    return reason is None
 
 
 @contextlib.contextmanager

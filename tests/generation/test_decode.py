@@ -1,23 +1,29 @@
 """greedy_decode: from an uncompressed cache it reproduces ``model.generate``; a batch with tails of different lengths
 decodes as each sequence alone; bad combinations are refused."""
 
-import copy
+import warnings
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-import kvpress.generation.decode as decode_module
-from kvpress.cache.attention import compressed_attention
 from kvpress.cache.varlen_cache import VarlenCache
-from kvpress.generation import CompressedContext, decode_chunks, graph_decoding_press, greedy_decode, prefill
-from kvpress.generation.graph_decoder import advance_host_tails, check_graph_cache, greedy_step
+from kvpress.generation import (
+    CompressedContext,
+    decode_chunks,
+    graph_decoding_blocker,
+    graph_decoding_press,
+    greedy_decode,
+    prefill,
+    resolve_cuda_graph,
+)
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from tests.conftest import random_ids, tiny_model
+from tests.generation.replayed_steps import graph_ready
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -56,49 +62,79 @@ def test_batch_with_tails_of_different_lengths_equals_each_alone():
     assert together == alone
 
 
-def test_cuda_graph_needs_a_varlen_cache():
+def test_cuda_graph_needs_cuda_and_a_varlen_cache(monkeypatch):
     model = tiny_model("llama")
     cache = DynamicCache(config=model.config)
     position, _ = prefill(model, random_ids(10), cache)
+    if not torch.cuda.is_available():
+        ragged = VarlenCache(config=model.config)
+        prefill(model, random_ids(10), ragged, KnormPress(0.5))
+        with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device, got cpu"):
+            greedy_decode(model, ragged, [random_ids(2)], [position], 3, eos_ids=[], cuda_graph=True)
+    model = graph_ready(monkeypatch, model)
+    cache = DynamicCache(config=model.config)
+    position, _ = prefill(model, random_ids(10).to(model.device), cache)
     with pytest.raises(ValueError, match="cuda_graph=True decodes from a VarlenCache"):
-        greedy_decode(model, cache, [random_ids(2)], [position], 3, eos_ids=[], cuda_graph=True)
+        greedy_decode(model, cache, [random_ids(2).to(model.device)], [position], 3, eos_ids=[], cuda_graph=True)
+    with pytest.raises(ValueError, match=r"cuda_graph must be True, False or None \(automatic\), got 'yes'"):
+        greedy_decode(model, cache, [random_ids(2).to(model.device)], [position], 3, eos_ids=[], cuda_graph="yes")
 
 
-class _ReplayedSteps:
-    """Stands in for :class:`GraphDecoder` where there is no GPU: each step runs with the layers' Python state as it
-    was at construction (what a replayed graph sees), so the decoding is right only if every step's state lives on
-    the device, and the press's hooks stay suspended; the recorder's hooks stand for their captured copies."""
+def test_graph_decoding_blocker_names_each_cause():
+    from kvpress.presses.h2o_press import H2OPress
+    from kvpress.presses.minicache_press import MiniCachePress
+    from kvpress.presses.think_press import ThinKPress
 
-    def __init__(self, model, cache, max_new_tokens: int):
-        check_graph_cache(cache)
-        cache.reserve(max_new_tokens)
-        self.model, self.cache = model, cache
-        self.frozen = [dict(vars(layer)) for layer in cache.layers]
-
-    def decode(self, ids, positions, n_steps: int, eos_token_id=None):
-        if ids is not None:  # else continue where the previous call stopped
-            self.ids, self.positions = ids.clone(), positions.clone()
-        ids, positions, out = self.ids, self.positions, []
-        host = [layer.tail_len for layer in self.cache.layers]  # where the previous call left the host mirrors
-        with torch.no_grad(), compressed_attention(self.model):
-            for _ in range(n_steps):
-                for layer, state in zip(self.cache.layers, self.frozen):
-                    vars(layer).update(state)
-                greedy_step(self.model, self.cache, ids, positions)
-                out.append(ids.clone())
-        for layer, state, n in zip(self.cache.layers, self.frozen, host):
-            vars(layer).update(state)
-            layer.tail_len = n
-        advance_host_tails(self.cache, n_steps)
-        return torch.cat(out, dim=1)
+    llama = tiny_model("llama")
+    device = None if torch.cuda.is_available() else "the model is on cpu, not on a CUDA device"
+    assert graph_decoding_blocker(llama) == device
+    assert graph_decoding_blocker(llama, KnormPress(0.5)) == device
+    assert graph_decoding_blocker(llama, DecodingPress(KnormPress())) == device
+    assert "ThinKPress prunes key channels" in graph_decoding_blocker(llama, ThinKPress(0.5))
+    assert "MiniCachePress merges layer pairs" in graph_decoding_blocker(llama, MiniCachePress())
+    assert "H2OPress acts at every decode step" in graph_decoding_blocker(llama, H2OPress(target_size=8))
+    assert "sliding-window layers" in graph_decoding_blocker(tiny_model("gemma3"))
+    assert "a DynamicCache grows by concatenation" in graph_decoding_blocker(llama, cache=DynamicCache())
+    cache = VarlenCache(config=llama.config)
+    assert graph_decoding_blocker(llama, cache=cache) == device  # empty: the prefill fills and compacts it
+    prefill(llama, random_ids(12), cache)
+    assert graph_decoding_blocker(llama, cache=cache) == "layer 0 of the VarlenCache is dense (call cache.compact() " \
+        "after the prefill)"  # fmt: skip
+    cache.compact()
+    assert graph_decoding_blocker(llama, cache=cache) == device
 
 
-def _graph_decoder(monkeypatch, model):
-    """The real GraphDecoder on a GPU (model moved there), the emulation elsewhere."""
-    if torch.cuda.is_available():
-        return copy.deepcopy(model).to("cuda")
-    monkeypatch.setattr(decode_module, "GraphDecoder", _ReplayedSteps)
-    return model
+def test_automatic_decoding_replays_a_graph_where_it_applies_and_says_why_where_not(monkeypatch):
+    """``cuda_graph=None`` (the default) on CUDA: a compacted VarlenCache decodes through captured steps, with the
+    eager loop's tokens; a DynamicCache falls back to the eager loop with one warning per cause."""
+    captures = []
+    model = graph_ready(monkeypatch, tiny_model("qwen3"), captures)
+    ids, tail = random_ids(40, seed=21).to(model.device), random_ids(4, seed=22).to(model.device)
+    tokens = {}
+    for mode in (False, None):
+        cache = VarlenCache(config=model.config)
+        position, _ = prefill(model, ids, cache, AdaKVPress(KnormPress(0.5)))
+        cache.compact()
+        tokens[mode] = greedy_decode(model, cache, [tail], [position], 9, eos_ids=[], cuda_graph=mode)
+        assert len(captures) == (0 if mode is False else 1)
+    assert tokens[None] == tokens[False]
+    with pytest.warns(UserWarning, match="eager loop .* a DynamicCache grows by concatenation"):
+        assert resolve_cuda_graph(None, model, None, DynamicCache()) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per cause
+        assert resolve_cuda_graph(None, model, None, DynamicCache()) is False
+        assert resolve_cuda_graph(False, model, None, DynamicCache()) is False  # chosen: no warning
+    assert len(captures) == 1
+
+
+def test_automatic_decoding_on_cpu_is_the_eager_loop_without_warning():
+    model = tiny_model("llama")
+    cache = VarlenCache(config=model.config)
+    position, _ = prefill(model, random_ids(20), cache, KnormPress(0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_cuda_graph(None, model, None, cache) is False
+        assert greedy_decode(model, cache, [random_ids(2)], [position], 3, eos_ids=[])  # no warning either
 
 
 @pytest.mark.parametrize(
@@ -110,7 +146,7 @@ def test_graph_decoding_under_a_decoding_press_equals_the_eager_loop(monkeypatch
     """Replays between re-compressions, the steps' inputs recorded for the press: same tokens, same re-compressed
     cache as the eager loop, whose hooks see every step (interval 5 from a 3-token tail: stretches of 2, 5, ..., 1,
     yielded in chunks of at most 3; a buffer of 4 records fewer steps than a stretch holds)."""
-    model = _graph_decoder(monkeypatch, tiny_model(arch))
+    model = graph_ready(monkeypatch, tiny_model(arch))
     device = model.device
     decoding = DecodingPress(SnapKVPress(window_size=4), compression_interval=5, target_size=14,
                              hidden_states_buffer=buffer)  # fmt: skip
