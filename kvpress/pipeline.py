@@ -177,11 +177,6 @@ class KVPressTextGenerationPipeline(Pipeline):
         if cuda_graph:
             check_graph_device(self.model)
         check_chunk_size(prefill_chunk_size, press, "prefill_chunk_size")
-        if prefill_chunk_size is not None and (kv_quantization is not None or isinstance(cache, QuantizedCache)):
-            raise ValueError(
-                "prefill_chunk_size re-compresses each chunk from whole tokens, which a QuantizedCache does not keep; "
-                "pass prefill_chunk_size=None with kv_quantization"
-            )
         quantization = self._quantization(press, cache, kv_quantization)
         if caps.compresses_decode:
             self._check_decode_time(press, caps, cache, quantization)

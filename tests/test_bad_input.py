@@ -277,8 +277,6 @@ def test_other_argument_types(baseline, kwargs, message):
         ({"prefill_chunk_size": 16, "press": ObservedAttentionPress(0.5)},
          "ObservedAttentionPress cannot compress a prefill chunk by chunk .it reads the attention weights.*pass "
          "prefill_chunk_size=None"),
-        ({"prefill_chunk_size": 16, "press": KnormPress(0.5), "kv_quantization": {"bits": 4, "group_size": 16}},
-         "prefill_chunk_size re-compresses each chunk from whole tokens, which a QuantizedCache does not keep"),
     ],
 )  # fmt: skip
 def test_prefill_chunk_size_where_it_cannot_run(baseline, kwargs, message):

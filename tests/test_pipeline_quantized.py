@@ -17,6 +17,7 @@ from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer
 from kvpress.cache.rotary import rotary_table
 from kvpress.cache.varlen_cache import VarlenCache
+from kvpress.generation import prefill
 from kvpress.pipeline import TASK
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
@@ -44,10 +45,11 @@ def quant_pipeline(arch: str):
     return pipeline(TASK, model=quant_text_model(arch), tokenizer=smollm2_tokenizer())
 
 
-def manual_answer(model, tokenizer, context, question, press, quantization, max_new_tokens, query_aware=False):
-    """Prefill the prompt up to the context (or the question) under ``press`` into a QuantizedCache by hand, then
-    decode greedily under the "kvpress" attention function. The cache is not compacted: its first decoding forward
-    quantizes any layer the press left dense."""
+def manual_answer(model, tokenizer, context, question, press, quantization, max_new_tokens, query_aware=False,
+                  chunk_size=None):  # fmt: skip
+    """Prefill the prompt up to the context (or the question) under ``press`` into a QuantizedCache by hand (with
+    ``chunk_size``: through :func:`kvpress.generation.prefill`), then decode greedily under the "kvpress" attention
+    function. The cache is not compacted: its first decoding forward quantizes any layer the press left dense."""
     full = chat_prompt(tokenizer, context, question)
     prefix = context + question if query_aware else context
     cut = full.index(prefix) + len(prefix)
@@ -60,7 +62,9 @@ def manual_answer(model, tokenizer, context, question, press, quantization, max_
     cache = QuantizedCache(config=model.config, quantization=quantization, rope=rope)
     eos, generated = eos_ids(model, tokenizer), []
     with torch.no_grad():
-        if press is None:
+        if chunk_size is not None:
+            prefill(model, ids, cache, press, chunk_size=chunk_size)
+        elif press is None:
             model.model(input_ids=ids, **cache_kwargs(model.model, cache))
         else:
             with press(model):
@@ -102,6 +106,27 @@ def test_answers_equal_decoding_by_hand_across_flushes(arch, press_name, method,
     ]
     assert out["answers"] == expected
     assert len(set(expected)) == len(expected)  # distinct answers: restoring between questions matters
+
+
+@pytest.mark.parametrize(("press_name", "method"), [("adakv", "kivi"), ("snapkv", "kvquant"), ("none", "kivi")])
+def test_chunked_prefill_into_a_quantized_cache(press_name, method):
+    """``prefill_chunk_size`` with ``kv_quantization``: the pipeline prefills chunk by chunk and quantizes what the
+    press kept (answers as by hand), holding fewer bytes than the same chunked prefill at full precision."""
+    pipe = quant_pipeline("llama")
+    quantization = {"bits": 4, "group_size": 32, "residual_length": 32, "method": method}
+    context = random_text(90, seed=4)
+    out = pipe(context, questions=QUESTIONS, press=PRESSES[press_name](), kv_quantization=quantization,
+               prefill_chunk_size=40, max_new_tokens=12, return_report=True)  # fmt: skip
+    config = QuantizationConfig(**quantization)
+    expected = [manual_answer(pipe.model, pipe.tokenizer, context, q, PRESSES[press_name](), config, 12,
+                              chunk_size=40) for q in QUESTIONS]  # fmt: skip
+    assert out["answers"] == expected
+    full = pipe(context, question=QUESTIONS[0], press=PRESSES[press_name](), prefill_chunk_size=40, max_new_tokens=1,
+                return_report=True, cache=VarlenCache(config=pipe.model.config))["report"]  # fmt: skip
+    report = out["reports"][0]
+    assert report.cache == "QuantizedCache"
+    assert report.compression_ratio == pytest.approx(full.compression_ratio)
+    assert report.kv_bytes < 0.45 * full.kv_bytes
 
 
 def test_key_rerotation_is_refused_with_pre_rope_keys():

@@ -175,11 +175,6 @@ class EvalConfig(BaseModel):
             raise ValueError("n_examples: give either fraction or n_examples, not both")
         if self.batch_size > 1 and self.query_aware:
             raise ValueError("batch_size: query_aware compresses one prompt per question; use batch_size 1")
-        if self.prefill_chunk_size is not None and self.kv_quantization is not None:
-            raise ValueError(
-                "prefill_chunk_size: chunks are re-compressed from whole tokens, which a quantized cache does not keep; "
-                "drop kv_quantization or prefill_chunk_size"
-            )
         if self.cuda_graph and self.device is not None and not self.device.startswith("cuda"):
             raise ValueError(f"cuda_graph: needs a CUDA device, got device={self.device!r}")
         # Validated options replace the raw ones, so the resolved config shows every default.

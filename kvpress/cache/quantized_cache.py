@@ -6,9 +6,10 @@ import json
 
 import torch
 
+from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_layer import QuantizedVarlenLayer
-from kvpress.cache.quantized_storage import DecomposedStorage, make_storage
+from kvpress.cache.quantized_storage import DecomposedStorage, make_storage, positions_of
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
 from kvpress.utils import kv_geometry
@@ -63,6 +64,50 @@ class QuantizedCache(VarlenCache):
     def compact(self) -> None:
         """Quantize every dense full-attention layer, keeping all its tokens."""
         super().compact()  # a QuantizedVarlenLayer's replace quantizes
+
+    @property
+    def needs_positions(self) -> bool:
+        """Whether the storage quantizes with each token's position (pre-RoPE keys, sink tokens)."""
+        return make_storage(self.quantization, 0, self.rope).needs_positions
+
+    def quantize_from(self, source: VarlenCache, n_tokens: int, positions: dict | None = None) -> None:
+        """Take over the layers of ``source``, a full-precision :class:`VarlenCache` holding one prefill of
+        ``n_tokens`` tokens (compressed or not), quantizing the tokens each full-attention layer holds; this cache
+        must be empty. Layer by layer, so the peak is one layer's codes over ``source``; ``source`` is left empty.
+
+        ``positions``: ``{layer_idx: (batch, kv_heads, >= kept)}`` prompt position of every token a compressed
+        layer holds, in storage order (the press's ``kept_indices``); needed when :attr:`needs_positions`.
+        """
+        if self.get_seq_length() > 0:
+            raise ValueError("quantize_from fills an empty QuantizedCache; this one already holds tokens")
+        layers = []
+        for i, layer in enumerate(source.layers):
+            if not isinstance(layer, VarlenLayer):  # sliding-window layers stay dense, as in this cache
+                layers.append(layer)
+                continue
+            quantized = self._dense_layer(i)
+            if layer.ragged:
+                keys, values, lengths = layer.padded_keys_values()
+                kv = CompressedKV(keys, values, head_lengths=lengths, indices=(positions or {}).get(i))
+            elif layer.is_initialized and layer.keys is not None:
+                kv = CompressedKV(layer.keys, layer.values)
+            else:
+                layers.append(quantized)
+                continue
+            with_positions = None
+            if quantized.storage.needs_positions:
+                with_positions = positions_of(kv.lengths.cpu(), kv.indices, n_tokens)
+                if with_positions is None:
+                    raise ValueError(
+                        f"layer {i}: this quantized storage (pre-RoPE keys or sink tokens) needs the prompt position "
+                        "of every kept token; pass positions= (a report's kept_indices)"
+                    )
+            seg_k, seg_v, seg_lens, d = quantized.pack_rows(kv)
+            del kv
+            source.layers[i] = VarlenLayer()  # frees the full-precision layer before the next one is packed
+            quantized.adopt(seg_k, seg_v, seg_lens, d, positions=with_positions, tail_start=n_tokens)
+            layers.append(quantized)
+        self.layers = layers
 
     @classmethod
     def concatenate(cls, caches: list[QuantizedCache]) -> QuantizedCache:

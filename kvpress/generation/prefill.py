@@ -10,6 +10,7 @@ from torch import nn
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.quantized_cache import QuantizedCache
+from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.report import CompressionReport
 from kvpress.utils import warn_past_positions
@@ -23,12 +24,15 @@ def prefill(
     record_kept: bool = False,
     chunk_size: int | None = None,
 ) -> tuple[int, CompressionReport | None]:
-    """Run ``input_ids`` ``(batch, n)`` through ``model``'s decoder into ``cache`` (which must be empty), under ``press``.
+    """Run ``input_ids`` ``(batch, n)`` through ``model``'s decoder into ``cache`` (which must be empty), under
+    ``press``.
 
-    ``chunk_size`` prefills at most ``chunk_size`` tokens per forward (near-equal chunks): each chunk attends to the cache the earlier chunks
-    left (compressed) plus itself, at its original positions, and the press then brings every layer back to the
-    budget of the tokens seen so far, so peak memory follows the chunk and the budget, not the prompt. Presses must
-    support it (``capabilities.chunked_prefill``); ``None`` (the default) prefills in one forward.
+    ``chunk_size`` prefills at most ``chunk_size`` tokens per forward (near-equal chunks): each chunk attends to the
+    cache the earlier chunks left (compressed) plus itself, at its original positions, and the press then brings
+    every layer back to the budget of the tokens seen so far, so peak memory follows the chunk and the budget, not
+    the prompt. Presses must support it (``capabilities.chunked_prefill``); ``None`` (the default) prefills in one
+    forward. Into a :class:`QuantizedCache`, the chunks run over a full-precision :class:`VarlenCache` (the press
+    re-scores the kept tokens with every chunk), quantized layer by layer at the end.
 
     Returns the position of the next token (``n``; the longest kept length for presses that re-rotate kept keys to
     contiguous positions) and the press's :class:`CompressionReport` (``None`` without a press; with the kept
@@ -37,17 +41,21 @@ def prefill(
     """
     n = input_ids.shape[1]
     check_chunk_size(chunk_size, press)
-    if chunk_size is not None and isinstance(cache, QuantizedCache) and press is not None:
-        raise ValueError(
-            "chunk_size re-compresses each chunk from whole tokens, which a QuantizedCache does not keep once "
-            "compressed; pass chunk_size=None, or prefill into a VarlenCache"
-        )
     warn_past_positions(model.config, n)
-    base = model.base_model
-    positions = torch.arange(n, device=input_ids.device)[None]
     bounds = chunk_bounds(n, chunk_size)
     if press is not None and len(bounds) > 2:
         press.check_length(min(b - a for a, b in zip(bounds, bounds[1:])))  # e.g. a window inside every chunk
+    if len(bounds) > 2 and isinstance(cache, QuantizedCache):
+        # Later chunks re-score the tokens kept so far, whole: stage them in full precision, quantize at the end.
+        if cache.get_seq_length() > 0:
+            raise ValueError("cache must be empty: the prompt is prefilled into it")
+        staging = VarlenCache(config=model.config)
+        positions_needed = press is not None and cache.needs_positions
+        position, report = prefill(model, input_ids, staging, press, record_kept or positions_needed, chunk_size)
+        cache.quantize_from(staging, n, report.kept_indices if report is not None else None)
+        return position, report
+    base = model.base_model
+    positions = torch.arange(n, device=input_ids.device)[None]
     with torch.no_grad(), press(model, record_kept=record_kept) if press else contextlib.nullcontext() as report:
         for start, end in zip(bounds, bounds[1:]):
             if report is not None and chunk_size is not None:

@@ -143,7 +143,6 @@ BAD = [
     ({"kv_quantization": {"bitz": 4}}, "kv_quantization.bitz"),
     ({"cuda_graph": True, "device": "cpu"}, "cuda_graph"),
     ({"prefill_chunk_size": 0}, "prefill_chunk_size"),
-    ({"prefill_chunk_size": 64, "kv_quantization": {"bits": 4}}, "prefill_chunk_size"),
 ]
 
 

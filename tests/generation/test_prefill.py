@@ -211,3 +211,48 @@ def test_a_later_chunk_attends_to_the_compressed_cache_like_an_explicit_mask(arc
         torch.testing.assert_close(got_k, keys.gather(2, kept.expand(-1, -1, -1, keys.shape[-1])), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_v, values.gather(2, kept.expand(-1, -1, -1, values.shape[-1])), atol=1e-5,
                                    rtol=1e-5)  # fmt: skip
+
+
+def _next_logits(model, cache, token: torch.Tensor, position: int) -> torch.Tensor:
+    with torch.no_grad(), compressed_attention(model):
+        out = model(input_ids=token, **cache_kwargs(model, cache), position_ids=torch.tensor([[position]]),
+                    use_cache=True)  # fmt: skip
+    return out.logits[0, -1].double()
+
+
+@pytest.mark.parametrize(
+    "press, quantization",
+    [(None, {"bits": 8, "group_size": 32}),
+     (lambda: KnormPress(0.5), {"bits": 8, "group_size": 32}),
+     (lambda: AdaKVPress(SnapKVPress(0.5, window_size=4)), {"bits": 8, "group_size": 32}),
+     (lambda: SnapKVPress(0.4, window_size=4), {"bits": 8, "group_size": 32, "method": "kvquant"})],
+)  # fmt: skip
+def test_chunks_into_a_quantized_cache_quantize_what_the_full_precision_chunks_keep(press, quantization):
+    """Chunk by chunk into a QuantizedCache: each head keeps the tokens a full-precision chunked prefill keeps, and the
+    next token's logits match that cache's up to 8-bit rounding. kvquant stores keys before RoPE: every stored slot
+    records the prompt position of the token a full-precision prefill kept there."""
+    from kvpress.cache.quantized_cache import QuantizedCache
+    from kvpress.cache.rotary import rotary_table
+    from kvpress.cache.varlen_layer import VarlenLayer
+
+    model = tiny_model("llama", head_dim=32)
+    ids, token = random_ids(64, seed=31), random_ids(1, seed=32)
+    reference = VarlenCache(config=model.config)
+    _, report = prefill(model, ids, reference, press() if press else None, record_kept=press is not None,
+                        chunk_size=16)  # fmt: skip
+    rope = rotary_table(model) if quantization.get("method") == "kvquant" else None
+    cache = QuantizedCache(config=model.config, quantization=quantization, rope=rope)
+    prefill(model, ids, cache, press() if press else None, chunk_size=16)
+    for i, layer in enumerate(cache.layers):
+        assert type(layer).__name__ == "QuantizedVarlenLayer" and layer.ragged
+        assert torch.equal(cache.head_lengths(i), reference.head_lengths(i))
+        assert layer.memory_bytes() < reference.layers[i].memory_bytes() if isinstance(reference.layers[i],
+               VarlenLayer) and reference.layers[i].ragged else True  # fmt: skip
+        store = layer.store
+        if getattr(store, "positions", None) is not None:
+            segs, kept = store.segs, report.kept_indices[i].reshape(-1, report.kept_indices[i].shape[-1])
+            for seg in range(segs.ctx_len.shape[0]):
+                first, n = int(segs.cu_groups[seg]) * segs.group_size, int(segs.ctx_len[seg])
+                assert store.positions[first : first + n].tolist() == kept[seg, :n].tolist()
+    want, got = _next_logits(model, reference, token, 64), _next_logits(model, cache, token, 64)
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
