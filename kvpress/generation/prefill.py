@@ -98,6 +98,6 @@ def check_chunk_size(chunk_size: int | None, press: BasePress | None, name: str 
         need = " (it reads the attention weights of the whole prompt)" if caps.needs_attention_weights else ""
         raise ValueError(
             f"{type(press).__name__} cannot compress a prefill chunk by chunk{need}; accepted: presses that score "
-            f"tokens (ScorerPress: KnormPress, SnapKVPress, TOVAPress, ...) and AdaKVPress around one; pass "
-            f"{name}=None"
+            "tokens (ScorerPress: KnormPress, SnapKVPress, TOVAPress, ...), and AdaKVPress or "
+            f"PerLayerCompressionPress around one; pass {name}=None"
         )

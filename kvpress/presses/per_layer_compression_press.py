@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from kvpress.presses.budget import check_ratio, n_kept
-from kvpress.presses.scorer_press import keep_tokens
+from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.chunk_budget import CHUNK_BUDGET
+from kvpress.presses.scorer_press import keep_chunk_budget, keep_tokens
 from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
 from kvpress.utils import attention_layers
 
@@ -50,9 +52,18 @@ class PerLayerCompressionPress(ScorerWrapperPress):
                 f"layers; accepted: exactly {n_layers} ratios, one per layer"
             )
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.press.capabilities  # a budget per layer, chunk by chunk as the inner scorer allows
+
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        ratio = self.compression_ratios[module.layer_idx]
+        chunk = kwargs.get(CHUNK_BUDGET)
+        if chunk is not None:
+            budget = n_kept(chunk.seen, ratio)
+            return keep_chunk_budget(self.press, module, hidden_states, keys, values, kwargs, chunk, budget)
         n = keys.shape[-2]
-        k = n_kept(n, self.compression_ratios[module.layer_idx])
+        k = n_kept(n, ratio)
         if k >= n:
             return keys, values
         return keep_tokens(keys, values, *self.top_indices(module, hidden_states, keys, values, attentions, kwargs, k))

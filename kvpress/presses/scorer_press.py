@@ -66,17 +66,24 @@ class ScorerPress(BasePress):
     def compress_chunk(self, module, hidden_states, keys, values, kwargs, chunk: ChunkBudget):
         """One chunk of a chunked prefill: every head keeps the budget of ``chunk.seen`` tokens (all it holds if
         fewer), scored over its own tokens (:func:`score_ragged`)."""
-        valid = chunk.valid(keys)
-        k = min(self.n_kept(chunk.seen, module), int(valid.min()))
-        if k >= int(valid.max()):
-            return None  # nothing to drop
-        scores = score_ragged(self, module, hidden_states, keys, values, chunk.lengths, kwargs)
-        return keep_tokens(keys, values, self.select(scores, k, module), scores)
+        return keep_chunk_budget(self, module, hidden_states, keys, values, kwargs, chunk,
+                                 self.n_kept(chunk.seen, module))  # fmt: skip
 
     def select(self, scores: torch.Tensor, k: int, module: nn.Module) -> torch.Tensor:
         """Positions ``(batch, kv_heads, k)`` to keep, increasing, given the ``(batch, kv_heads, n)`` scores: the top
         ``k`` (:func:`top_positions`). Presses that pick otherwise (sampling) override this."""
         return top_positions(scores, k)
+
+
+def keep_chunk_budget(scorer: ScorerPress, module, hidden, keys, values, kwargs, chunk: ChunkBudget, budget: int):
+    """The ``budget`` best tokens per head (all a head holds if fewer) of a layer during a chunked prefill, ranked
+    by ``scorer`` over each head's own tokens (:func:`score_ragged`); ``None`` when nothing is to be dropped."""
+    valid = chunk.valid(keys)
+    k = min(budget, int(valid.min()))
+    if k >= int(valid.max()):
+        return None
+    scores = score_ragged(scorer, module, hidden, keys, values, chunk.lengths, kwargs)
+    return keep_tokens(keys, values, scorer.select(scores, k, module), scores)
 
 
 def score_ragged(scorer: ScorerPress, module, hidden, keys, values, lengths: torch.Tensor | None, kwargs: dict):

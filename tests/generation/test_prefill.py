@@ -17,6 +17,7 @@ from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
+from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.tova_press import TOVAPress
@@ -117,12 +118,17 @@ def _greedy_reference(norms: torch.Tensor, bounds: list[int], ratio: float, head
 
 
 @pytest.mark.parametrize("batch, chunk", [(1, 7), (2, 12), (3, 30)])
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_chunked_knorm_keeps_what_a_plain_reference_keeps(batch, chunk, adaptive):
-    """Layer 0's kept positions and stored keys, against :func:`_greedy_reference` on the one-forward keys."""
+@pytest.mark.parametrize("kind", ["uniform", "adaptive", "per_layer"])
+def test_chunked_knorm_keeps_what_a_plain_reference_keeps(batch, chunk, kind):
+    """Layer 0's kept positions and stored keys, against :func:`_greedy_reference` on the one-forward keys (a
+    per-layer press with 0.4 at layer 0 keeps there what KnormPress(0.4) keeps; its other layers keep their own
+    budgets)."""
     model = tiny_model("qwen2")  # 2 kv heads
     ids = random_ids(61, batch=batch, seed=chunk)
-    press = AdaKVPress(KnormPress(0.4), alpha_safeguard=0.0) if adaptive else KnormPress(0.4)
+    adaptive = kind == "adaptive"
+    ratios = ([0.4] + [0.7, 0.1] * len(attention_layers(model)))[: len(attention_layers(model))]
+    press = {"uniform": lambda: KnormPress(0.4), "adaptive": lambda: AdaKVPress(KnormPress(0.4), alpha_safeguard=0.0),
+             "per_layer": lambda: PerLayerCompressionPress(KnormPress(), ratios)}[kind]()  # fmt: skip
     full = DynamicCache(config=model.config)
     prefill(model, ids, full)
     keys0, values0 = read_layer(full, 0)
@@ -142,6 +148,9 @@ def test_chunked_knorm_keeps_what_a_plain_reference_keeps(batch, chunk, adaptive
             # The cache holds the prefill's own keys of those tokens, in the recorded order.
             torch.testing.assert_close(stored[b, h, : len(got)], keys0[b, h, got], atol=1e-5, rtol=1e-5)
     assert int(report.kept_lengths[0].sum()) == batch * 2 * round(61 * 0.6)
+    if kind == "per_layer":
+        for i in range(1, len(cache.layers)):
+            assert cache.get_seq_length(i) == round(61 * (1 - ratios[i]))
 
 
 @pytest.mark.parametrize(
