@@ -10,6 +10,7 @@ would hide the attention's cost); the graph's tokens are checked against eager s
 Variants:
     full       every token in kvpress's VarlenCache, read by the varlen decode kernel (the fastest full attention)
     quest      QuestPress's layer (``dense_layers=0``: every layer selects pages), ``--budget`` tokens per kv head
+    quest_topk the same, its pages chosen by ``torch.topk`` instead of the selection kernel (``select_pages``)
 
 The floor is the time to read what a step must read (weights, plus the selected pages and the page bounds) at the
 measured device copy bandwidth (bytes read + written by a large copy); the issue's target is quest <= 1.5 x the
@@ -31,11 +32,14 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_memory import GIB, llama31_8b_model, run_metadata  # noqa: E402
 
+import kvpress.cache.quest_layer as quest_layer_module  # noqa: E402
 from kvpress.cache.attention import compressed_attention  # noqa: E402
 from kvpress.cache.layer_access import decode_bytes_read, layer_memory_bytes, restore_cache, snapshot_cache  # noqa: E402
 from kvpress.cache.quest_layer import QuestLayer  # noqa: E402
 from kvpress.cache.varlen_cache import VarlenCache  # noqa: E402
 from kvpress.generation.graph_decoder import greedy_step  # noqa: E402
+
+VARIANTS = ("quest", "quest_topk", "full")
 
 
 def copy_bandwidth() -> float:
@@ -202,7 +206,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile STEPS eager Quest steps: GPU time per step of each kernel")  # fmt: skip
-    parser.add_argument("--only", choices=["quest", "full"], default=None, help="run one variant")
+    parser.add_argument("--only", choices=VARIANTS, nargs="+", default=None, help="run these variants")
     args = parser.parse_args()
 
     model = llama31_8b_model()
@@ -217,17 +221,21 @@ def main() -> None:
     kv_row = 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * cfg.num_hidden_layers  # K+V bytes per token, bf16
     budget_floor = (weights + args.budget * kv_row) / bandwidth * 1000
     result["floor_weights_and_budget_ms"] = round(budget_floor, 3)
-    for name in ("quest", "full") if args.only is None else (args.only,):
-        if name == "quest":
+    for name in VARIANTS if args.only is None else args.only:
+        select = quest_layer_module.select_pages
+        if name == "quest_topk":
+            quest_layer_module.select_pages = lambda s, n: s.topk(n, dim=-1, sorted=False).indices.to(torch.int32)
+        if name.startswith("quest"):
             cache = quest_cache(model, args.context, args.page_size, args.budget, room)
         else:
             cache = full_cache(model, args.context, room)
         read = decode_bytes_read(cache)
         timing = time_decode(model, cache, args.context, args.steps, check)
         layer_us = layer_attention_us(cache, 0, cfg.num_attention_heads, cfg.head_dim)
-        if args.profile and name == "quest":
-            result["quest_profile"] = profile_kernels(model, cache, args.context, args.profile)
-            print(json.dumps(result["quest_profile"], indent=1), flush=True)
+        if args.profile and name.startswith("quest"):
+            result[f"{name}_profile"] = profile_kernels(model, cache, args.context, args.profile)
+            print(json.dumps(result[f"{name}_profile"], indent=1), flush=True)
+        quest_layer_module.select_pages = select
         floor = (weights + read) / bandwidth * 1000
         result["variants"][name] = {
             **timing,
@@ -240,7 +248,7 @@ def main() -> None:
         print(name, json.dumps(result["variants"][name]), flush=True)
         del cache
         torch.cuda.empty_cache()
-    if args.only is None:
+    if {"quest", "full"} <= set(result["variants"]):
         quest = result["variants"]["quest"]["graph_ms_median"]
         result["quest_over_budget_floor"] = round(quest / budget_floor, 3)
         result["quest_speedup_over_full"] = round(result["variants"]["full"]["graph_ms_median"] / quest, 3)

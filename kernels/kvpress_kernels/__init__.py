@@ -50,7 +50,7 @@ from .decomposed_segments import (
 )
 from .merged_attention import merged_attention, reference_merged_attention
 from .page_attention import page_attention, page_token_mask, reference_page_attention
-from .page_selection import page_scores, reference_page_scores, select_pages
+from .page_selection import page_scores, reference_page_scores, reference_select_pages, select_pages
 from .paged_kv import PagedKV
 from .quantization import (
     QuantizedTensor,
@@ -100,6 +100,7 @@ __all__ = [
     "reference_merged_attention",
     "reference_page_attention",
     "reference_page_scores",
+    "reference_select_pages",
     "reference_quantize_keys",
     "reference_quantize_values",
     "reference_quantized_varlen_attention",

@@ -13,7 +13,7 @@ import torch
 from ._common import TRITON_FLOAT_DTYPES, check_tensor, ensure_launchable, next_pow2, tl, triton, use_triton
 from .paged_kv import PagedKV
 
-__all__ = ["page_scores", "reference_page_scores", "select_pages"]
+__all__ = ["page_scores", "reference_page_scores", "reference_select_pages", "select_pages"]
 
 
 def reference_page_scores(q: torch.Tensor, paged: PagedKV, recent_pages: int = 1) -> torch.Tensor:
@@ -130,12 +130,64 @@ def page_scores(q: torch.Tensor, paged: PagedKV, recent_pages: int = 1) -> torch
     return out
 
 
+# Rows up to this many pages are selected in one program's registers; longer rows use torch.topk.
+MAX_KERNEL_PAGES = 16384
+
+if triton is not None:
+
+    @triton.jit
+    def _select_kernel(scores_ptr, out_ptr, s_row, o_row, N, K, BLOCK: tl.constexpr):
+        # Program = one row: the K-th largest score by a bitwise search over order-preserving integer keys, then
+        # every larger score and the first of the equal ones, written in increasing page order.
+        row = tl.program_id(0)
+        i = tl.arange(0, BLOCK)
+        ok = i < N
+        x = tl.load(scores_ptr + row.to(tl.int64) * s_row + i, mask=ok, other=0.0)
+        bits = x.to(tl.int32, bitcast=True)
+        # Flip the magnitude bits of negatives: signed-int order is then float order; shifted to [0, 2^32).
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+        key = tl.where(ok, key, -1)  # padding is never selected (the threshold is >= 0)
+        threshold = tl.zeros([1], dtype=tl.int64)
+        for bit in tl.static_range(31, -1, -1):
+            candidate = threshold | (1 << bit)
+            count = tl.sum((key[None, :] >= candidate[:, None]).to(tl.int32), axis=1)
+            threshold = tl.where(count >= K, candidate, threshold)
+        greater = key > threshold
+        equal = key == threshold
+        need = K - tl.sum(greater.to(tl.int32), axis=0)
+        take = greater | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
+        slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + row.to(tl.int64) * o_row + slot, i, mask=take)
+
+
+def reference_select_pages(scores: torch.Tensor, n_pages: int) -> torch.Tensor:
+    """Plain-torch :func:`select_pages`: the top ``n_pages`` by ``torch.topk`` (ties: any of them), increasing."""
+    return scores.topk(n_pages, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+
+
 def select_pages(scores: torch.Tensor, n_pages: int) -> torch.Tensor:
-    """The ``n_pages`` best-scoring pages per (sequence, kv head): ``(B, Hkv, n_pages)`` int32 page indices.
+    """The ``n_pages`` best-scoring pages per (sequence, kv head): ``(B, Hkv, n_pages)`` int32 page indices, in
+    increasing order (among equal scores at the cut, the first pages).
 
     A fixed count (no host sync, CUDA-graph safe): when a sequence holds fewer pages, the rest of the selection
-    points past its last page, which :func:`~kvpress_kernels.page_attention` reads as empty.
+    points past its last page, which :func:`~kvpress_kernels.page_attention` reads as empty. One Triton program per
+    row for rows of up to :data:`MAX_KERNEL_PAGES` pages (``torch.topk`` runs a few blocks of radix passes
+    per row, slower at decode sizes); longer rows, and float64 scores, use :func:`reference_select_pages`.
     """
     if not isinstance(n_pages, int) or not 1 <= n_pages <= scores.shape[-1]:
         raise ValueError(f"n_pages must be an int in [1, {scores.shape[-1]}] (pages of the buffer), got {n_pages!r}")
-    return scores.topk(n_pages, dim=-1, sorted=False).indices.to(torch.int32)
+    check_tensor(scores, "scores", 3, dtypes=(torch.float32, torch.float64))
+    n = scores.shape[-1]
+    if not use_triton(scores) or scores.dtype != torch.float32 or n > MAX_KERNEL_PAGES:
+        return reference_select_pages(scores, n_pages)
+    ensure_launchable(_select_kernel, scores)
+    rows = scores.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(scores.shape[:-1] + (n_pages,), dtype=torch.int32, device=scores.device)
+    if out.numel() == 0:
+        return out
+    block = next_pow2(n)
+    _select_kernel[(rows.shape[0],)](rows, out, rows.stride(0), n_pages, n, n_pages, BLOCK=block,
+                                     num_warps=16 if block >= 4096 else 4)  # fmt: skip
+    return out

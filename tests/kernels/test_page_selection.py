@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from kvpress_kernels import page_scores, reference_page_scores, select_pages
+from kvpress_kernels import page_scores, reference_page_scores, reference_select_pages, select_pages
 
-from .layouts import DTYPES
+from .layouts import DEVICE, DTYPES
 from .paged_layouts import build_paged
 
 CASES = [  # (B, Hkv, G, D, lengths, page_size)
@@ -77,3 +77,39 @@ def test_q_shape_and_recent_pages_are_validated():
         page_scores(q[:, :3], paged)
     with pytest.raises(ValueError, match="recent_pages"):
         page_scores(q, paged, recent_pages=-1)
+
+
+def _ties(n: int, seed: int) -> torch.Tensor:
+    """Scores with many exact ties, both infinities and signed zeros: the cut often falls inside a tie."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor([float("-inf"), -3.5, -1.0, -0.0, 0.0, 0.25, 2.0, 7.0, float("inf")])
+    return pool[torch.randint(0, len(pool), (n,), generator=g)]
+
+
+@pytest.mark.parametrize(
+    "shape, k, kind",
+    [((1, 1, 1), 1, "normal"), ((2, 3, 37), 5, "normal"), ((1, 2, 64), 64, "normal"), ((3, 1, 300), 17, "ties"),
+     ((2, 2, 1000), 256, "normal"), ((1, 1, 129), 128, "ties"), ((1, 8, 8192), 256, "normal")],
+)  # fmt: skip
+def test_select_pages_kernel_picks_a_top_set_in_increasing_order(shape, k, kind):
+    """Against torch.topk: the picked scores are the k largest (as multisets, ties at the cut allowed anywhere), the
+    pages are distinct, in range and increasing, and among equal scores at the cut the first pages are taken."""
+    g = torch.Generator().manual_seed(k)
+    n = shape[-1]
+    if kind == "ties":
+        scores = torch.stack([_ties(n, seed) for seed in range(shape[0] * shape[1])]).view(shape)
+    else:
+        scores = torch.randn(shape, generator=g)
+        scores.view(-1, n)[:, -1] = float("inf")  # a forced page
+        scores.view(-1, n)[:, :2] = float("-inf")  # past a sequence's last page
+    scores = scores.to(DEVICE)
+    chosen = select_pages(scores, k)
+    assert chosen.shape == shape[:-1] + (k,) and chosen.dtype == torch.int32
+    ref = reference_select_pages(scores, k)
+    for row, want, got in zip(scores.view(-1, n).cpu(), ref.view(-1, k).cpu(), chosen.view(-1, k).cpu()):
+        assert bool((got[1:] > got[:-1]).all()) and 0 <= int(got.min()) and int(got.max()) < n
+        assert torch.equal(row[got.long()].sort().values, row[want.long()].sort().values)
+        cut = row[got.long()].min()
+        ties = (row == cut).nonzero().flatten()
+        taken = ties[torch.isin(ties, got.long())]
+        assert torch.equal(taken, ties[: len(taken)])  # the first of the equal pages
