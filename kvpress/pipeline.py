@@ -194,9 +194,11 @@ class KVPressTextGenerationPipeline(Pipeline):
     @staticmethod
     def _check_decode_time(press, caps: Capabilities, cache, quantization) -> None:
         """Decode-time presses rewrite caches that store whole tokens: a DynamicCache, or a VarlenCache for the
-        presses that re-compress head-variable layers (``decodes_head_variable``); refuse the rest by cause."""
+        presses that re-compress head-variable layers (``decodes_head_variable``) or lay out their own layers
+        (``decodes_in_attention``); refuse the rest by cause."""
         name = type(press).__name__
-        accepted = (DynamicCache, VarlenCache) if caps.decodes_head_variable else (DynamicCache,)
+        varlen = caps.decodes_head_variable or caps.decodes_in_attention
+        accepted = (DynamicCache, VarlenCache) if varlen else (DynamicCache,)
         if cache is not None and type(cache) not in accepted:
             names = " or ".join(kind.__name__ for kind in accepted)
             raise ValueError(

@@ -85,16 +85,19 @@ def write_layer(cache: Cache, layer_idx: int, kv: CompressedKV) -> None:
 
 
 def replace_dense_layer(cache: Cache, layer_idx: int, kind: type, build) -> bool:
-    """Replace a dense full-attention ``DynamicCache`` layer by ``build(keys, values)``, a layer of type ``kind``
-    holding the same tokens in its own layout. Returns False (nothing done) when the layer is already a ``kind`` or
-    holds no token yet; raises ``ValueError`` for any other layer type."""
+    """Replace a dense full-attention layer (of a ``DynamicCache``, or a ``VarlenCache`` layer not compacted yet) by
+    ``build(keys, values)``, a layer of type ``kind`` holding the same tokens in its own layout. Returns False
+    (nothing done) when the layer is already a ``kind`` or holds no token yet; raises ``ValueError`` for any other
+    layer type."""
     layer = _layer(cache, layer_idx)
     if isinstance(layer, kind):
         return False
-    if type(layer) is not DynamicLayer:
+    if not (type(layer) is DynamicLayer or (type(layer) is VarlenLayer and not layer.ragged)):
+        state = " (compacted)" if type(layer) is VarlenLayer else ""
         raise ValueError(
-            f"{kind.__name__} replaces dense full-attention layers of a transformers DynamicCache; layer {layer_idx} "
-            f"is a {type(layer).__name__} (accepted: a DynamicCache, the default of model.generate and the pipeline)"
+            f"{kind.__name__} replaces dense full-attention layers of a transformers DynamicCache or a kvpress "
+            f"VarlenCache; layer {layer_idx} is a {type(layer).__name__}{state} (accepted: a DynamicCache, the "
+            "default of model.generate, or a VarlenCache before compaction)"
         )
     if not layer.is_initialized or layer.keys is None:
         return False

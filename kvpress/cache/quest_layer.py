@@ -10,8 +10,8 @@ from transformers.cache_utils import DynamicLayer
 from kvpress.cache.attention import suffix_attention
 from kvpress_kernels import PagedKV, page_attention, page_scores, select_pages
 
-_SAVED_PAGE = "_snapshot_open_page_bounds"
-_SLACK = 256  # tokens of room beyond the prefill, and the least a full buffer grows by  # snapshot key of the bounds of the page appends were filling
+_SAVED_PAGE = "_snapshot_open_page_bounds"  # snapshot key of the bounds of the page appends were filling
+_SLACK = 256  # tokens of room beyond the prefill, and the least a full buffer grows by
 
 
 class QuestLayer(DynamicLayer):
@@ -151,9 +151,12 @@ class QuestView:
             raise ValueError("QuestLayer holds full-attention layers only; sliding-window layers stay dense")
         layer = self.layer
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if query.shape[2] == 1 and layer.length > layer.token_budget:
+        # A captured step must read pages whatever the length at capture: the replays' lengths grow past it.
+        capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+        if query.shape[2] == 1 and (layer.length > layer.token_budget or capturing):
             q = query[:, :, 0]
-            pages = select_pages(page_scores(q, layer.paged, layer.recent_pages), layer.n_select)
-            layer.sparse_steps += 1
+            n_pages = min(layer.n_select, layer.paged.capacity // layer.paged.page_size)
+            pages = select_pages(page_scores(q, layer.paged, layer.recent_pages), n_pages)
+            layer.sparse_steps += layer.length > layer.token_budget
             return page_attention(q, layer.paged, pages, scale)[:, None]
         return suffix_attention(query, *layer.dense_keys_values(), scale)

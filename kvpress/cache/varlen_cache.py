@@ -46,9 +46,10 @@ class VarlenCache(DynamicCache):
         return layer_memory_bytes(self)
 
     def reserve(self, n_tokens: int) -> None:
-        """Reserve tail room for ``n_tokens`` more tokens per sequence in every compressed layer."""
+        """Reserve room for ``n_tokens`` more tokens per sequence in every layer that appends in place (compressed
+        layers' tails, paged ``QuestLayer`` buffers)."""
         for layer in self.layers:
-            if isinstance(layer, VarlenLayer):
+            if hasattr(layer, "reserve"):
                 layer.reserve(n_tokens)
 
     def head_lengths(self, layer_idx: int) -> torch.Tensor:

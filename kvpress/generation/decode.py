@@ -182,10 +182,13 @@ def _replays(decoder: GraphDecoder, token, position, n: int, eos_ids, chunk_size
 
 def graph_decoding_press(press: BasePress | None) -> DecodingPress | None:
     """The :class:`DecodingPress` that CUDA-graph decoding drives between replays for ``press`` (``None`` without a
-    decode-time press); ``ValueError`` for the decode-time presses a graph cannot run (they act at every step)."""
+    decode-time press, or one whose work the replayed attention does: ``capabilities.decodes_in_attention``);
+    ``ValueError`` for the decode-time presses a graph cannot run (their hooks act at every step)."""
     if press is None or not press.capabilities.compresses_decode:
         return None
     decoding = getattr(press, "decoding_press", press)
+    if decoding.capabilities.decodes_in_attention:
+        return None  # its per-step work is in the layers' attention, which the graph replays
     if type(decoding) is not DecodingPress or decoding.rerotate:
         raise ValueError(
             f"cuda_graph=True replays captured steps, which run no press hooks; between replays it re-compresses "

@@ -14,6 +14,7 @@ from torch import nn
 from kvpress.cache.attention import compressed_attention
 from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.cache.layer_access import restore_cache, snapshot_cache
+from kvpress.cache.quest_layer import QuestLayer
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.cache.varlen_layer import VarlenLayer
 
@@ -30,17 +31,28 @@ def greedy_step(model: nn.Module, cache: VarlenCache, ids: torch.Tensor, positio
 
 def advance_host_tails(cache: VarlenCache, n_tokens: int) -> None:
     """Advance the host mirror of every compressed layer of ``cache`` by ``n_tokens`` (see
-    :meth:`VarlenLayer.advance_host_tail`); all layers are checked before any is changed."""
+    :meth:`VarlenLayer.advance_host_tail`; a :class:`QuestLayer`'s ``length``); all layers are checked before any is
+    changed."""
     layers = [layer for layer in cache.layers if isinstance(layer, VarlenLayer) and layer.ragged]
     for layer in layers:
         if not 0 <= layer.tail_len + n_tokens <= layer.tail_k.shape[2]:
             layer.advance_host_tail(n_tokens)  # raises, naming the bounds
+    paged = [layer for layer in cache.layers if isinstance(layer, QuestLayer)]
+    for layer in paged:
+        if not 0 <= layer.length + n_tokens <= layer.paged.capacity:
+            raise ValueError(
+                f"advancing a QuestLayer by {n_tokens} tokens leaves [0, {layer.paged.capacity}] (its capacity) from "
+                f"{layer.length}"
+            )
     for layer in layers:
         layer.advance_host_tail(n_tokens)
+    for layer in paged:
+        layer.length += n_tokens
 
 
 def check_graph_cache(cache) -> None:
-    """Raise ``ValueError`` unless every layer of ``cache`` is a compressed :class:`VarlenLayer`.
+    """Raise ``ValueError`` unless every layer of ``cache`` is a compressed :class:`VarlenLayer` or a
+    :class:`QuestLayer`.
 
     A captured step must append and attend through fixed buffers; dense layers (uncompressed, or Gemma3's
     sliding-window layers) grow by concatenation, which a graph cannot replay.
@@ -50,10 +62,13 @@ def check_graph_cache(cache) -> None:
     if not cache.layers:
         raise ValueError("cache is empty: prefill it under a press before graph decoding")
     for i, layer in enumerate(cache.layers):
+        if isinstance(layer, QuestLayer):
+            continue  # appends in place into its paged buffer; reads pages whatever the length
         if not isinstance(layer, VarlenLayer):
             raise ValueError(
                 f"cache layer {i} is a {type(layer).__name__} (sliding-window layers stay dense); graph decoding "
-                "needs every layer compressed into a VarlenLayer (accepted: models without sliding-window layers)"
+                "needs every layer compressed into a VarlenLayer or paged in a QuestLayer (accepted: models without "
+                "sliding-window layers)"
             )
         if not layer.ragged:
             raise ValueError(
@@ -85,12 +100,12 @@ class GraphDecoder:
         if not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
         check_graph_cache(cache)
-        device = cache.layers[0].tail_k.device
+        device = _lengths(cache.layers[0]).device
         if device.type != "cuda" or model.device.type != "cuda":
             raise ValueError(f"GraphDecoder captures CUDA graphs: model and cache must be on a CUDA device, got "
                              f"model on {model.device} and cache on {device}")  # fmt: skip
         self.model, self.cache = model, cache
-        self.batch_size = cache.layers[0].batch_size
+        self.batch_size = _lengths(cache.layers[0]).shape[0]
         # Room for decoding and warm-up (both run for real; capture itself writes nothing).
         cache.reserve(max(max_new_tokens, warmup_steps))
         self._ids = torch.zeros(self.batch_size, 1, dtype=torch.long, device=device)
@@ -110,14 +125,14 @@ class GraphDecoder:
                 torch.cuda.current_stream(device).wait_stream(stream)
                 restore_cache(cache, state)
             del state
-            host_lengths = [layer.tail_len for layer in cache.layers]
+            host_lengths = [host_length(layer) for layer in cache.layers]
             try:
                 with torch.cuda.graph(self._graph):
                     greedy_step(model, cache, self._ids, self._positions)
             finally:
                 # The capture ran the step's Python (one token counted per layer) but executed nothing.
                 for layer, n in zip(cache.layers, host_lengths):
-                    layer.tail_len = n
+                    set_host_length(layer, n)
         self._storage = self._storage_key()
 
     # ---- decoding --------------------------------------------------------------------------------------------
@@ -195,7 +210,7 @@ class GraphDecoder:
                 "the cache's buffers changed since capture (restore_cache, batch_select_indices or tail growth); "
                 "build a new GraphDecoder"
             )
-        room = min(layer.tail_k.shape[2] - layer.tail_len for layer in self.cache.layers)
+        room = min(_room(layer) for layer in self.cache.layers)
         if n_steps > room:
             raise ValueError(
                 f"n_steps={n_steps} exceeds the {room} tokens of tail capacity left in the captured buffers; "
@@ -205,9 +220,11 @@ class GraphDecoder:
     def _storage_key(self) -> tuple:
         """Identity of every buffer the captured graph reads or writes."""
         names = ("seg_k", "seg_v", "cu_seqlens", "tail_k", "tail_v", "tail_lens")
+        paged = ("keys", "values", "page_min", "page_max", "lengths")
         return tuple(
             (id(layer), getattr(layer, "ragged", False))
             + tuple(t.data_ptr() if isinstance(t, torch.Tensor) else None for t in map(layer.__dict__.get, names))
+            + (tuple(getattr(layer.paged, n).data_ptr() for n in paged) if isinstance(layer, QuestLayer) else ())
             # Quantized layers: a flush replaces the segments (the graph would read freed storage).
             + (_segments_address(layer.__dict__.get("segs")),)
             for layer in self.cache.layers
@@ -216,7 +233,32 @@ class GraphDecoder:
     def _grad_mode(self):
         # In-place updates of inference tensors are only allowed in inference mode, and of ordinary ones outside it
         # they stay ordinary: follow how the cache was built.
-        return torch.inference_mode() if self.cache.layers[0].tail_lens.is_inference() else torch.no_grad()
+        return torch.inference_mode() if _lengths(self.cache.layers[0]).is_inference() else torch.no_grad()
+
+
+def _lengths(layer) -> torch.Tensor:
+    """The ``(batch,)`` device lengths a layer appends at (a compressed layer's tail, a QuestLayer's buffer)."""
+    return layer.paged.lengths if isinstance(layer, QuestLayer) else layer.tail_lens
+
+
+def host_length(layer) -> int:
+    """The host mirror of where a layer appends next (a compressed layer's tail length, a QuestLayer's length)."""
+    return layer.length if isinstance(layer, QuestLayer) else layer.tail_len
+
+
+def set_host_length(layer, n: int) -> None:
+    """Set the host mirror :func:`host_length` reads."""
+    if isinstance(layer, QuestLayer):
+        layer.length = n
+    else:
+        layer.tail_len = n
+
+
+def _room(layer) -> int:
+    """Tokens a layer can still append without reallocating."""
+    if isinstance(layer, QuestLayer):
+        return layer.paged.capacity - layer.length
+    return layer.tail_k.shape[2] - layer.tail_len
 
 
 def _segments_address(segs) -> int | None:

@@ -23,6 +23,9 @@ class Capabilities:
         merges_layers: the press stores pairs of layers together (shared directions), in a dense cache only.
         decodes_head_variable: the press compresses while decoding in a head-variable cache too (a ``VarlenCache``,
             whose heads hold different numbers of tokens); decode-time presses without it need a dense cache.
+        decodes_in_attention: the press's decode-time work runs inside the cache's attention (the layer it lays out
+            at the prefill selects what each step reads), with no hook per step: a replayed CUDA graph runs it
+            (QuestPress).
         chunked_prefill: the press can compress a prefill chunk by chunk (``prefill(..., chunk_size=)``): after each
             chunk it brings the layer (the kept tokens of earlier chunks plus the chunk) back to the budget of every
             token seen so far, scoring with the chunk's hidden states only.
@@ -36,6 +39,7 @@ class Capabilities:
     prunes_channels: bool = False
     merges_layers: bool = False
     decodes_head_variable: bool = False
+    decodes_in_attention: bool = False
     chunked_prefill: bool = False
 
     @property
@@ -59,5 +63,6 @@ class Capabilities:
             prunes_channels=self.prunes_channels or other.prunes_channels,
             merges_layers=self.merges_layers or other.merges_layers,
             decodes_head_variable=self.decodes_head_variable or other.decodes_head_variable,
+            decodes_in_attention=self.decodes_in_attention or other.decodes_in_attention,
             chunked_prefill=self.chunked_prefill and other.chunked_prefill,  # both must support it
         )

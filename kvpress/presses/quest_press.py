@@ -60,7 +60,7 @@ class QuestPress(BasePress):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(phase="decode")
+        return Capabilities(phase="decode", decodes_in_attention=True)
 
     def validate(self, model: nn.Module) -> None:
         super().validate(model)

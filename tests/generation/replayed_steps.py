@@ -13,7 +13,13 @@ import torch
 
 import kvpress.generation.decode as decode_module
 from kvpress.cache.attention import compressed_attention
-from kvpress.generation.graph_decoder import advance_host_tails, check_graph_cache, greedy_step
+from kvpress.generation.graph_decoder import (
+    advance_host_tails,
+    check_graph_cache,
+    greedy_step,
+    host_length,
+    set_host_length,
+)
 
 
 class ReplayedSteps:
@@ -30,7 +36,7 @@ class ReplayedSteps:
         if ids is not None:  # else continue where the previous call stopped
             self.ids, self.positions = ids.clone(), positions.clone()
         ids, positions, out = self.ids, self.positions, []
-        host = [layer.tail_len for layer in self.cache.layers]  # where the previous call left the host mirrors
+        host = [host_length(layer) for layer in self.cache.layers]  # where the previous call left the host mirrors
         with torch.no_grad(), compressed_attention(self.model):
             for _ in range(n_steps):
                 for layer, state in zip(self.cache.layers, self.frozen):
@@ -39,7 +45,7 @@ class ReplayedSteps:
                 out.append(ids.clone())
         for layer, state, n in zip(self.cache.layers, self.frozen, host):
             vars(layer).update(state)
-            layer.tail_len = n
+            set_host_length(layer, n)
         advance_host_tails(self.cache, n_steps)
         return torch.cat(out, dim=1)
 

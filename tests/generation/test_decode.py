@@ -179,3 +179,29 @@ def test_graph_decoding_refuses_presses_that_act_at_every_step():
     assert graph_decoding_press(KnormPress(0.5)) is None
     decoding = DecodingPress(KnormPress())
     assert graph_decoding_press(PrefillDecodingPress(KnormPress(0.5), decoding)) is decoding
+
+
+@pytest.mark.parametrize("dense_layers", [0, 1])
+def test_graph_decoding_of_quest_layers_equals_the_eager_loop(monkeypatch, dense_layers):
+    """Quest selects pages inside the attention, so replayed steps run it: on CUDA the default decodes a VarlenCache
+    whose layers are QuestLayers (and compacted dense layers) through a captured graph, with the eager loop's tokens
+    and lengths."""
+    from kvpress.cache.quest_layer import QuestLayer
+    from kvpress.presses.quest_press import QuestPress
+
+    captures = []
+    model = graph_ready(monkeypatch, tiny_model("llama"), captures)
+    press = QuestPress(page_size=4, token_budget=16, dense_layers=dense_layers)
+    ids, tail = random_ids(60, seed=41).to(model.device), random_ids(3, seed=42).to(model.device)
+    tokens, lengths = {}, {}
+    for mode in (False, None):
+        context = CompressedContext.prefill(model, ids, press, cache=VarlenCache(config=model.config))
+        kinds = [type(layer).__name__ for layer in context.cache.layers]
+        assert kinds == ["VarlenLayer"] * dense_layers + ["QuestLayer"] * (len(kinds) - dense_layers)
+        tokens[mode] = greedy_decode(model, context.cache, [tail], context.positions, 10, eos_ids=[], cuda_graph=mode,
+                                     press=press)  # fmt: skip
+        lengths[mode] = [layer.get_seq_length() for layer in context.cache.layers]
+        quest = [layer for layer in context.cache.layers if isinstance(layer, QuestLayer)]
+        assert all(int(layer.paged.lengths.max()) == layer.length == 60 + 3 + 9 for layer in quest)
+    assert len(captures) == 1
+    assert tokens[None] == tokens[False] and lengths[None] == lengths[False]

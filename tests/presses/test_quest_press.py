@@ -108,9 +108,12 @@ def test_dense_layers_must_leave_a_layer_and_the_cache_must_be_dense():
         with QuestPress(dense_layers=3)(model):
             pass
     cache = VarlenCache(config=model.config)
-    with pytest.raises(ValueError, match="layer 0 is a VarlenLayer .accepted: a DynamicCache"):
+    with torch.no_grad():
+        model(input_ids=random_ids(8), **cache_kwargs(model, cache), use_cache=True)
+    cache.compact()
+    with pytest.raises(ValueError, match=r"layer 0 is a VarlenLayer \(compacted\) \(accepted: a DynamicCache"):
         with torch.no_grad(), QuestPress(page_size=4, token_budget=16, dense_layers=0)(model):
-            model(input_ids=random_ids(8), **cache_kwargs(model, cache), use_cache=True)
+            model(input_ids=random_ids(2), **cache_kwargs(model, cache), use_cache=True)
     assert model.config._attn_implementation == "sdpa"
     plain, _ = teacher_forced(model, random_ids(8), random_ids(2, seed=1), None)  # the model still runs
     assert torch.isfinite(plain).all()
