@@ -13,6 +13,8 @@ from torch import nn
 from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.chunk_budget import CHUNK_BUDGET, ChunkBudget
+from kvpress.presses.scorer_press import ScorerPress
 
 
 @dataclass
@@ -73,7 +75,12 @@ class ComposedPress(BasePress):
     @property
     def capabilities(self) -> Capabilities:
         merged = functools.reduce(Capabilities.merge, (press.capabilities for press in self.presses))
-        return dataclasses.replace(merged, chunked_prefill=False)  # each press would need its share of the budget
+        # Chunk by chunk, each press after the first brings the layer to its budget of what the previous one keeps:
+        # that count is known for presses that score tokens (ScorerPress.n_kept).
+        # Head-variable layers are left out: an earlier press would cut every head to the shortest one.
+        chunked = (merged.chunked_prefill and not merged.head_variable
+                   and all(isinstance(press, ScorerPress) for press in self.presses[:-1]))  # fmt: skip
+        return dataclasses.replace(merged, chunked_prefill=chunked)
 
     @property
     def compression_ratio(self) -> float:
@@ -99,10 +106,21 @@ class ComposedPress(BasePress):
         last = len(self.presses) - 1
         positions = torch.arange(n, device=keys.device).expand(*keys.shape[:2], n)  # original position of each token
         scores = None
+        chunk = kwargs.get(CHUNK_BUDGET)
         for i, press in enumerate(self.presses):
             if i > 0:
                 press.check_length(keys.shape[-2])
             kv = press.compress(module, hidden_states, keys, values, attentions, kwargs)
+            if chunk is not None:
+                # The next press keeps its budget of the tokens this one keeps of the prompt seen so far.
+                seen = press.n_kept(chunk.seen, module) if i < last else chunk.seen
+                chunk = ChunkBudget(min(seen, chunk.seen), None)
+                kwargs = {**kwargs, CHUNK_BUDGET: chunk}
+                if kv is None:  # this press dropped nothing
+                    if i == last:
+                        unchanged = keys.shape[-2] == n
+                        return None if unchanged else CompressedKV(keys, values, indices=positions, scores=scores)
+                    continue
             kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
             scores = kv.scores if i == 0 else scores
             if positions is not None:

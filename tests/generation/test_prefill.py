@@ -14,6 +14,7 @@ from kvpress.generation import prefill
 from kvpress.generation.prefill import chunk_bounds
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.chunk_press import ChunkPress
+from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
@@ -99,16 +100,19 @@ def test_uncompressed_chunks_equal_one_forward(arch, kind):
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
 
 
-def _greedy_reference(norms: torch.Tensor, bounds: list[int], ratio: float, heads_share: bool) -> list[set]:
+def _greedy_reference(norms: torch.Tensor, bounds: list[int], ratio: float, heads_share: bool,
+                      then: float | None = None) -> list[set]:  # fmt: skip
     """Plain-Python chunked Knorm on one sequence: ``norms`` ``(kv_heads, n)`` key norms (static at layer 0: its keys
     depend on the token and its position only). After each chunk the layer keeps ``round(seen * (1 - ratio))`` tokens
     per head, the lowest norms among what it held plus the chunk; with ``heads_share`` (AdaKV without safeguard) the
-    layer keeps heads times that, the lowest norms of any head."""
+    layer keeps heads times that, the lowest norms of any head. ``then``: a second Knorm's ratio applied to that
+    count (a composition: the lowest norms of the lowest norms are the lowest norms)."""
     heads = norms.shape[0]
     held = [[] for _ in range(heads)]
     for start, end in zip(bounds, bounds[1:]):
         held = [h + list(range(start, end)) for h in held]
         k = round(end * (1 - ratio))
+        k = k if then is None else round(k * (1 - then))
         if heads_share:
             ranked = sorted((float(norms[h, p]), h, p) for h in range(heads) for p in held[h])[: k * heads]
             held = [[p for _, hh, p in ranked if hh == h] for h in range(heads)]
@@ -118,7 +122,7 @@ def _greedy_reference(norms: torch.Tensor, bounds: list[int], ratio: float, head
 
 
 @pytest.mark.parametrize("batch, chunk", [(1, 7), (2, 12), (3, 30)])
-@pytest.mark.parametrize("kind", ["uniform", "adaptive", "per_layer"])
+@pytest.mark.parametrize("kind", ["uniform", "adaptive", "per_layer", "composed"])
 def test_chunked_knorm_keeps_what_a_plain_reference_keeps(batch, chunk, kind):
     """Layer 0's kept positions and stored keys, against :func:`_greedy_reference` on the one-forward keys (a
     per-layer press with 0.4 at layer 0 keeps there what KnormPress(0.4) keeps; its other layers keep their own
@@ -128,7 +132,9 @@ def test_chunked_knorm_keeps_what_a_plain_reference_keeps(batch, chunk, kind):
     adaptive = kind == "adaptive"
     ratios = ([0.4] + [0.7, 0.1] * len(attention_layers(model)))[: len(attention_layers(model))]
     press = {"uniform": lambda: KnormPress(0.4), "adaptive": lambda: AdaKVPress(KnormPress(0.4), alpha_safeguard=0.0),
-             "per_layer": lambda: PerLayerCompressionPress(KnormPress(), ratios)}[kind]()  # fmt: skip
+             "per_layer": lambda: PerLayerCompressionPress(KnormPress(), ratios),
+             "composed": lambda: ComposedPress([KnormPress(0.4), KnormPress(0.5)])}[kind]()  # fmt: skip
+    then = 0.5 if kind == "composed" else None
     full = DynamicCache(config=model.config)
     prefill(model, ids, full)
     keys0, values0 = read_layer(full, 0)
@@ -140,14 +146,14 @@ def test_chunked_knorm_keeps_what_a_plain_reference_keeps(batch, chunk, kind):
     kept = report.kept_indices[0]
     stored = cache.layers[0].padded_keys_values()[0] if adaptive else read_layer(cache, 0)[0]
     for b in range(batch):
-        want = _greedy_reference(keys0[b].float().norm(dim=-1), bounds, 0.4, adaptive)
+        want = _greedy_reference(keys0[b].float().norm(dim=-1), bounds, 0.4, adaptive, then)
         for h, positions in enumerate(want):
             got = [p for p in kept[b, h].tolist() if p >= 0]
             assert set(got) == positions
             assert int(report.kept_lengths[0][b, h]) == len(positions)
             # The cache holds the prefill's own keys of those tokens, in the recorded order.
             torch.testing.assert_close(stored[b, h, : len(got)], keys0[b, h, got], atol=1e-5, rtol=1e-5)
-    assert int(report.kept_lengths[0].sum()) == batch * 2 * round(61 * 0.6)
+    assert int(report.kept_lengths[0].sum()) == batch * 2 * (round(round(61 * 0.6) * 0.5) if then else round(61 * 0.6))
     if kind == "per_layer":
         for i in range(1, len(cache.layers)):
             assert cache.get_seq_length(i) == round(61 * (1 - ratios[i]))
@@ -185,6 +191,7 @@ def test_chunk_size_errors_leave_the_cache_empty():
     for press, reason in (
         (ObservedAttentionPress(0.5), "reads the attention weights"),
         (ChunkPress(KnormPress(0.5)), ""),
+        (ComposedPress([KnormPress(0.3), AdaKVPress(KnormPress(0.5))]), ""),  # would cut heads to the shortest
     ):
         with pytest.raises(
             ValueError, match=f"{type(press).__name__} cannot compress a prefill chunk by chunk.*{reason}"
