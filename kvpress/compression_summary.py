@@ -40,7 +40,8 @@ class CompressionSummary:
 
     @property
     def saved_bytes(self) -> int:
-        """``kv_bytes_uncompressed - kv_bytes``."""
+        """``kv_bytes_uncompressed - kv_bytes``; negative when the cache holds more than a ``DynamicCache`` would
+        (e.g. Quest's page bounds and append room, which buy fewer bytes read per token, not fewer held)."""
         return self.kv_bytes_uncompressed - self.kv_bytes
 
     @property

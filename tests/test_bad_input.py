@@ -275,7 +275,8 @@ def test_other_argument_types(baseline, kwargs, message):
         ({"prefill_chunk_size": 0}, r"prefill_chunk_size must be an int >= 1 or None \(one forward\), got 0"),
         ({"prefill_chunk_size": "64"}, r"prefill_chunk_size must be an int >= 1 or None \(one forward\), got '64'"),
         ({"prefill_chunk_size": 16, "press": ObservedAttentionPress(0.5)},
-         "ObservedAttentionPress cannot compress a prefill chunk by chunk .it reads the attention weights.*pass "
+         "ObservedAttentionPress cannot compress a prefill chunk by chunk: ObservedAttentionPress reads the attention "
+         "weights.*pass "
          "prefill_chunk_size=None"),
     ],
 )  # fmt: skip

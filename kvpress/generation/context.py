@@ -100,7 +100,7 @@ class CompressedContext:
             cache.next_positions = [position]
             if compact or isinstance(cache, QuantizedCache):
                 cache.compact()
-        summary = summarize(model, cache, prompt, prefill_press, report)
+        summary = summarize(model, cache, prompt, press, report)  # a decode-only press is named, with no report
         decoding = press if caps is not None and caps.compresses_decode else None
         return cls(model, cache, [position], [summary], empty, decoding)
 

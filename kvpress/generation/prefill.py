@@ -93,11 +93,10 @@ def check_chunk_size(chunk_size: int | None, press: BasePress | None, name: str 
         raise ValueError(f"{name} must be an int >= 1 or None (one forward), got {chunk_size!r}")
     if press is None:
         return
-    caps = press.capabilities
-    if caps.compresses_prefill and not caps.chunked_prefill:
-        need = " (it reads the attention weights of the whole prompt)" if caps.needs_attention_weights else ""
+    reason = press.chunk_refusal()
+    if reason is not None:
         raise ValueError(
-            f"{type(press).__name__} cannot compress a prefill chunk by chunk{need}; accepted: presses that score "
-            "tokens (ScorerPress: KnormPress, SnapKVPress, TOVAPress, ...), and AdaKVPress or "
-            f"PerLayerCompressionPress around one; pass {name}=None"
+            f"{type(press).__name__} cannot compress a prefill chunk by chunk: {reason}; accepted: presses that score "
+            "tokens (ScorerPress: KnormPress, SnapKVPress, TOVAPress, ...), AdaKVPress or PerLayerCompressionPress "
+            f"around one, and ComposedPress of those; pass {name}=None"
         )

@@ -62,6 +62,23 @@ class BasePress(ABC):
                     "produce. Load the model with attn_implementation='eager' (accepted: 'eager')."
                 )
 
+    def chunk_refusal(self) -> str | None:
+        """Why this press cannot compress a prefill chunk by chunk, in words (``None`` when it can:
+        ``capabilities.chunked_prefill``, or a press that leaves the prefill alone)."""
+        caps = self.capabilities
+        if caps.chunked_prefill or not caps.compresses_prefill:
+            return None
+        name = type(self).__name__
+        if caps.needs_attention_weights:
+            return f"{name} reads the attention weights of the whole prompt"
+        if caps.prunes_channels:
+            return f"{name} prunes key channels chosen from the whole prompt"
+        if caps.merges_layers:
+            return f"{name} merges layer pairs of the whole prompt"
+        if caps.rerotates_positions:
+            return f"{name} moves kept keys to new positions, which later chunks would not continue from"
+        return f"{name} chooses its tokens from the whole prompt"
+
     def check_length(self, n_tokens: int) -> None:
         """Raise ``ValueError`` when a prefill of ``n_tokens`` tokens cannot be compressed by this press.
 

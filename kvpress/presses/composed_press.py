@@ -82,6 +82,22 @@ class ComposedPress(BasePress):
                    and all(isinstance(press, ScorerPress) for press in self.presses[:-1]))  # fmt: skip
         return dataclasses.replace(merged, chunked_prefill=chunked)
 
+    def chunk_refusal(self) -> str | None:
+        if self.capabilities.chunked_prefill:
+            return None
+        for i, press in enumerate(self.presses):
+            reason = press.chunk_refusal()
+            if reason is not None:
+                return f"presses[{i}]: {reason}"
+            name = type(press).__name__
+            if press.capabilities.head_variable:
+                return (f"presses[{i}] ({name}) keeps per-head lengths, which the next chunk's first press would cut "
+                        "to the shortest head")  # fmt: skip
+            if i < len(self.presses) - 1 and not isinstance(press, ScorerPress):
+                return (f"presses[{i}] ({name}) does not say how many tokens it keeps (ScorerPress.n_kept), which "
+                        "sets the next press's budget")  # fmt: skip
+        return None
+
     @property
     def compression_ratio(self) -> float:
         """Fraction of tokens removed overall, ``1 - prod(1 - r_i)`` over the presses' ``compression_ratio``.

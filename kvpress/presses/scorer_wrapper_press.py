@@ -39,6 +39,14 @@ class ScorerWrapperPress(BasePress):
         # A wrapper decides the kept tokens itself: a chunked prefill needs its own support (ChunkBudget).
         return dataclasses.replace(self.press.capabilities, chunked_prefill=False)
 
+    def chunk_refusal(self) -> str | None:
+        if self.capabilities.chunked_prefill:
+            return None
+        inner = self.press.chunk_refusal()
+        if inner is not None:
+            return f"its press: {inner}"
+        return f"{type(self).__name__} decides the kept tokens itself, from the whole prompt"
+
     @property
     def compression_ratio(self) -> float:
         """Fraction of the prefilled tokens removed (the inner press's)."""

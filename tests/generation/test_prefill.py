@@ -188,14 +188,21 @@ def test_chunk_size_errors_leave_the_cache_empty():
     for bad in (0, -3, 2.5, True, "8"):
         with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1 or None \(one forward\), got"):
             prefill(model, random_ids(20), cache, KnormPress(0.5), chunk_size=bad)
+    from kvpress.presses.think_press import ThinKPress
+
     for press, reason in (
-        (ObservedAttentionPress(0.5), "reads the attention weights"),
-        (ChunkPress(KnormPress(0.5)), ""),
-        (ComposedPress([KnormPress(0.3), AdaKVPress(KnormPress(0.5))]), ""),  # would cut heads to the shortest
-    ):
-        with pytest.raises(
-            ValueError, match=f"{type(press).__name__} cannot compress a prefill chunk by chunk.*{reason}"
-        ):
+        (ObservedAttentionPress(0.5), ": ObservedAttentionPress reads the attention weights of the whole prompt"),
+        (ChunkPress(KnormPress(0.5)), ": ChunkPress decides the kept tokens itself, from the whole prompt"),
+        (ThinKPress(0.5), ": ThinKPress prunes key channels chosen from the whole prompt"),
+        (PerLayerCompressionPress(ObservedAttentionPress(), [0.5] * 2),
+         ": its press: ObservedAttentionPress reads the attention weights"),
+        (ComposedPress([KnormPress(0.3), AdaKVPress(KnormPress(0.5))]),
+         r": presses\[1\] \(AdaKVPress\) keeps per-head lengths, which the next chunk's first press would cut"),
+        (ComposedPress([KnormPress(0.3), ThinKPress(0.5)]), r": presses\[1\]: ThinKPress prunes key channels"),
+    ):  # fmt: skip
+        message = f"{type(press).__name__} cannot compress a prefill chunk by chunk{reason}"
+        with pytest.raises(ValueError, match=message + ".*accepted: presses that score tokens .*, and ComposedPress "
+                           "of those; pass chunk_size=None"):  # fmt: skip
             prefill(model, random_ids(20), cache, press, chunk_size=8)
     with pytest.raises(ValueError, match="window_size"):  # the window must fit in every chunk
         prefill(model, random_ids(30), cache, SnapKVPress(0.5, window_size=12), chunk_size=10)
