@@ -26,6 +26,9 @@ Public functions run the Triton kernel for CUDA tensors (or on CPU when ``KVPRES
 - ``PagedKV``: every token of a layer plus per-page element-wise key bounds (min, max); ``page_scores`` bounds
   ``q . k`` over each page from them and ``select_pages`` keeps the best pages; ``page_attention`` attends over the
   selected pages only (Quest: the bytes read per decode step follow the page budget, not the context).
+- ``block_sparse_attention``: causal prefill attention over listed key blocks per query block (MInference's dynamic
+  sparse prefill); ``a_shape_blocks``, ``vertical_slash_blocks`` and ``block_sparse_blocks`` build the lists of its
+  three head patterns (``sparse_patterns.py``).
 - ``varlen_attention``: queries (B, Hq, Q, D), the newest tail tokens, over segment ++ causal tail; GQA in-kernel,
   split-K for long segments. ``AttentionConfig`` overrides its launch heuristics (tests, tuning).
 
@@ -35,6 +38,7 @@ with ``check=False`` on the decode hot path (``append_tail``, ``varlen_attention
 """
 
 from .append import append_tail, reference_append_tail
+from .block_sparse_attention import block_sparse_attention, block_token_mask, reference_block_sparse_attention
 from .compaction import compact_segments, reference_compact_segments
 from .decomposed_attention import decomposed_attention, reference_decomposed_attention
 from .decomposed_segments import (
@@ -63,10 +67,18 @@ from .quantization import (
 )
 from .quantized_attention import quantized_varlen_attention, reference_quantized_varlen_attention
 from .quantized_segments import QuantizedSegments, append_segment_groups, dequantize_segments, quantize_segments
+from .sparse_patterns import a_shape_blocks, block_sparse_blocks, mask_to_blocks, vertical_slash_blocks
 from .varlen_attention import AttentionConfig, reference_varlen_attention, varlen_attention
 
 __all__ = [
     "AttentionConfig",
+    "a_shape_blocks",
+    "block_sparse_attention",
+    "block_sparse_blocks",
+    "block_token_mask",
+    "mask_to_blocks",
+    "reference_block_sparse_attention",
+    "vertical_slash_blocks",
     "DecomposedSegments",
     "LowRankFactors",
     "RotaryTable",

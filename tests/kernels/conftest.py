@@ -37,6 +37,7 @@ _KERNEL_MODULES = (
     "paged_kv",
     "page_selection",
     "page_attention",
+    "block_sparse_attention",
 )
 
 
