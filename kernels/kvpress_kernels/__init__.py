@@ -67,18 +67,29 @@ from .quantization import (
 )
 from .quantized_attention import quantized_varlen_attention, reference_quantized_varlen_attention
 from .quantized_segments import QuantizedSegments, append_segment_groups, dequantize_segments, quantize_segments
-from .sparse_patterns import a_shape_blocks, block_sparse_blocks, mask_to_blocks, vertical_slash_blocks
+from .sparse_patterns import (
+    a_shape_blocks,
+    a_shape_mask,
+    block_sparse_blocks,
+    block_sparse_mask,
+    mask_to_blocks,
+    vertical_slash_blocks,
+    vertical_slash_mask,
+)
 from .varlen_attention import AttentionConfig, reference_varlen_attention, varlen_attention
 
 __all__ = [
     "AttentionConfig",
     "a_shape_blocks",
+    "a_shape_mask",
     "block_sparse_attention",
     "block_sparse_blocks",
+    "block_sparse_mask",
     "block_token_mask",
     "mask_to_blocks",
     "reference_block_sparse_attention",
     "vertical_slash_blocks",
+    "vertical_slash_mask",
     "DecomposedSegments",
     "LowRankFactors",
     "RotaryTable",

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["a_shape_blocks", "block_sparse_blocks", "mask_to_blocks", "vertical_slash_blocks"]
+__all__ = [
+    "a_shape_blocks",
+    "a_shape_mask",
+    "block_sparse_blocks",
+    "block_sparse_mask",
+    "mask_to_blocks",
+    "vertical_slash_blocks",
+    "vertical_slash_mask",
+]
 
 
 def _causal_blocks(n_qb: int, device) -> torch.Tensor:
@@ -31,16 +39,22 @@ def mask_to_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order.to(torch.int32).contiguous(), count
 
 
-def a_shape_blocks(batch: int, heads: int, n: int, block_size: int, sink_blocks: int = 1, local_blocks: int = 4,
-                   device=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Sinks plus a local band: query block ``i`` reads blocks ``< sink_blocks`` and ``(i - local_blocks, i]``."""
+def a_shape_mask(n: int, block_size: int, sink_blocks: int = 1, local_blocks: int = 4, device=None) -> torch.Tensor:
+    """``(n_qb, n_qb)`` block mask of sinks plus a local band: query block ``i`` reads blocks ``< sink_blocks`` and
+    ``(i - local_blocks, i]``."""
     if sink_blocks < 0 or local_blocks < 1:
         raise ValueError(f"sink_blocks must be >= 0 and local_blocks >= 1, got {sink_blocks} and {local_blocks}")
     n_qb = -(-n // block_size)
     i = torch.arange(n_qb, device=device)[:, None]
     j = torch.arange(n_qb, device=device)[None, :]
-    mask = ((j < sink_blocks) | (j > i - local_blocks)) & (j <= i)
-    return mask_to_blocks(mask.expand(batch, heads, n_qb, n_qb))
+    return ((j < sink_blocks) | (j > i - local_blocks)) & (j <= i)
+
+
+def a_shape_blocks(batch: int, heads: int, n: int, block_size: int, sink_blocks: int = 1, local_blocks: int = 4,
+                   device=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`a_shape_mask` for every batch row and head, as block lists."""
+    mask = a_shape_mask(n, block_size, sink_blocks, local_blocks, device)
+    return mask_to_blocks(mask.expand(batch, heads, *mask.shape))
 
 
 def _last_query_attention(q: torch.Tensor, k: torch.Tensor, scale: float, last_q: int) -> torch.Tensor:
@@ -61,6 +75,12 @@ def vertical_slash_blocks(q: torch.Tensor, k: torch.Tensor, scale: float, block_
 
     ``q`` ``(B, Hq, n, D)``, ``k`` ``(B, Hkv, n, D)``: the layer's post-RoPE queries and keys.
     """
+    return mask_to_blocks(vertical_slash_mask(q, k, scale, block_size, n_vertical, n_slash, last_q))
+
+
+def vertical_slash_mask(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, n_vertical: int,
+                        n_slash: int, last_q: int = 64) -> torch.Tensor:  # fmt: skip
+    """The ``(B, Hq, n_qb, n_qb)`` block mask of :func:`vertical_slash_blocks`."""
     B, Hq, n, _ = q.shape
     last_q = min(last_q, n)
     weights = _last_query_attention(q, k, scale, last_q)  # (B, Hq, last_q, n)
@@ -82,7 +102,7 @@ def vertical_slash_blocks(q: torch.Tensor, k: torch.Tensor, scale: float, block_
     for edge in (starts - diagonals[..., None, :], starts + block_size - 1 - diagonals[..., None, :]):
         kb = edge.div(block_size, rounding_mode="floor")  # (B, Hq, n_qb, S)
         mask.scatter_(3, torch.where(kb >= 0, kb, n_qb), True)
-    return mask_to_blocks(mask[..., :n_qb] & _causal_blocks(n_qb, q.device))
+    return mask[..., :n_qb] & _causal_blocks(n_qb, q.device)
 
 
 def block_sparse_blocks(
@@ -90,6 +110,11 @@ def block_sparse_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``top_blocks`` key blocks per query block by mean-pooled ``q . k`` (causal; the query's own block always
     among them)."""
+    return mask_to_blocks(block_sparse_mask(q, k, block_size, top_blocks))
+
+
+def block_sparse_mask(q: torch.Tensor, k: torch.Tensor, block_size: int, top_blocks: int) -> torch.Tensor:
+    """The ``(B, Hq, n_qb, n_qb)`` block mask of :func:`block_sparse_blocks`."""
     B, Hq, n, D = q.shape
     groups = Hq // k.shape[1]
     n_qb = -(-n // block_size)
@@ -104,4 +129,4 @@ def block_sparse_blocks(
     scores.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
     chosen = scores.topk(min(top_blocks, n_qb), -1).indices
     mask = torch.zeros(B, Hq, n_qb, n_qb, dtype=torch.bool, device=q.device).scatter_(3, chosen, True)
-    return mask_to_blocks(mask & causal)
+    return mask & causal
