@@ -17,6 +17,7 @@ from kvpress.generation.decode import check_graph_device
 from kvpress.generation.prefill import check_chunk_size
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
+from kvpress.sparse_prefill import SparsePrefillConfig
 from kvpress.utils import layer_types
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class KVPressTextGenerationPipeline(Pipeline):
 
     ``pipe(context, question=... | questions=[...], answer_prefix="", press=None, max_new_tokens=50,
     max_context_length=None, cache=None, query_aware=False, use_chat_template=None, cuda_graph=None,
-    kv_quantization=None, prefill_chunk_size=None)``
+    kv_quantization=None, prefill_chunk_size=None, sparse_prefill=None)``
 
     - The context (with the chat template's prefix) is prefilled once, under the press; each question (with the
       template's suffix and ``answer_prefix``) is then answered by greedy decoding from the compressed cache, and the
@@ -61,6 +62,9 @@ class KVPressTextGenerationPipeline(Pipeline):
     - ``prefill_chunk_size``: prefill the context at most that many tokens per forward, the press bringing the cache
       back to its budget after each chunk, so peak memory follows the chunk, not the context
       (:func:`kvpress.generation.prefill`; presses with ``capabilities.chunked_prefill``). ``None``: one forward.
+    - ``sparse_prefill``: a :class:`~kvpress.sparse_prefill.SparsePrefillConfig` or the path of a pattern file
+      (``python -m kvpress.sparse_prefill``): the context's prefill runs MInference's sparse attention, each head
+      reading the key blocks of its pattern; the press compresses afterwards as it would.
     - ``kv_quantization``: a :class:`~kvpress.cache.QuantizationConfig` (or a dict of its fields) stores the cache
       quantized: the pipeline builds a :class:`~kvpress.cache.QuantizedCache` (single contexts, batches,
       query-aware) and quantizes every layer after the prefill, compressed by the press or not. A press with a
@@ -95,6 +99,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         cuda_graph: bool | None = None,
         kv_quantization: QuantizationConfig | dict | None = None,
         prefill_chunk_size: int | None = None,
+        sparse_prefill=None,
         return_report: bool = False,
         record_kept: bool = False,
         **kwargs,
@@ -103,7 +108,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError(
                 f"unknown pipeline argument(s) {sorted(kwargs)}; accepted: question, questions, answer_prefix, press, "
                 "max_new_tokens, max_context_length, cache, query_aware, use_chat_template, cuda_graph, "
-                "kv_quantization, prefill_chunk_size, return_report, record_kept"
+                "kv_quantization, prefill_chunk_size, sparse_prefill, return_report, record_kept"
             )
         if cuda_graph is not None and not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True, False or None (automatic), got {cuda_graph!r}")  # noqa: TRY004
@@ -177,6 +182,13 @@ class KVPressTextGenerationPipeline(Pipeline):
         if cuda_graph:
             check_graph_device(self.model)
         check_chunk_size(prefill_chunk_size, press, "prefill_chunk_size")
+        if sparse_prefill is not None:
+            sparse_prefill = SparsePrefillConfig.coerce(sparse_prefill, "sparse_prefill")
+            if caps.needs_attention_weights:
+                raise ValueError(
+                    f"{type(press).__name__} reads the attention weights of the eager implementation, which "
+                    "sparse_prefill does not compute; pass sparse_prefill=None or a press that does not read them"
+                )
         quantization = self._quantization(press, cache, kv_quantization)
         if caps.compresses_decode:
             self._check_decode_time(press, caps, cache, quantization)
@@ -188,6 +200,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             "quantization": quantization,
             "record_kept": record_kept,
             "chunk_size": prefill_chunk_size,
+            "sparse": sparse_prefill,
         }
         return preprocess, forward, {"single": single, "return_report": return_report}
 
@@ -327,11 +340,11 @@ class KVPressTextGenerationPipeline(Pipeline):
 
     def _forward(
         self, inputs, press=None, max_new_tokens=50, cache=None, cuda_graph=False, quantization=None, record_kept=False,
-        chunk_size=None,
+        chunk_size=None, sparse=None,
     ):  # fmt: skip
         if "batch" in inputs:
             return self._forward_batch(inputs["batch"], press, max_new_tokens, cuda_graph, quantization, record_kept,
-                                       chunk_size)  # fmt: skip
+                                       chunk_size, sparse)  # fmt: skip
         device = self.model.device
         prompts = [p.to(device) for p in inputs["prompts"]]
         tails = [t.to(device) for t in inputs["tails"]]
@@ -348,7 +361,8 @@ class KVPressTextGenerationPipeline(Pipeline):
                     "reports": None}  # fmt: skip
         cache = cache if cache is not None else make_cache(self.model, press, quantization, ragged=cuda_graph)
         prefill = functools.partial(CompressedContext.prefill, self.model, press=press, cache=cache,
-                                    record_kept=record_kept, compact=cuda_graph, chunk_size=chunk_size)  # fmt: skip
+                                    record_kept=record_kept, compact=cuda_graph, chunk_size=chunk_size,
+                                    sparse=sparse)  # fmt: skip
         answers, reports = [], []
         if len(prompts) == 1:  # one compressed context shared by every question
             context = prefill(prompts[0])
@@ -406,10 +420,11 @@ class KVPressTextGenerationPipeline(Pipeline):
         ]
 
     def _forward_batch(self, items, press, max_new_tokens, cuda_graph, quantization=None, record_kept=False,
-                       chunk_size=None):  # fmt: skip
+                       chunk_size=None, sparse=None):  # fmt: skip
         device = self.model.device
         prompts = [item["prompts"][0].to(device) for item in items]
-        context = CompressedContext.prefill_batch(self.model, prompts, press, quantization, record_kept, chunk_size)
+        context = CompressedContext.prefill_batch(self.model, prompts, press, quantization, record_kept, chunk_size,
+                                                  sparse)  # fmt: skip
         answers: list[list[str]] = [[] for _ in items]
         for j in range(len(items[0]["tails"])):
             tails = [item["tails"][j].to(device) for item in items]

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through a captured CUDA graph (CUDA only) or the eager loop (--no-cuda-graph); not set: "
                         "the graph wherever it applies on CUDA")
+    g.add_argument("--sparse-prefill", metavar="PATTERNS",
+                   help="sparse prefill pattern file (python -m kvpress.sparse_prefill): MInference's sparse attention")
     g.add_argument("--prefill-chunk-size", type=int,
                    help="prefill each context in chunks of at most this many tokens (bounded peak memory)")
     g.add_argument("--kv-quantization", type=_yaml_value,
@@ -142,7 +144,7 @@ _FIELDS = {
     "max_context_length": "max_context_length", "max_new_tokens": "max_new_tokens", "seed": "seed",
     "press": "presses", "ratios": "compression_ratios", "query_aware": "query_aware",
     "use_chat_template": "use_chat_template", "batch_size": "batch_size", "cuda_graph": "cuda_graph",
-    "prefill_chunk_size": "prefill_chunk_size",
+    "prefill_chunk_size": "prefill_chunk_size", "sparse_prefill": "sparse_prefill",
     "output_dir": "output_dir", "plots": "plots",
 }
 

@@ -74,6 +74,8 @@ class EvalConfig(BaseModel):
             ``None``: the graph wherever it applies on CUDA, else the eager loop (with a warning on CUDA).
         prefill_chunk_size: prefill each context in chunks of at most this many tokens, the press bringing the cache
             back to its budget after each (presses with ``chunked_prefill``); ``None``: one forward.
+        sparse_prefill: a sparse prefill pattern file (``python -m kvpress.sparse_prefill``): each context's prefill
+            runs MInference's sparse attention; ``None``: dense.
         kv_quantization: quantize the compressed cache (bits, group size, full-precision window, per-layer bits).
         output_dir: root of the run directories, ``summary.csv``/``summary.md`` and plots.
         seed: example subset, generated data and presses with a ``seed`` argument.
@@ -101,6 +103,7 @@ class EvalConfig(BaseModel):
     batch_size: int = 1
     cuda_graph: bool | None = None
     prefill_chunk_size: int | None = None
+    sparse_prefill: str | None = None
     kv_quantization: QuantizationConfig | None = None
     output_dir: str = "results"
     seed: int = 42
@@ -155,6 +158,15 @@ class EvalConfig(BaseModel):
     def _check_fraction(cls, value: float | None) -> float | None:
         if value is not None and not 0 < value <= 1:
             raise ValueError(f"must be in (0, 1], got {value}")
+        return value
+
+    @field_validator("sparse_prefill")
+    @classmethod
+    def _check_patterns(cls, value: str | None) -> str | None:
+        if value is not None:
+            from kvpress.sparse_prefill import SparsePrefillConfig
+
+            SparsePrefillConfig.load(value)  # a missing or invalid file fails here, naming it
         return value
 
     @field_validator("n_examples", "max_context_length", "max_new_tokens", "batch_size", "prefill_chunk_size")

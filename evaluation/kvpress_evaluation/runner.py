@@ -239,6 +239,8 @@ def _check_pipeline_options(config: EvalConfig) -> None:
         raise ValueError("kv_quantization: this kvpress pipeline does not support quantized caches")
     if config.prefill_chunk_size is not None and "prefill_chunk_size" not in accepted:
         raise ValueError("prefill_chunk_size: this kvpress pipeline does not prefill in chunks")
+    if config.sparse_prefill is not None and "sparse_prefill" not in accepted:
+        raise ValueError("sparse_prefill: this kvpress pipeline has no sparse prefill")
 
 
 # ---- examples -------------------------------------------------------------------------------------------------------
@@ -303,6 +305,8 @@ def answer(pipe, batch: list[Example], press, config: EvalConfig) -> list[tuple[
         kwargs["kv_quantization"] = config.kv_quantization
     if config.prefill_chunk_size is not None:
         kwargs["prefill_chunk_size"] = config.prefill_chunk_size
+    if config.sparse_prefill is not None:
+        kwargs["sparse_prefill"] = config.sparse_prefill
     if len(batch) == 1:
         out = pipe(batch[0].context, question=batch[0].question, **kwargs)
         return [(out["answer"], _memory(out["report"]))]

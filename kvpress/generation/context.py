@@ -72,10 +72,11 @@ class CompressedContext:
         record_kept: bool = False,
         compact: bool | None = None,
         chunk_size: int | None = None,
+        sparse=None,
     ) -> "CompressedContext":
         """Prefill ``prompt`` ``(1, n)`` into ``cache`` (default: :func:`make_cache`, ragged where CUDA-graph decoding
-        applies; must be empty) under ``press``, in one forward or ``chunk_size`` tokens at a time
-        (:func:`~kvpress.generation.prefill`).
+        applies; must be empty) under ``press``, in one forward or ``chunk_size`` tokens at a time, with MInference's
+        sparse attention under ``sparse`` (a pattern config or file; :func:`~kvpress.generation.prefill`).
 
         ``compact=True`` moves a :class:`VarlenCache` into its ragged decode layout right away (the CUDA-graph decoder
         needs it); ``None`` does so where graph decoding applies (:func:`graph_decoding_blocker`). Quantized caches
@@ -94,7 +95,7 @@ class CompressedContext:
         prefill_press = press if caps is not None and caps.compresses_prefill else None
         # Attached for the prefill whatever its phase, as under `with press(model): model.generate()`: a decode-time
         # press may lay the cache out for decoding then (QuestPress); the others leave the prefill alone.
-        position, report = prefill(model, prompt, cache, press, record_kept, chunk_size)
+        position, report = prefill(model, prompt, cache, press, record_kept, chunk_size, sparse)
         report = report if prefill_press is not None else None
         if isinstance(cache, VarlenCache):
             cache.next_positions = [position]
@@ -113,6 +114,7 @@ class CompressedContext:
         quantization: QuantizationConfig | dict | None = None,
         record_kept: bool = False,
         chunk_size: int | None = None,
+        sparse=None,
     ) -> "CompressedContext":
         """Prefill each prompt ``(1, n_b)`` alone under ``press``, then stack the compressed caches into one ragged
         cache (a :class:`VarlenCache`, or a :class:`QuantizedCache` under ``quantization``): no padding token enters
@@ -131,7 +133,14 @@ class CompressedContext:
         for prompt in prompts:
             ragged = make_cache(model, None, quantization, ragged=True)
             one = cls.prefill(
-                model, prompt, press, ragged, record_kept=record_kept, compact=True, chunk_size=chunk_size
+                model,
+                prompt,
+                press,
+                ragged,
+                record_kept=record_kept,
+                compact=True,
+                chunk_size=chunk_size,
+                sparse=sparse,
             )
             caches.append(one.cache)
             positions += one.positions

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.report import CompressionReport
+from kvpress.sparse_prefill import SparsePrefillConfig, sparse_prefill
 from kvpress.utils import warn_past_positions
 
 
@@ -23,6 +26,7 @@ def prefill(
     press: BasePress | None = None,
     record_kept: bool = False,
     chunk_size: int | None = None,
+    sparse: SparsePrefillConfig | str | Path | None = None,
 ) -> tuple[int, CompressionReport | None]:
     """Run ``input_ids`` ``(batch, n)`` through ``model``'s decoder into ``cache`` (which must be empty), under
     ``press``.
@@ -34,6 +38,10 @@ def prefill(
     forward. Into a :class:`QuantizedCache`, the chunks run over a full-precision :class:`VarlenCache` (the press
     re-scores the kept tokens with every chunk), quantized layer by layer at the end.
 
+    ``sparse``: run the prefill (its first chunk) with MInference's sparse attention, each head reading the blocks of
+    its pattern (:func:`kvpress.sparse_prefill.sparse_prefill`; a config or a pattern file); the press then compresses
+    as it would. A warning says so when every layer ran dense.
+
     Returns the position of the next token (``n``; the longest kept length for presses that re-rotate kept keys to
     contiguous positions) and the press's :class:`CompressionReport` (``None`` without a press; with the kept
     positions and their scores when ``record_kept``). No logits are computed: the first answer token comes from the
@@ -41,6 +49,13 @@ def prefill(
     """
     n = input_ids.shape[1]
     check_chunk_size(chunk_size, press)
+    if sparse is not None:
+        sparse = SparsePrefillConfig.coerce(sparse)
+        if press is not None and press.capabilities.needs_attention_weights:
+            raise ValueError(
+                f"{type(press).__name__} reads the attention weights of the eager implementation, which a sparse "
+                "prefill does not compute; pass sparse=None or a press that does not read them"
+            )
     warn_past_positions(model.config, n)
     bounds = chunk_bounds(n, chunk_size)
     if press is not None and len(bounds) > 2:
@@ -51,12 +66,18 @@ def prefill(
             raise ValueError("cache must be empty: the prompt is prefilled into it")
         staging = VarlenCache(config=model.config)
         positions_needed = press is not None and cache.needs_positions
-        position, report = prefill(model, input_ids, staging, press, record_kept or positions_needed, chunk_size)
+        position, report = prefill(model, input_ids, staging, press, record_kept or positions_needed, chunk_size,
+                                   sparse)  # fmt: skip
         cache.quantize_from(staging, n, report.kept_indices if report is not None else None)
         return position, report
     base = model.base_model
     positions = torch.arange(n, device=input_ids.device)[None]
-    with torch.no_grad(), press(model, record_kept=record_kept) if press else contextlib.nullcontext() as report:
+    sparse_block = sparse_prefill(model, sparse) if sparse is not None else contextlib.nullcontext()
+    with (
+        torch.no_grad(),
+        sparse_block as sparse_report,
+        press(model, record_kept=record_kept) if press else contextlib.nullcontext() as report,
+    ):
         for start, end in zip(bounds, bounds[1:]):
             if report is not None and chunk_size is not None:
                 report.prefill_chunk = (start, end)
@@ -67,6 +88,12 @@ def prefill(
                      position_ids=positions[:, start:end], use_cache=True)  # fmt: skip
         if report is not None:
             report.prefill_chunk = None
+    if sparse_report is not None:
+        if report is not None:
+            report.state["sparse_prefill"] = sparse_report
+        if sparse_report.sparse_calls == 0:
+            warnings.warn(f"the sparse prefill ran every layer dense: {sparse_report.dense_calls}", UserWarning,
+                          stacklevel=2)  # fmt: skip
     if press is None:
         return n, None
     if press.capabilities.rerotates_positions and report.kept_lengths:

@@ -139,8 +139,7 @@ def sparse_prefill(model: nn.Module, config: SparsePrefillConfig | str | Path) -
     Compose it with any press: ``with sparse_prefill(model, "patterns.json"), press(model): ...``, or around the
     pipeline. Decoding forwards run under the ``"kvpress"`` attention function as always.
     """
-    if not isinstance(config, SparsePrefillConfig):
-        config = SparsePrefillConfig.load(config)
+    config = SparsePrefillConfig.coerce(config, "config")
     layers = attention_layers(model)
     text = model.config.get_text_config(decoder=True)
     heads = text.num_attention_heads

@@ -69,6 +69,17 @@ class SparsePrefillConfig(BaseModel):
         """The same ``pattern`` for every head of ``n_layers`` layers."""
         return cls(layers={i: [pattern] * n_heads for i in range(n_layers)}, **settings)
 
+    @classmethod
+    def coerce(cls, value, name: str = "sparse") -> "SparsePrefillConfig":
+        """``value`` as a config: a config, or the path of a pattern file (:meth:`load`); else ``ValueError``."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, (str, Path)):
+            return cls.load(value)
+        raise ValueError(
+            f"{name} must be a SparsePrefillConfig or the path of a pattern file, got {type(value).__name__}"
+        )
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=1) + "\n")
 

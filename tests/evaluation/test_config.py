@@ -143,6 +143,7 @@ BAD = [
     ({"kv_quantization": {"bitz": 4}}, "kv_quantization.bitz"),
     ({"cuda_graph": True, "device": "cpu"}, "cuda_graph"),
     ({"prefill_chunk_size": 0}, "prefill_chunk_size"),
+    ({"sparse_prefill": "/no/such/patterns.json"}, "sparse_prefill"),
 ]
 
 

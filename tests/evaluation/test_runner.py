@@ -226,6 +226,24 @@ def test_chunked_prefill_runs_and_is_part_of_the_configuration(tmp_path):
         _evaluate(_config(tmp_path / "knorm", presses=["knorm"], max_new_tokens=3, prefill_chunk_size=16))
 
 
+def test_sparse_prefill_runs_and_is_part_of_the_configuration(tmp_path):
+    """A pattern file whose heads read every causal block answers like a dense prefill; a resumed run may not drop it."""
+    from kvpress.sparse_prefill import HeadPattern, SparsePrefillConfig
+
+    text = text_model("llama").config.get_text_config(decoder=True)
+    path = tmp_path / "patterns.json"
+    SparsePrefillConfig.uniform(text.num_hidden_layers, text.num_attention_heads,
+                                HeadPattern(kind="a_shape", sink_blocks=0, local_blocks=1000), block_size=16,
+                                min_tokens=16).save(path)  # fmt: skip
+    _evaluate(_config(tmp_path / "dense", presses=["knorm"], max_new_tokens=4))
+    _evaluate(_config(tmp_path / "sparse", presses=["knorm"], max_new_tokens=4, sparse_prefill=str(path)))
+    assert [r["prediction"] for r in _predictions(tmp_path / "sparse" / "knorm_0.50")] == [
+        r["prediction"] for r in _predictions(tmp_path / "dense" / "knorm_0.50")
+    ]
+    with pytest.raises(ValueError, match="sparse_prefill"):
+        _evaluate(_config(tmp_path / "sparse", presses=["knorm"], max_new_tokens=4))
+
+
 def test_batches_group_consecutive_examples_with_equal_prefix_and_length():
     rng = random.Random(0)
     examples = [

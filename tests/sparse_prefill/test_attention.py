@@ -126,3 +126,34 @@ def test_config_files_and_mismatches_are_named(tmp_path):
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="one pattern per query head"):
         SparsePrefillConfig(layers={0: [HeadPattern(kind="a_shape")] * 4, 1: [HeadPattern(kind="a_shape")] * 2})
+
+
+def test_the_pipeline_and_the_generation_layer_take_a_pattern_file(tmp_path):
+    """``sparse_prefill=`` (pipeline) and ``sparse=`` (prefill): with patterns that read every block the answers are
+    those of a dense prefill; a prompt under min_tokens warns that every layer ran dense; eager-attention presses
+    are refused."""
+    from kvpress.presses.observed_attention_press import ObservedAttentionPress
+    from tests.fixtures_pipeline import random_text, text_pipeline
+
+    pipe = text_pipeline("llama")
+    text = pipe.model.config.get_text_config(decoder=True)
+    full = HeadPattern(kind="a_shape", sink_blocks=0, local_blocks=1000)
+    path = tmp_path / "p.json"
+    SparsePrefillConfig.uniform(text.num_hidden_layers, text.num_attention_heads, full, block_size=BS,
+                                min_tokens=32).save(path)  # fmt: skip
+    context = random_text(120, seed=3)
+    want = pipe(context, question="Which colour?", press=KnormPress(0.5), max_new_tokens=5, cuda_graph=False)
+    got = pipe(context, question="Which colour?", press=KnormPress(0.5), max_new_tokens=5, sparse_prefill=path,
+               cuda_graph=False)  # fmt: skip
+    assert got == want
+    short = SparsePrefillConfig.uniform(text.num_hidden_layers, text.num_attention_heads, full, block_size=BS,
+                                        min_tokens=10_000)  # fmt: skip
+    with pytest.warns(UserWarning, match="the sparse prefill ran every layer dense: ..fewer than min_tokens=10000 tokens': 3"):
+        prefill(pipe.model, random_ids(50), DynamicCache(config=pipe.model.config), KnormPress(0.5), sparse=short)
+    with pytest.raises(
+        ValueError, match="ObservedAttentionPress reads the attention weights .* pass sparse_prefill=None"
+    ):
+        pipe(context, question="Which colour?", press=ObservedAttentionPress(0.5), sparse_prefill=path)
+    with pytest.raises(ValueError, match="sparse_prefill must be a SparsePrefillConfig or the path of a pattern file"):
+        pipe(context, question="Which colour?", sparse_prefill=3)
+    assert pipe.model.config._attn_implementation == "sdpa"
