@@ -43,15 +43,12 @@ def block_token_mask(block_index: torch.Tensor, block_count: torch.Tensor, n: in
 def reference_block_sparse_attention(q, k, v, block_index, block_count, scale: float, block_size: int = 64):
     """Plain-torch :func:`block_sparse_attention` (float32 math, float64 for float64 inputs): a masked softmax over
     the listed blocks; a row that sees nothing outputs zeros."""
-    B, Hq, n, D = q.shape
-    groups = Hq // k.shape[1]
+    groups = q.shape[1] // k.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mask = block_token_mask(block_index, block_count, n, block_size)
-    logits = torch.einsum("bhid,bhjd->bhij", q.to(acc), k.to(acc).repeat_interleave(groups, 1)) * scale
-    weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
-    if q.dtype != acc:
-        weights = weights.to(q.dtype).to(acc)  # the kernel rounds p to the value dtype before p @ v
-    return torch.einsum("bhij,bhjd->bhid", weights, v.to(acc).repeat_interleave(groups, 1)).to(q.dtype)
+    mask = block_token_mask(block_index, block_count, q.shape[2], block_size)
+    k, v = (x.to(acc).repeat_interleave(groups, 1) for x in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q.to(acc), k, v, attn_mask=mask, scale=scale)
+    return out.nan_to_num(0.0).to(q.dtype)  # a row that sees nothing: 0
 
 
 if triton is not None:
