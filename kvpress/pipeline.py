@@ -14,10 +14,9 @@ from kvpress.cache.quantized_cache import QuantizedCache, model_head_dim
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.generation import CompressedContext, graph_decoding_press, make_cache, resolve_cuda_graph
 from kvpress.generation.decode import check_graph_device
-from kvpress.generation.prefill import check_chunk_size
+from kvpress.generation.prefill import check_chunk_size, check_sparse
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.capabilities import Capabilities
-from kvpress.sparse_prefill import SparsePrefillConfig
 from kvpress.utils import layer_types
 
 logger = logging.getLogger(__name__)
@@ -182,13 +181,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         if cuda_graph:
             check_graph_device(self.model)
         check_chunk_size(prefill_chunk_size, press, "prefill_chunk_size")
-        if sparse_prefill is not None:
-            sparse_prefill = SparsePrefillConfig.coerce(sparse_prefill, "sparse_prefill")
-            if caps.needs_attention_weights:
-                raise ValueError(
-                    f"{type(press).__name__} reads the attention weights of the eager implementation, which "
-                    "sparse_prefill does not compute; pass sparse_prefill=None or a press that does not read them"
-                )
+        sparse_prefill = check_sparse(sparse_prefill, press, "sparse_prefill")
         quantization = self._quantization(press, cache, kv_quantization)
         if caps.compresses_decode:
             self._check_decode_time(press, caps, cache, quantization)

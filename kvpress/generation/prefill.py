@@ -49,13 +49,7 @@ def prefill(
     """
     n = input_ids.shape[1]
     check_chunk_size(chunk_size, press)
-    if sparse is not None:
-        sparse = SparsePrefillConfig.coerce(sparse)
-        if press is not None and press.capabilities.needs_attention_weights:
-            raise ValueError(
-                f"{type(press).__name__} reads the attention weights of the eager implementation, which a sparse "
-                "prefill does not compute; pass sparse=None or a press that does not read them"
-            )
+    sparse = check_sparse(sparse, press)
     warn_past_positions(model.config, n)
     bounds = chunk_bounds(n, chunk_size)
     if press is not None and len(bounds) > 2:
@@ -127,3 +121,18 @@ def check_chunk_size(chunk_size: int | None, press: BasePress | None, name: str 
             "tokens (ScorerPress: KnormPress, SnapKVPress, TOVAPress, ...), AdaKVPress or PerLayerCompressionPress "
             f"around one, and ComposedPress of those; pass {name}=None"
         )
+
+
+def check_sparse(sparse, press: BasePress | None, name: str = "sparse") -> SparsePrefillConfig | None:
+    """``sparse`` as a :class:`SparsePrefillConfig` (``None`` stays ``None``); ``ValueError`` for a bad value or a
+    press that reads the eager attention weights, which a sparse prefill does not compute (``name``: the parameter as
+    the caller calls it)."""
+    if sparse is None:
+        return None
+    sparse = SparsePrefillConfig.coerce(sparse, name)
+    if press is not None and press.capabilities.needs_attention_weights:
+        raise ValueError(
+            f"{type(press).__name__} reads the attention weights of the eager implementation, which a sparse prefill "
+            f"does not compute; pass {name}=None or a press that does not read them"
+        )
+    return sparse
