@@ -30,6 +30,7 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import copy_bandwidth  # noqa: E402
 from speed_memory import GIB, llama31_8b_model, run_metadata  # noqa: E402
 
 import kvpress.cache.quest_layer as quest_layer_module  # noqa: E402
@@ -40,21 +41,6 @@ from kvpress.cache.varlen_cache import VarlenCache  # noqa: E402
 from kvpress.generation.graph_decoder import greedy_step  # noqa: E402
 
 VARIANTS = ("quest", "quest_topk", "full")
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second (read + written) of a 2 GiB device-to-device copy, best of 10."""
-    src = torch.empty(2 * GIB, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(10):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    del src, dst
-    return 2 * 2 * GIB / best
 
 
 def random_kv(model, n: int, gen: torch.Generator):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import cuda_timed as timed  # noqa: E402
 from speed_memory import llama31_8b_model, run_metadata  # noqa: E402
 
 from kvpress.generation import prefill  # noqa: E402
@@ -29,20 +30,6 @@ from kvpress.presses.snapkv_press import SnapKVPress  # noqa: E402
 from kvpress.sparse_prefill import HeadPattern, SparsePrefillConfig, sparse_prefill  # noqa: E402
 from kvpress.sparse_prefill.attention import head_block_mask  # noqa: E402
 from kvpress_kernels import block_sparse_attention, mask_to_blocks  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 3)
 
 
 def attention_alone(n: int, budget: int, repeats: int) -> dict:

@@ -161,9 +161,10 @@ class QuantizationConfig(BaseModel):
         """Raise if value groups (``group_size`` channels) do not tile ``head_dim``."""
         if head_dim % self.group_size:
             accepted = [g for g in GROUP_SIZES if head_dim % g == 0]
-            raise ValueError(
-                f"group_size={self.group_size} must divide the head dimension {head_dim}; accepted: {accepted}"
+            fits = f"accepted: {accepted}" if accepted else (
+                f"no group size ({', '.join(map(str, GROUP_SIZES))}) divides it: this model's cache cannot be quantized"
             )
+            raise ValueError(f"group_size={self.group_size} must divide the head dimension {head_dim}; {fits}")
 
     def bytes_per_token(self, layer_idx: int, head_dim: int, scale_bytes: int = 2) -> float:
         """Bytes one quantized token costs per kv-head in ``layer_idx``: packed key and value codes plus their

@@ -228,7 +228,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_bad_configuration_is_refused_at_construction():
     model = tiny_model("llama")  # head_dim 16: no group size divides it
-    with pytest.raises(ValueError, match=r"group_size=32 must divide the head dimension 16; accepted: \[\]"):
+    with pytest.raises(ValueError, match=r"group_size=32 must divide the head dimension 16; no group size \(32, 64, 128\) divides it"):
         QuantizedCache(config=model.config, quantization=QuantizationConfig(group_size=32))
     wide = quant_model("llama")
     with pytest.raises(ValueError, match=r"group_size=64 must divide the head dimension 32; accepted: \[32\]"):
