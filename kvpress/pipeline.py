@@ -220,8 +220,9 @@ class KVPressTextGenerationPipeline(Pipeline):
             decoding = type(getattr(press, "decoding_press", press)).__name__
             raise ValueError(
                 f"{name} keeps a different number of tokens per head (head-variable), and {decoding}, which "
-                "compresses while decoding, works on dense caches only: pass a DecodingPress to decode, or presses "
-                "that keep the same count per head"
+                "compresses while decoding, needs one length for every head: decode with a press that accepts "
+                "head-variable layers (DecodingPress with rerotate=False, H2OPress, ScissorhandsPress, CAMPress), or "
+                "prefill with a press that keeps the same count per head"
             )
 
     def _quantization(self, press, cache, kv_quantization) -> QuantizationConfig | None:

@@ -19,10 +19,10 @@ from kvpress.pipeline import KVPressTextGenerationPipeline
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.decoding_press import DecodingPress
-from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
+from kvpress.presses.quest_press import QuestPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.utils import attention_layers
 from tests.conftest import random_ids, tiny_model
@@ -223,13 +223,15 @@ def test_press_needing_the_question_without_query_aware(baseline):
 def test_decode_phase_press_where_it_cannot_run(baseline):
     with pytest.raises(ValueError, match="cuda_graph=True replays captured steps, which run no press hooks.*DecodePr"):
         _answer(press=DecodePress(0.5), cuda_graph=True)
+    rerotating = DecodingPress(KnormPress(), 4, 32, rerotate=True)
     with pytest.raises(
         ValueError,
-        match="head-variable.*, and H2OPress, which compresses while decoding, works on dense caches only: pass a Deco",
+        match=r"head-variable.*, and QuestPress, which compresses while decoding, needs one length for every head: "
+        r"decode with a press that accepts head-variable layers \(DecodingPress with rerotate=False, H2OPress",
     ):
-        _answer(press=PrefillDecodingPress(AdaKVPress(KnormPress(0.5)), H2OPress(target_size=32)))
+        _answer(press=PrefillDecodingPress(AdaKVPress(KnormPress(0.5)), QuestPress(page_size=4, token_budget=16)))
     with pytest.raises(ValueError, match="in a DynamicCache only so far; got cache=VarlenCache: pass cache=None"):
-        _answer(press=H2OPress(target_size=32), cache=VarlenCache(config=text_model().config))
+        _answer(press=rerotating, cache=VarlenCache(config=text_model().config))
     config = tiny_model("llama", head_dim=32).config
     quantized = QuantizedCache(config=config, quantization=QuantizationConfig(group_size=32))
     with pytest.raises(ValueError, match="in a DynamicCache or VarlenCache only so far; got cache=QuantizedCache"):

@@ -18,6 +18,7 @@ from kvpress.generation import CompressedContext
 from kvpress.pipeline import TASK, KVPressTextGenerationPipeline, join_question
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.decoding_press import DecodingPress
+from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.quest_press import QuestPress
@@ -374,8 +375,9 @@ def test_report_without_a_context_is_an_error():
     [DecodingPress(KnormPress(), compression_interval=4, target_size=24),
      PrefillDecodingPress(SnapKVPress(0.5, window_size=4), DecodingPress(KnormPress(), 4, 24)),
      PrefillDecodingPress(AdaKVPress(KnormPress(0.5)), DecodingPress(KnormPress(), 4, 24)),
+     PrefillDecodingPress(AdaKVPress(KnormPress(0.5)), H2OPress(target_size=24)),
      QuestPress(page_size=4, token_budget=16, dense_layers=1)],
-    ids=["decoding", "prefill+decoding", "head-variable+decoding", "quest"],
+    ids=["decoding", "prefill+decoding", "head-variable+decoding", "head-variable+h2o", "quest"],
 )  # fmt: skip
 def test_decode_time_presses_equal_the_generation_layer(press):
     """The pipeline answers with the press active while decoding, as CompressedContext does on the same ids, and the

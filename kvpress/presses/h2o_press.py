@@ -33,8 +33,8 @@ class H2OPress(AttentionEvictionPress):
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
             raise ValueError(f"recent_ratio must be a number in [0, 1], got {r!r}")
 
-    def observe(self, stats, attention):
+    def observe(self, stats, attention, visible):
         stats["score"] += attention.sum(dim=2)
 
-    def keep(self, stats, n):
-        return recent_and_top(stats["score"], self.target_size, round(self.recent_ratio * self.target_size))
+    def keep(self, stats, lengths):
+        return recent_and_top(stats["score"], lengths, self.target_size, round(self.recent_ratio * self.target_size))

@@ -51,16 +51,15 @@ class ScissorhandsPress(AttentionEvictionPress):
             "row": 0,  # queries seen: the next row of the ring is row % history_window
         }
 
-    def observe(self, stats, attention):
+    def observe(self, stats, attention, visible):
         b, h, n_q, n = attention.shape
-        visible = n - n_q + 1 + torch.arange(n_q, device=attention.device)  # tokens each new query sees
-        low = attention < (1.0 / visible)[None, None, :, None]
-        low &= torch.arange(n, device=attention.device) < visible[:, None]  # not the causally hidden ones
+        low = attention < (1.0 / visible)[..., None]
+        low &= torch.arange(n, device=attention.device) < visible[..., None]  # not the hidden ones or padding
         for i in range(n_q):  # ring of the last history_window queries
             row = stats["row"] % self.history_window
             stats["low"] += low[:, :, i].int() - stats["events"][row].int()
             stats["events"][row] = low[:, :, i]
             stats["row"] += 1
 
-    def keep(self, stats, n):
-        return recent_and_top(-stats["low"].float(), self.target_size, self.recent_size, self.n_sink)
+    def keep(self, stats, lengths):
+        return recent_and_top(-stats["low"].float(), lengths, self.target_size, self.recent_size, self.n_sink)

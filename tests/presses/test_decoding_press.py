@@ -27,6 +27,7 @@ from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.utils import attention_layers
 from tests.conftest import random_ids, tiny_model
+from tests.presses.ragged_layers import ragged_layer
 
 INTERVAL, TARGET, STEPS = 5, 12, 30
 
@@ -218,50 +219,20 @@ def test_rerotation_refusals():
         DecodingPress(KnormPress(), rerotate=1)
 
 
-def test_eviction_presses_refuse_kvpress_caches_at_the_first_decode_step():
-    model = tiny_model("llama")
-    cache = VarlenCache(config=model.config)
+def test_decode_time_presses_refuse_quantized_caches_at_the_first_decode_step():
+    model = tiny_model("llama", head_dim=32)
     ids = random_ids(20, seed=9)
-    with pytest.raises(ValueError, match=r"compresses while decoding, on dense cache layers .* holds VarlenLayer"):
-        with torch.no_grad(), H2OPress(target_size=8)(model):
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                           pad_token_id=0, **cache_kwargs(model, cache))  # fmt: skip
-    model32 = tiny_model("llama", head_dim=32)
-    quantized = QuantizedCache(config=model32.config, quantization=QuantizationConfig(group_size=32))
-    with pytest.raises(ValueError, match=r"re-compresses while decoding layers that store whole tokens .* Quantized"):
-        with torch.no_grad(), DecodingPress(KnormPress(), 4, 8)(model32):
-            model32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                             pad_token_id=0, **cache_kwargs(model32, quantized))  # fmt: skip
+    for press, match in ((H2OPress(target_size=8), r"evicts while decoding layers that store whole tokens .* Quantized"),
+                         (DecodingPress(KnormPress(), 4, 8), r"re-compresses while decoding layers that store whole "
+                          r"tokens .* Quantized")):  # fmt: skip
+        quantized = QuantizedCache(config=model.config, quantization=QuantizationConfig(group_size=32))
+        with pytest.raises(ValueError, match=match):
+            with torch.no_grad(), press(model):
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                               pad_token_id=0, **cache_kwargs(model, quantized))  # fmt: skip
 
 
 # ---- head-variable (ragged) layers -------------------------------------------------------------------------------
-def ragged_layer(model, lengths: list[list[int]], tail: int, seed: int):
-    """Layer 1 of a VarlenCache holding ``lengths[b][h]`` random context tokens per head, then ``tail`` appended
-    ones; returns the cache and each head's tokens ``[(keys, values)]`` in order."""
-    gen = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    d = cfg.head_dim
-    b, h = len(lengths), len(lengths[0])
-    cache = VarlenCache(config=cfg)
-    layer = cache.layers[1]
-    seg_lens = torch.tensor(lengths)
-    seg_k, seg_v = (
-        torch.randn(int(seg_lens.sum()), d, generator=gen),
-        torch.randn(int(seg_lens.sum()), d, generator=gen),
-    )
-    layer.adopt(seg_k, seg_v, seg_lens, d)
-    tail_k, tail_v = torch.randn(b, h, tail, d, generator=gen), torch.randn(b, h, tail, d, generator=gen)
-    layer.update(tail_k, tail_v)
-    heads, start = [], 0
-    for bi in range(b):
-        for hi in range(h):
-            n = lengths[bi][hi]
-            heads.append((torch.cat([seg_k[start : start + n], tail_k[bi, hi]]),
-                          torch.cat([seg_v[start : start + n], tail_v[bi, hi]])))  # fmt: skip
-            start += n
-    return cache, heads
-
-
 @pytest.mark.parametrize("scorer", [KnormPress(), SnapKVPress(window_size=4, kernel_size=1)], ids=["knorm", "snapkv"])
 def test_ragged_recompression_scores_each_head_over_its_own_tokens(scorer):
     model = tiny_model("llama")
