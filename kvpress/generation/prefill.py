@@ -74,7 +74,7 @@ def prefill(
     ):
         for start, end in zip(bounds, bounds[1:]):
             if report is not None and chunk_size is not None:
-                report.prefill_chunk = (start, end)
+                report.prefill_chunk = (start, end, n)
             # Later chunks run over a compressed cache whose layers may hold different lengths (per-layer budgets),
             # which the model's single mask cannot describe: the "kvpress" attention derives each layer's own.
             with compressed_attention(model) if start > 0 else contextlib.nullcontext():
@@ -119,7 +119,7 @@ def check_chunk_size(chunk_size: int | None, press: BasePress | None, name: str 
         raise ValueError(
             f"{type(press).__name__} cannot compress a prefill chunk by chunk: {reason}; accepted: presses that score "
             "tokens (ScorerPress: KnormPress, SnapKVPress, TOVAPress, ...), AdaKVPress or PerLayerCompressionPress "
-            f"around one, and ComposedPress of those; pass {name}=None"
+            f"around one, ThinKPress, MiniCachePress, and ComposedPress of those; pass {name}=None"
         )
 
 

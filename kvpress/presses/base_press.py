@@ -162,10 +162,10 @@ class BasePress(ABC):
         """Chunked prefill: bring ``module``'s layer (the kept tokens of the earlier chunks, then this chunk's) back to
         the budget of the prompt tokens seen so far, through :meth:`compress` told so by a :class:`ChunkBudget`."""
         layer_idx = module.layer_idx
-        start, end = report.prefill_chunk
+        start, end, n = report.prefill_chunk
         ragged = read_ragged_layer(cache, layer_idx)
         keys, values, lengths = ragged if ragged is not None else (*read_layer(cache, layer_idx), None)
-        budget = ChunkBudget(seen=end, lengths=lengths)
+        budget = ChunkBudget(seen=end, lengths=lengths, last=end == n)
         kv = self.compress(module, hidden_states, keys, values, None, {**kwargs, CHUNK_BUDGET: budget})
         valid = budget.valid(keys)
         positions = None
@@ -177,7 +177,7 @@ class BasePress(ABC):
             indices = None
         else:
             kv = kv if isinstance(kv, CompressedKV) else CompressedKV(*kv)
-            if kv.indices is None:
+            if kv.indices is None and kv.values.shape[-2] != keys.shape[-2]:
                 raise RuntimeError(f"{self!r} compressed a prefill chunk without saying which tokens it kept")
             write_layer(cache, layer_idx, kv)
             kept = kv.lengths

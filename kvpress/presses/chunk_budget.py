@@ -19,10 +19,13 @@ class ChunkBudget:
         seen: prompt tokens prefilled so far, this chunk included.
         lengths: ``(batch, kv_heads)`` tokens each head holds when the layer is head-variable (keys and values are
             then each head's tokens from position 0, zero padded); ``None`` when every head holds them all.
+        last: this chunk ends the prompt. Presses that transform the whole context once (ThinK's key channels) act
+            then, and return ``None`` (nothing changed) for the earlier chunks.
     """
 
     seen: int
     lengths: torch.Tensor | None = None
+    last: bool = False
 
     def valid(self, keys: torch.Tensor) -> torch.Tensor:
         """``(batch, kv_heads)`` tokens each head of ``keys`` ``(batch, kv_heads, n, d)`` holds."""

@@ -130,7 +130,7 @@ class ComposedPress(BasePress):
             if chunk is not None:
                 # The next press keeps its budget of the tokens this one keeps of the prompt seen so far.
                 seen = press.n_kept(chunk.seen, module) if i < last else chunk.seen
-                chunk = ChunkBudget(min(seen, chunk.seen), None)
+                chunk = ChunkBudget(min(seen, chunk.seen), None, chunk.last)
                 kwargs = {**kwargs, CHUNK_BUDGET: chunk}
                 if kv is None:  # this press dropped nothing
                     if i == last:

@@ -107,7 +107,7 @@ class MiniCachePress(BasePress):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(merges_layers=True)
+        return Capabilities(merges_layers=True, chunked_prefill=True)
 
     @property
     def compression_ratio(self) -> float:
@@ -137,6 +137,16 @@ class MiniCachePress(BasePress):
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         raise NotImplementedError("MiniCachePress merges layer pairs in compress_prefill, never one layer alone")
+
+    def compress_prefill_chunk(self, module, cache, hidden_states, kwargs, report) -> None:
+        """Chunked prefill: the pairs are merged once, from the whole context, after its last chunk (every token is
+        kept, so earlier chunks leave the layers whole)."""
+        start, end, n = report.prefill_chunk
+        keys, values = read_layer(cache, module.layer_idx)
+        if end == n:
+            self.compress_prefill(module, cache, hidden_states, keys, values, None, kwargs, report)
+        else:
+            report.record(module.layer_idx, n_tokens=end, lengths=torch.full(keys.shape[:2], end, dtype=torch.long))
 
     def compress_prefill(self, module, cache, hidden_states, keys, values, attentions, kwargs, report) -> None:
         layer_idx, n = module.layer_idx, keys.shape[-2]

@@ -26,8 +26,8 @@ class CompressionReport:
         state: scratch space of presses that act across forwards (buffers, step counts), dropped with the report.
         suspended: while ``True`` the press's layer hooks return at once: a decoder that drives the press itself
             (CUDA-graph decoding with a decode-time press) sets it while it captures and replays steps.
-        prefill_chunk: ``(start, end)`` prompt positions of the chunk being prefilled during a chunked prefill (set
-            by :func:`kvpress.generation.prefill`), else ``None``.
+        prefill_chunk: ``(start, end, n)`` during a chunked prefill (set by :func:`kvpress.generation.prefill`): the
+            prompt positions of the chunk being prefilled and the prompt's length; else ``None``.
     """
 
     n_layers: int
@@ -40,7 +40,7 @@ class CompressionReport:
     decode_compressions: dict[int, int] = field(default_factory=dict)
     state: dict = field(default_factory=dict, repr=False)
     suspended: bool = False
-    prefill_chunk: tuple[int, int] | None = None
+    prefill_chunk: tuple[int, int, int] | None = None
 
     def record(
         self,

@@ -11,6 +11,7 @@ from kvpress.cache.compressed_kv import CompressedKV
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.budget import check_fits_context, check_ratio
 from kvpress.presses.capabilities import Capabilities
+from kvpress.presses.chunk_budget import CHUNK_BUDGET
 from kvpress.utils import group_reduce, num_heads, query_states
 
 
@@ -43,7 +44,7 @@ class ThinKPress(BasePress):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(prunes_channels=True)
+        return Capabilities(prunes_channels=True, chunked_prefill=True)
 
     def check_length(self, n_tokens: int) -> None:
         check_fits_context("window_size", self.window_size, n_tokens)
@@ -66,6 +67,9 @@ class ThinKPress(BasePress):
         return q_energy * k_energy
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        chunk = kwargs.get(CHUNK_BUDGET)
+        if chunk is not None and not chunk.last:
+            return None  # chunked prefill: the channels are chosen once, from the whole context, after its last chunk
         b, h, n, d = keys.shape
         d_kept = self.n_channels_kept(d)
         if d_kept == d:

@@ -17,10 +17,12 @@ from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.minicache_press import MiniCachePress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
 from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.presses.think_press import ThinKPress
 from kvpress.presses.tova_press import TOVAPress
 from kvpress.utils import attention_layers
 from tests.conftest import random_ids, tiny_config, tiny_model
@@ -188,21 +190,19 @@ def test_chunk_size_errors_leave_the_cache_empty():
     for bad in (0, -3, 2.5, True, "8"):
         with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1 or None \(one forward\), got"):
             prefill(model, random_ids(20), cache, KnormPress(0.5), chunk_size=bad)
-    from kvpress.presses.think_press import ThinKPress
-
     for press, reason in (
         (ObservedAttentionPress(0.5), ": ObservedAttentionPress reads the attention weights of the whole prompt"),
         (ChunkPress(KnormPress(0.5)), ": ChunkPress decides the kept tokens itself, from the whole prompt"),
-        (ThinKPress(0.5), ": ThinKPress prunes key channels chosen from the whole prompt"),
         (PerLayerCompressionPress(ObservedAttentionPress(), [0.5] * 2),
          ": its press: ObservedAttentionPress reads the attention weights"),
         (ComposedPress([KnormPress(0.3), AdaKVPress(KnormPress(0.5))]),
          r": presses\[1\] \(AdaKVPress\) keeps per-head lengths, which the next chunk's first press would cut"),
-        (ComposedPress([KnormPress(0.3), ThinKPress(0.5)]), r": presses\[1\]: ThinKPress prunes key channels"),
+        (ComposedPress([ObservedAttentionPress(0.3), ThinKPress(0.5)]),
+         r": presses\[0\]: ObservedAttentionPress reads the attention weights"),
     ):  # fmt: skip
         message = f"{type(press).__name__} cannot compress a prefill chunk by chunk{reason}"
-        with pytest.raises(ValueError, match=message + ".*accepted: presses that score tokens .*, and ComposedPress "
-                           "of those; pass chunk_size=None"):  # fmt: skip
+        with pytest.raises(ValueError, match=message + ".*accepted: presses that score tokens .*, ThinKPress, "
+                           "MiniCachePress, and ComposedPress of those; pass chunk_size=None"):  # fmt: skip
             prefill(model, random_ids(20), cache, press, chunk_size=8)
     with pytest.raises(ValueError, match="window_size"):  # the window must fit in every chunk
         prefill(model, random_ids(30), cache, SnapKVPress(0.5, window_size=12), chunk_size=10)
@@ -279,3 +279,58 @@ def test_chunks_into_a_quantized_cache_quantize_what_the_full_precision_chunks_k
                 assert store.positions[first : first + n].tolist() == kept[seg, :n].tolist()
     want, got = _next_logits(model, reference, token, 64), _next_logits(model, cache, token, 64)
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+THINK, MINICACHE = ThinKPress(0.5, window_size=4), MiniCachePress(start_layer=0, retention_ratio=0.2)
+
+
+# gemma3's tiny config has no two adjacent full-attention layers for MiniCache to merge.
+@pytest.mark.parametrize("arch, press", [("llama", THINK), ("qwen3", THINK), ("gemma3", THINK), ("llama", MINICACHE),
+                                         ("qwen3", MINICACHE)])  # fmt: skip
+def test_whole_context_presses_act_once_after_the_last_chunk(arch, press):
+    """ThinK's channels and MiniCache's merges are chosen from the whole context: chunks keep every token whole, and
+    after the last one the press acts as on a one-forward prefill (same layer types, channels and contents)."""
+    model = tiny_model(arch)
+    ids = random_ids(40, batch=2, seed=31)
+    whole, chunked = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    prefill(model, ids, whole, press)
+    prefill(model, ids, chunked, press, chunk_size=9)
+    assert [type(layer).__name__ for layer in chunked.layers] == [type(layer).__name__ for layer in whole.layers]
+    assert {type(layer).__name__ for layer in whole.layers} & {"ChannelPrunedLayer", "MergedLayer"}
+    for a, b in zip(whole.layers, chunked.layers):
+        if hasattr(a, "key_channels"):
+            assert torch.equal(a.key_channels, b.key_channels)
+    for (k1, v1), (k2, v2) in zip(_layers(whole), _layers(chunked)):
+        torch.testing.assert_close(k2, k1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v2, v1, atol=1e-5, rtol=1e-5)
+
+
+def test_think_after_a_token_press_chooses_channels_from_the_kept_tokens_after_the_last_chunk():
+    """ComposedPress([Knorm, ThinK]) chunk by chunk: the tokens Knorm alone keeps chunk by chunk, their keys narrowed
+    to the channels ThinK scores on them with the last chunk's queries."""
+    model = tiny_model("llama")
+    ids = random_ids(48, seed=32)
+    think = ThinKPress(0.5, window_size=4)
+    composed, knorm_only = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    prefill(model, ids, composed, ComposedPress([KnormPress(0.5), think]), chunk_size=16)
+    inputs = {}
+
+    def capture(module, args, kwargs, output):
+        inputs[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"])
+
+    handles = [m.register_forward_hook(capture, with_kwargs=True) for m in attention_layers(model)]
+    try:
+        prefill(model, ids, knorm_only, KnormPress(0.5), chunk_size=16)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, module in enumerate(attention_layers(model)):
+        keys, values = read_layer(knorm_only, i)
+        hidden, pe = inputs[i]  # the last chunk's
+        with torch.no_grad():
+            want = think.compress(module, hidden, keys, values, None, {"position_embeddings": pe})
+        layer = composed.layers[i]
+        assert type(layer).__name__ == "ChannelPrunedLayer"
+        assert torch.equal(layer.key_channels, want.key_channels)
+        torch.testing.assert_close(layer.pruned_keys, want.keys, rtol=0, atol=0)
+        torch.testing.assert_close(layer.values, values, rtol=0, atol=0)
