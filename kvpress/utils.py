@@ -124,6 +124,21 @@ def query_states(module: nn.Module, hidden_states: torch.Tensor, position_embedd
     return apply_rope(pre_rope_query_states(module, hidden_states), cos[:, -seq:], sin[:, -seq:])
 
 
+def unrotated_keys(keys: torch.Tensor, position_embeddings, who: str) -> torch.Tensor:
+    """Pre-RoPE keys ``(batch, kv_heads, n, head_dim)`` of the post-RoPE ``keys`` of a one-forward prefill, whose
+    ``position_embeddings`` ``(cos, sin)`` ``(batch, n, rot_dim)`` rotated them (up to the rotary attention factor,
+    a constant). ``who`` names the caller in the ``ValueError`` raised when the rotations do not cover the keys
+    (keys kept from earlier forwards, whose positions the forward does not carry)."""
+    cos, sin = position_embeddings
+    if cos.shape[-2] != keys.shape[2]:
+        raise ValueError(
+            f"{who} reads pre-RoPE keys, un-rotated with the positions of the forward that wrote them; the layer holds "
+            f"{keys.shape[2]} keys but the forward carries {cos.shape[-2]} positions (a chunked prefill or a decode "
+            "step): use it on a one-forward prefill"
+        )
+    return apply_rope(keys.float(), cos.float(), sin.float(), inverse=True)
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """``(batch, kv_heads, ...)`` -> ``(batch, kv_heads * groups, ...)``, each kv head repeated for its group."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)

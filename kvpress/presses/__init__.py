@@ -6,16 +6,21 @@ from kvpress.presses.base_press import BasePress
 from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.chunk_press import ChunkPress
+from kvpress.presses.compactor_press import CompactorPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
+from kvpress.presses.keydiff_press import KeyDiffPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.lagkv_press import LagKVPress
+from kvpress.presses.leverage_score_press import LeverageScorePress
 from kvpress.presses.memory_budget_press import MemoryBudgetPress
 from kvpress.presses.minicache_press import MiniCachePress
 from kvpress.presses.nacl_press import NACLPress
+from kvpress.presses.non_causal_attn_press import NonCausalAttnPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
@@ -38,17 +43,22 @@ __all__ = [
     "CAMPress",
     "Capabilities",
     "ChunkPress",
+    "CompactorPress",
     "ComposedPress",
     "CompressionReport",
     "DecodingPress",
     "ExpectedAttentionPress",
     "H2OPress",
     "HeadKVPress",
+    "KeyDiffPress",
     "KeyRerotationPress",
     "KnormPress",
+    "LagKVPress",
+    "LeverageScorePress",
     "MemoryBudgetPress",
     "MiniCachePress",
     "NACLPress",
+    "NonCausalAttnPress",
     "ObservedAttentionPress",
     "PerLayerCompressionPress",
     "PrefillDecodingPress",

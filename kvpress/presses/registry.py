@@ -14,16 +14,21 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.chunk_press import ChunkPress
+from kvpress.presses.compactor_press import CompactorPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
+from kvpress.presses.keydiff_press import KeyDiffPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.lagkv_press import LagKVPress
+from kvpress.presses.leverage_score_press import LeverageScorePress
 from kvpress.presses.memory_budget_press import MemoryBudgetPress
 from kvpress.presses.minicache_press import MiniCachePress
 from kvpress.presses.nacl_press import NACLPress
+from kvpress.presses.non_causal_attn_press import NonCausalAttnPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
@@ -47,6 +52,11 @@ PRESSES: dict[str, type[BasePress]] = {
     "pyramidkv": PyramidKVPress,
     "think": ThinKPress,
     "nacl": NACLPress,
+    "keydiff": KeyDiffPress,
+    "lagkv": LagKVPress,
+    "leverage_score": LeverageScorePress,
+    "non_causal_attn": NonCausalAttnPress,
+    "compactor": CompactorPress,
     "minicache": MiniCachePress,
     "adakv": AdaKVPress,
     "headkv": HeadKVPress,
