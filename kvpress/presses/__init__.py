@@ -8,6 +8,7 @@ from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.compactor_press import CompactorPress
 from kvpress.presses.composed_press import ComposedPress
+from kvpress.presses.cur_press import CURPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.h2o_press import H2OPress
@@ -37,6 +38,7 @@ from kvpress.presses.think_press import ThinKPress
 from kvpress.presses.tova_press import TOVAPress
 
 __all__ = [
+    "CURPress",
     "AdaKVPress",
     "AttentionEvictionPress",
     "BasePress",

@@ -16,6 +16,7 @@ from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.compactor_press import CompactorPress
 from kvpress.presses.composed_press import ComposedPress
+from kvpress.presses.cur_press import CURPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.h2o_press import H2OPress
@@ -57,6 +58,7 @@ PRESSES: dict[str, type[BasePress]] = {
     "leverage_score": LeverageScorePress,
     "non_causal_attn": NonCausalAttnPress,
     "compactor": CompactorPress,
+    "cur": CURPress,
     "minicache": MiniCachePress,
     "adakv": AdaKVPress,
     "headkv": HeadKVPress,
