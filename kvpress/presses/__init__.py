@@ -8,6 +8,8 @@ from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.compactor_press import CompactorPress
 from kvpress.presses.composed_press import ComposedPress
+from kvpress.presses.critical_adakv_press import CriticalAdaKVPress
+from kvpress.presses.criticalkv_press import CriticalKVPress
 from kvpress.presses.cur_press import CURPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
@@ -38,6 +40,8 @@ from kvpress.presses.think_press import ThinKPress
 from kvpress.presses.tova_press import TOVAPress
 
 __all__ = [
+    "CriticalAdaKVPress",
+    "CriticalKVPress",
     "CURPress",
     "AdaKVPress",
     "AttentionEvictionPress",

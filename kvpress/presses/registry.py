@@ -16,6 +16,8 @@ from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.compactor_press import CompactorPress
 from kvpress.presses.composed_press import ComposedPress
+from kvpress.presses.critical_adakv_press import CriticalAdaKVPress
+from kvpress.presses.criticalkv_press import CriticalKVPress
 from kvpress.presses.cur_press import CURPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
@@ -61,6 +63,8 @@ PRESSES: dict[str, type[BasePress]] = {
     "cur": CURPress,
     "minicache": MiniCachePress,
     "adakv": AdaKVPress,
+    "criticalkv": CriticalKVPress,
+    "critical_adakv": CriticalAdaKVPress,
     "headkv": HeadKVPress,
     "composed": ComposedPress,
     "per_layer": PerLayerCompressionPress,
