@@ -3,9 +3,11 @@
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.attention_eviction_press import AttentionEvictionPress
 from kvpress.presses.base_press import BasePress
+from kvpress.presses.block_press import BlockPress
 from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.chunk_press import ChunkPress
+from kvpress.presses.chunkkv_press import ChunkKVPress
 from kvpress.presses.compactor_press import CompactorPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.critical_adakv_press import CriticalAdaKVPress
@@ -40,6 +42,8 @@ from kvpress.presses.think_press import ThinKPress
 from kvpress.presses.tova_press import TOVAPress
 
 __all__ = [
+    "BlockPress",
+    "ChunkKVPress",
     "CriticalAdaKVPress",
     "CriticalKVPress",
     "CURPress",

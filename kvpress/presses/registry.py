@@ -12,8 +12,10 @@ from typing import Any
 
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import BasePress
+from kvpress.presses.block_press import BlockPress
 from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.chunk_press import ChunkPress
+from kvpress.presses.chunkkv_press import ChunkKVPress
 from kvpress.presses.compactor_press import CompactorPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.critical_adakv_press import CriticalAdaKVPress
@@ -70,6 +72,8 @@ PRESSES: dict[str, type[BasePress]] = {
     "per_layer": PerLayerCompressionPress,
     "key_rerotation": KeyRerotationPress,
     "chunk": ChunkPress,
+    "chunkkv": ChunkKVPress,
+    "block": BlockPress,
     "memory_budget": MemoryBudgetPress,
     "decoding": DecodingPress,
     "prefill_decoding": PrefillDecodingPress,
