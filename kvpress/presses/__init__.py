@@ -36,12 +36,14 @@ from kvpress.presses.report import CompressionReport
 from kvpress.presses.scissorhands_press import ScissorhandsPress
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.presses.simlayerkv_press import SimLayerKVPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.streaming_llm_press import StreamingLLMPress
 from kvpress.presses.think_press import ThinKPress
 from kvpress.presses.tova_press import TOVAPress
 
 __all__ = [
+    "SimLayerKVPress",
     "BlockPress",
     "ChunkKVPress",
     "CriticalAdaKVPress",

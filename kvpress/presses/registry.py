@@ -41,6 +41,7 @@ from kvpress.presses.pyramidkv_press import PyramidKVPress
 from kvpress.presses.quest_press import QuestPress
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.scissorhands_press import ScissorhandsPress
+from kvpress.presses.simlayerkv_press import SimLayerKVPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.streaming_llm_press import StreamingLLMPress
 from kvpress.presses.think_press import ThinKPress
@@ -73,6 +74,7 @@ PRESSES: dict[str, type[BasePress]] = {
     "key_rerotation": KeyRerotationPress,
     "chunk": ChunkPress,
     "chunkkv": ChunkKVPress,
+    "simlayerkv": SimLayerKVPress,
     "block": BlockPress,
     "memory_budget": MemoryBudgetPress,
     "decoding": DecodingPress,
