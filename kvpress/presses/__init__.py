@@ -30,6 +30,7 @@ from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
+from kvpress.presses.qfilter_press import QFilterPress
 from kvpress.presses.quest_press import QuestPress
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.report import CompressionReport
@@ -43,6 +44,7 @@ from kvpress.presses.think_press import ThinKPress
 from kvpress.presses.tova_press import TOVAPress
 
 __all__ = [
+    "QFilterPress",
     "SimLayerKVPress",
     "BlockPress",
     "ChunkKVPress",

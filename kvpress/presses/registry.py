@@ -38,6 +38,7 @@ from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.pyramidkv_press import PyramidKVPress
+from kvpress.presses.qfilter_press import QFilterPress
 from kvpress.presses.quest_press import QuestPress
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.scissorhands_press import ScissorhandsPress
@@ -64,6 +65,7 @@ PRESSES: dict[str, type[BasePress]] = {
     "non_causal_attn": NonCausalAttnPress,
     "compactor": CompactorPress,
     "cur": CURPress,
+    "qfilter": QFilterPress,
     "minicache": MiniCachePress,
     "adakv": AdaKVPress,
     "criticalkv": CriticalKVPress,

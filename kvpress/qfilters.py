@@ -1,0 +1,91 @@
+"""``python -m kvpress.qfilters``: calibrate Q-Filters on the user's own model, from generated text.
+
+Each attention layer's queries (after the rotary embedding, as the cached keys are) are recorded over a few
+generated haystacks (:mod:`kvpress.needle`); each head's filter is its first right singular vector, signed so the
+queries project positively on it (:func:`kvpress.presses.qfilter_press.query_filters`). The written file feeds
+:class:`~kvpress.presses.qfilter_press.QFilterPress` (``QFilterPress(0.5, filters="filters.json")``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kvpress.needle import build_needle_context
+from kvpress.presses.qfilter_press import query_filters, write_filters
+from kvpress.utils import attention_layers, is_sliding_layer, num_heads, query_states
+
+
+@torch.no_grad()
+def record_filters(model: nn.Module, texts_ids: list[torch.Tensor], max_queries: int = 4096) -> dict[int, torch.Tensor]:
+    """Filters ``{layer: (kv_heads, head_dim)}`` of every full-attention layer from the queries of the prompts
+    ``texts_ids`` (each ``(1, n)``), at most ``max_queries`` per head (evenly strided over each prompt)."""
+    recorded: dict[int, list[torch.Tensor]] = {}
+    per_text = max(1, max_queries // len(texts_ids))
+
+    def hook(module, args, kwargs, output):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        q = query_states(module, hidden, kwargs["position_embeddings"])[0].float()  # (heads, n, d)
+        step = max(1, q.shape[1] // per_text)
+        recorded.setdefault(module.layer_idx, []).append(q[:, ::step].cpu())
+
+    layers = [m for m in attention_layers(model) if not is_sliding_layer(m)]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
+    try:
+        for ids in tqdm(texts_ids, desc="recording queries", unit="text"):
+            model(input_ids=ids.to(model.device), use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {m.layer_idx: query_filters(torch.cat(recorded[m.layer_idx], 1), num_heads(m)[1]) for m in layers}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvpress.qfilters",
+        description="Calibrate the Q-Filters of a model (the dominant direction of each head's queries) on "
+        "generated text and write the file QFilterPress(filters=...) reads. Runs offline.",
+    )
+    parser.add_argument("--model", default="smollm2", help="model directory, or 'smollm2' for the offline "
+                        "SmolLM2-135M-Instruct (default: smollm2)")  # fmt: skip
+    parser.add_argument("--output", required=True, help="path of the JSON file to write")
+    parser.add_argument("--texts", type=int, default=8, help="generated texts (default: 8)")
+    parser.add_argument("--length", type=int, default=2048, help="tokens per text (default: 2048)")
+    parser.add_argument("--max-queries", type=int, default=4096, help="queries kept per head (default: 4096)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated text (default: 0)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+    for name in ("texts", "length", "max_queries"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[int, torch.Tensor]:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model == "smollm2":
+        from kvpress.offline_model import load_smollm2
+
+        model, tokenizer = load_smollm2(device=device)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
+    # Plain filler: the needle is one more ordinary sentence.
+    texts = [build_needle_context(tokenizer, args.length, "The evening was quiet in the old harbour.", depth=0.5,
+                                  seed=args.seed + i) for i in range(args.texts)]  # fmt: skip
+    ids = [tokenizer(t, return_tensors="pt").input_ids for t in texts]
+    filters = record_filters(model, ids, args.max_queries)
+    settings = {k: getattr(args, k) for k in ("texts", "length", "max_queries", "seed")}
+    write_filters(args.output, filters, model=args.model, settings=settings)
+    print(f"wrote the filters of {len(filters)} layers to {args.output}")
+    return filters
+
+
+if __name__ == "__main__":
+    main()
