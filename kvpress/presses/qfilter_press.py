@@ -62,7 +62,7 @@ class QFilterPress(ScorerPress):
         filters: path of the filters file (or ``{layer: (kv_heads, head_dim) tensor}``).
     """
 
-    filters: str | Path | dict = None
+    filters: str | Path | dict = field(kw_only=True)
     _filters: dict = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self):

@@ -66,8 +66,10 @@ def test_files_of_another_model_or_format_are_named(tmp_path):
         QFilterPress(0.5, filters=str(other))
     with pytest.raises(ValueError, match="filters: cannot read"):
         QFilterPress(0.5, filters=str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match="filters is required"):
+    with pytest.raises(TypeError, match="filters"):
         QFilterPress(0.5)
+    with pytest.raises(ValueError, match="filters is required"):
+        QFilterPress(0.5, filters=None)
 
 
 def test_recorded_filters_follow_the_models_queries():
