@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from kvpress.cache.forward_keyword import cache_kwargs
 from kvpress.needle import build_needle_context
+from kvpress.offline_model import load_model
 from kvpress.presses.head_importance import write_head_scores
 from kvpress.utils import attention_layers, attn_implementation, num_heads
 from kvpress.visualization.spans import token_spans
@@ -179,15 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model == "smollm2":
-        from kvpress.offline_model import load_smollm2
-
-        model, tokenizer = load_smollm2(device=device)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
+    model, tokenizer = load_model(args.model, device)
     tests = build_probe(tokenizer, args.lengths, args.depths, args.needles, args.seed)
     scores, answers = probe_head_scores(model, tokenizer, tests, args.max_new_tokens, keep_all=args.all_tests)
     scored = len(next(iter(scores.values())))

@@ -55,6 +55,18 @@ def load_smollm2(
     return model.eval(), tokenizer
 
 
+def load_model(name: str, device: str | torch.device | None = None):
+    """``(model, tokenizer)`` of a command's ``--model``: ``"smollm2"`` for the offline SmolLM2 (:func:`load_smollm2`),
+    else a model directory loaded at its own dtype; the model is in eval mode on ``device``."""
+    if name == "smollm2":
+        return load_smollm2(device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype="auto")
+    return (model if device is None else model.to(device)).eval(), tokenizer
+
+
 @contextlib.contextmanager
 def _quiet_gguf_conversion():
     """Hide the progress bars transformers draws while converting and loading a GGUF file (one step per tensor, 272

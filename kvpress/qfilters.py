@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kvpress.needle import build_needle_context
+from kvpress.offline_model import load_model
 from kvpress.presses.qfilter_press import query_filters, write_filters
 from kvpress.utils import attention_layers, is_sliding_layer, num_heads, query_states
 
@@ -67,15 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[int, torch.Tensor]:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model == "smollm2":
-        from kvpress.offline_model import load_smollm2
-
-        model, tokenizer = load_smollm2(device=device)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
+    model, tokenizer = load_model(args.model, device)
     # Plain filler: the needle is one more ordinary sentence.
     texts = [build_needle_context(tokenizer, args.length, "The evening was quiet in the old harbour.", depth=0.5,
                                   seed=args.seed + i) for i in range(args.texts)]  # fmt: skip

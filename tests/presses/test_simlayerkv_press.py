@@ -46,14 +46,15 @@ def test_lazy_layers_keep_the_initial_and_recent_tokens(arch, batch, n, n_last, 
     values = sorted(layer_share.values())
     # Every layer lazy, none, and (tiny models differ between layers) some on each side.
     thresholds = [values[0] - 1e-5, values[-1] + 1e-5] + ([(values[0] + values[-1]) / 2] if len(values) > 1 else [])
+    full = prefill(model, SimLayerKVPress(1.0, n_last, n_recent, n_initial), ids)  # nothing lazy: every token
     for threshold in thresholds:
         cache = prefill(model, SimLayerKVPress(threshold, n_last, n_recent, n_initial), ids)
         for i, share in layer_share.items():
             lazy = share >= threshold
             assert cache.layers[i].keys.shape[2] == (n_initial + n_recent if lazy else n)
             if lazy:
-                full = prefill(model, SimLayerKVPress(1.0, n_last, n_recent, n_initial), ids).layers[i].keys
-                kept = torch.cat([full[:, :, :n_initial], full[:, :, n - n_recent :]], dim=2)
+                keys = full.layers[i].keys
+                kept = torch.cat([keys[:, :, :n_initial], keys[:, :, n - n_recent :]], dim=2)
                 torch.testing.assert_close(cache.layers[i].keys, kept, rtol=0, atol=0)
 
 
