@@ -24,16 +24,20 @@ def sketch_matrix(head_dim: int, sketch_dimension: int, seed: int, device) -> to
 
 
 def leverage_scores(x: torch.Tensor, sketch: torch.Tensor | None) -> torch.Tensor:
-    """Leverage ``x_i (XᵀX)⁻¹ x_iᵀ`` of every row of ``x`` ``(batch, kv_heads, n, d)`` (float32), after the columns
-    are sketched by ``sketch`` ``(d, s)``: ``(batch, kv_heads, n)``, summing to the rank per head. Computed through
-    the Cholesky factor ``L`` of the Gram matrix (``‖L⁻¹ x_iᵀ‖²``), with a small ridge for rank-deficient heads."""
-    x = x.float() if sketch is None else x.float() @ sketch
+    """Leverage ``x_i (XᵀX)⁻¹ x_iᵀ`` of every row of ``x`` ``(batch, kv_heads, n, d)``, after the columns are
+    sketched by ``sketch`` ``(d, s)``: ``(batch, kv_heads, n)`` float32, summing to the rank per head. Computed
+    through the Cholesky factor ``L`` of the Gram matrix (``‖L⁻¹ x_iᵀ‖²``), with a ridge of 1e-6 of its mean
+    diagonal for rank-deficient heads.
+
+    The factorisation runs in float64: real keys have outlier channels orders of magnitude above the rest, and the
+    ridged Gram's condition number (up to ``s · 1e6``) is beyond float32's precision."""
+    x = x.double() if sketch is None else x.double() @ sketch.double()
     gram = x.transpose(-1, -2) @ x  # (b, h, s, s)
     s = gram.shape[-1]
-    ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
-    chol = torch.linalg.cholesky(gram + ridge * torch.eye(s, device=x.device))
+    ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None]
+    chol = torch.linalg.cholesky(gram + ridge * torch.eye(s, device=x.device, dtype=x.dtype))
     solved = torch.linalg.solve_triangular(chol, x.transpose(-1, -2), upper=False)  # (b, h, s, n)
-    return solved.pow(2).sum(dim=-2)
+    return solved.pow(2).sum(dim=-2).float()
 
 
 @dataclass

@@ -50,19 +50,25 @@ def test_leverage_sums_to_the_rank_before_the_zscore():
     torch.testing.assert_close(leverage_scores(x, None).sum(-1), torch.full((2, 3), 16.0), rtol=1e-3, atol=1e-3)
 
 
-def test_chunked_prefill_is_refused_naming_the_reason():
-    model = tiny_model("llama")
-    cache = DynamicCache(config=model.config)
-    with pytest.raises(ValueError, match="LeverageScorePress cannot compress a prefill chunk by chunk: "
-                       "LeverageScorePress un-rotates every key with the position of the forward that wrote it"):  # fmt: skip
-        generation_prefill(model, random_ids(40), cache, LeverageScorePress(0.5), chunk_size=16)
-    assert cache.get_seq_length() == 0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sketch_dimension", [48, 64])
+def test_keys_with_outlier_channels_match_the_float64_solve(dtype, sketch_dimension):
+    """Trained models' keys carry a few channels 1e3-1e4 times larger than the rest; once the sketch mixes them into
+    every column, the Gram matrix is too ill-conditioned for a float32 Cholesky. The leverage must still match a
+    float64 solve."""
+    from kvpress.presses.leverage_score_press import leverage_scores, sketch_matrix
 
-
-def test_keys_without_their_positions_are_refused():
-    model = tiny_model("llama")
-    module = model.model.layers[0].self_attn
-    keys = torch.randn(1, 2, 20, 16)
-    pe = model.model.rotary_emb(keys, torch.arange(4)[None])
-    with pytest.raises(ValueError, match="the layer holds 20 keys but the forward carries 4 positions"):
-        LeverageScorePress(0.5).score(module, torch.randn(1, 4, 64), keys, keys, None, {"position_embeddings": pe})
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 300, 64, generator=gen, dtype=torch.float64)
+    x[..., 5] *= 3e3
+    x[..., 17] *= 1e4
+    x[1, 1, :, 9] = x[1, 1, :, 2]  # a rank-deficient head: the ridge keeps it factorisable
+    sketch = sketch_matrix(64, sketch_dimension, 0, "cpu")
+    got = leverage_scores(x.to(dtype), sketch)
+    xd = x.to(dtype).double()
+    xd = xd if sketch is None else xd @ sketch.double()
+    s = xd.shape[-1]
+    gram = xd.transpose(-1, -2) @ xd
+    gram = gram + 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(s, dtype=torch.float64)
+    want = (xd * torch.linalg.solve(gram, xd.transpose(-1, -2)).transpose(-1, -2)).sum(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
