@@ -5,9 +5,7 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache
 
-from kvpress.generation import prefill as generation_prefill
 from kvpress.presses.leverage_score_press import LeverageScorePress
 from tests.conftest import random_ids, tiny_model
 from tests.presses.press_harness import assert_keeps_top, full_layers, prefill, record_scores, rotate_f64
