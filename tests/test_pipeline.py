@@ -20,6 +20,8 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.kvcompose_press import KVComposePress
+from kvpress.presses.kvzip_press import KVzipPress
 from kvpress.presses.minicache_press import MiniCachePress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
 from kvpress.presses.quest_press import QuestPress
@@ -397,6 +399,25 @@ def test_decode_time_presses_equal_the_generation_layer(press):
         [tail_ids], 12, eos_ids(pipe.model, pipe.tokenizer)
     )[0]
     assert together["answers"][0] == pipe.tokenizer.decode(direct, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("press", [KVzipPress(0.5, chunk_size=32, repeat_prompt_ids=(5, 6)), KVComposePress(0.5)],
+                         ids=["kvzip", "kvcompose"])  # fmt: skip
+def test_cross_layer_presses_equal_the_generation_layer(press):
+    """Presses whose budget spans layers compress when the prefill forward ends: the model keeps half the prompt's
+    pairs over all layers and heads, and the pipeline answers as CompressedContext does on the same ids."""
+    pipe = text_pipeline("llama")
+    context = random_text(60, seed=12)
+    out = pipe(context, question=QUESTIONS[0], press=press, answer_prefix=" A:", max_new_tokens=10, return_report=True)
+    prompt, tail = _split(pipe.tokenizer, context, QUESTIONS[0], " A:")
+    ids = pipe.tokenizer(prompt[: prompt.index(context) + len(context)], add_special_tokens=False,
+                         return_tensors="pt").input_ids  # fmt: skip
+    n = ids.shape[1]
+    assert out["report"].compression_ratio == pytest.approx(1 - round(n * 0.5) / n, abs=1e-6)
+    assert out["report"].cache == ("VarlenCache" if press.capabilities.head_variable else "DynamicCache")
+    tail_ids = pipe.tokenizer(QUESTIONS[0] + tail, add_special_tokens=False, return_tensors="pt").input_ids
+    direct = CompressedContext.prefill(pipe.model, ids, press).generate([tail_ids], 10, eos_ids(pipe.model, pipe.tokenizer))
+    assert out["answer"] == pipe.tokenizer.decode(direct[0], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("press", [None, SnapKVPress(0.5, window_size=4), AdaKVPress(KnormPress(0.5)),

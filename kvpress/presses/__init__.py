@@ -12,6 +12,7 @@ from kvpress.presses.compactor_press import CompactorPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.critical_adakv_press import CriticalAdaKVPress
 from kvpress.presses.criticalkv_press import CriticalKVPress
+from kvpress.presses.cross_layer_press import CrossLayerPress
 from kvpress.presses.cur_press import CURPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
@@ -20,6 +21,8 @@ from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.keydiff_press import KeyDiffPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.kvcompose_press import KVComposePress
+from kvpress.presses.kvzip_press import KVzipPress
 from kvpress.presses.lagkv_press import LagKVPress
 from kvpress.presses.leverage_score_press import LeverageScorePress
 from kvpress.presses.memory_budget_press import MemoryBudgetPress
@@ -50,6 +53,7 @@ __all__ = [
     "ChunkKVPress",
     "CriticalAdaKVPress",
     "CriticalKVPress",
+    "CrossLayerPress",
     "CURPress",
     "AdaKVPress",
     "AttentionEvictionPress",
@@ -67,6 +71,8 @@ __all__ = [
     "KeyDiffPress",
     "KeyRerotationPress",
     "KnormPress",
+    "KVComposePress",
+    "KVzipPress",
     "LagKVPress",
     "LeverageScorePress",
     "MemoryBudgetPress",

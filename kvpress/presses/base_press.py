@@ -158,6 +158,11 @@ class BasePress(ABC):
         write_layer(cache, layer_idx, kv)
         report.record(layer_idx, n_tokens=q_len, lengths=kv.lengths, indices=kv.indices, scores=kv.scores)
 
+    def finish_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, cache, report: CompressionReport) -> None:
+        """Called after every prefill forward of the decoder stack (``decoder``, with the forward's ``args`` and
+        ``kwargs``), once each layer's hook has run. Presses whose decision spans layers compress here
+        (:class:`~kvpress.presses.cross_layer_press.CrossLayerPress`); the default does nothing."""
+
     def compress_prefill_chunk(self, module, cache, hidden_states, kwargs, report: CompressionReport) -> None:
         """Chunked prefill: bring ``module``'s layer (the kept tokens of the earlier chunks, then this chunk's) back to
         the budget of the prompt tokens seen so far, through :meth:`compress` told so by a :class:`ChunkBudget`."""
@@ -217,6 +222,8 @@ class BasePress(ABC):
             if self.capabilities.compresses_prefill:
                 guard = _PrefillGuard(self, report, n_full_layers=sum(not is_sliding_layer(m) for m in layers))
                 handles.append(decoder.register_forward_pre_hook(guard.before, with_kwargs=True))
+                # Registered before guard.after, so that compressions done at the end of the forward count.
+                handles.append(decoder.register_forward_hook(_Hook(self, report).finish, with_kwargs=True))
                 handles.append(decoder.register_forward_hook(guard.after, with_kwargs=True))
             handles.append(decoder.register_forward_pre_hook(switch.before, with_kwargs=True))
             yield report
@@ -267,6 +274,14 @@ class _Hook:
             return output
         return self.press.forward_hook(module, args, kwargs, output, self.report)
 
+    def finish(self, decoder, args, kwargs, output):
+        """Forward hook of the decoder stack: :meth:`BasePress.finish_prefill` after a prefill forward."""
+        cache = find_cache(kwargs) or (find_cache(output) if isinstance(output, Mapping) else None)
+        if self.report.suspended or cache is None or self.report.prefill_chunk is not None:
+            return output
+        self.press.finish_prefill(decoder, args, kwargs, cache, self.report)
+        return output
+
 
 @dataclass
 class _AttentionSwitch:
@@ -307,8 +322,8 @@ class _PrefillGuard:
     press: BasePress
     report: CompressionReport = field(repr=False)
     n_full_layers: int
-    _records: int = 0
-    _n_tokens: int = 0
+    # (prefill tokens, records before) per forward in progress: a press may run forwards of its own inside one.
+    _open: list[tuple[int, int]] = field(default_factory=list)
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = find_cache(kwargs)
@@ -316,17 +331,18 @@ class _PrefillGuard:
         inputs = kwargs.get("input_ids")
         inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
         inputs = args[0] if inputs is None and args else inputs
-        self._n_tokens = inputs.shape[1] if prefill and isinstance(inputs, torch.Tensor) and inputs.dim() > 1 else 0
-        self._records = self.report.n_records
+        n_tokens = inputs.shape[1] if prefill and isinstance(inputs, torch.Tensor) and inputs.dim() > 1 else 0
+        self._open.append((n_tokens, self.report.n_records))
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if self._n_tokens == 0 or self.report.n_records > self._records:
+        n_tokens, records = self._open.pop() if self._open else (0, 0)
+        if n_tokens == 0 or self.report.n_records > records:
             return
         cache = find_cache(kwargs) or (find_cache(output) if isinstance(output, Mapping) else None)
         if cache is None:
             return  # the forward kept no cache: there is nothing to compress
         raise RuntimeError(
-            f"{self.press!r} compressed no attention layer during a prefill of {self._n_tokens} tokens into a "
+            f"{self.press!r} compressed no attention layer during a prefill of {n_tokens} tokens into a "
             f"{type(cache).__name__} (transformers {transformers.__version__}). Expected: the {self.n_full_layers} "
             f"full-attention layer(s) compressed; happened: none (the cache holds {cache.get_seq_length()} tokens). "
             "The attention layers did not hand the press a cache it can read: a transformers Cache (looked for the "

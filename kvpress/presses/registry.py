@@ -28,6 +28,8 @@ from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.keydiff_press import KeyDiffPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.kvcompose_press import KVComposePress
+from kvpress.presses.kvzip_press import KVzipPress
 from kvpress.presses.lagkv_press import LagKVPress
 from kvpress.presses.leverage_score_press import LeverageScorePress
 from kvpress.presses.memory_budget_press import MemoryBudgetPress
@@ -66,6 +68,8 @@ PRESSES: dict[str, type[BasePress]] = {
     "compactor": CompactorPress,
     "cur": CURPress,
     "qfilter": QFilterPress,
+    "kvcompose": KVComposePress,
+    "kvzip": KVzipPress,
     "minicache": MiniCachePress,
     "adakv": AdaKVPress,
     "criticalkv": CriticalKVPress,

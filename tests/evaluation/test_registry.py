@@ -15,6 +15,7 @@ from kvpress.presses import (
     BasePress,
     ChunkPress,
     ComposedPress,
+    CrossLayerPress,
     KeyRerotationPress,
     KnormPress,
     MemoryBudgetPress,
@@ -30,7 +31,7 @@ from kvpress_evaluation import registry
 from kvpress_evaluation.benchmark import Benchmark
 from kvpress_evaluation.ruler.benchmark import RulerBenchmark, RulerOptions
 
-ABSTRACT = {BasePress, ScorerPress, ScorerWrapperPress, AttentionEvictionPress}
+ABSTRACT = {BasePress, ScorerPress, ScorerWrapperPress, AttentionEvictionPress, CrossLayerPress}
 
 
 def test_every_press_of_the_library_is_registered_once():
