@@ -33,8 +33,9 @@ _RESERVED = ("name", "label")
 _INNER, _INNER_LIST = "press", "presses"
 # Wrappers whose own arguments set the budget (the inner press's is ignored): the field the sweep sets, as
 # ``1 - ratio``, or None when a single ratio cannot express it (per-layer ratios, a decoding press's target_size).
-_OWN_BUDGET = {"per_layer": None, "memory_budget": "budget_fraction", "decoding": None}
-_BUDGET_FIELDS = ("budget_fraction", "budget_bytes", "compression_ratios")
+_OWN_BUDGET = {"per_layer": None, "memory_budget": "budget_fraction", "decoding": None,
+               "duo_attention": "head_compression_ratio"}
+_BUDGET_FIELDS = ("budget_fraction", "budget_bytes", "compression_ratios", "head_compression_ratio")
 
 
 # ---- presses --------------------------------------------------------------------------------------------------------
@@ -121,7 +122,8 @@ def takes_ratio(spec: dict[str, Any]) -> bool:
 def with_ratio(spec: dict[str, Any], ratio: float) -> dict[str, Any]:
     """A copy of the normalized ``spec`` with the swept ``ratio`` set: ``compression_ratio=ratio`` on the outermost
     press that has one unset (wrappers pass it to the press they wrap; a composition gives it to its first such press),
-    or ``budget_fraction=1 - ratio`` on a memory-budget wrapper (the kept share of the full cache's bytes)."""
+    or ``budget_fraction=1 - ratio`` on a memory-budget wrapper (the kept share of the full cache's bytes), or
+    ``head_compression_ratio=ratio`` on DuoAttention (the share of streaming heads)."""
     target = _ratio_target(spec)
     if target is None:
         raise ValueError(
@@ -133,7 +135,7 @@ def with_ratio(spec: dict[str, Any], ratio: float) -> dict[str, Any]:
     holder = out
     for key in path:
         holder = holder[key]
-    holder[field] = ratio if field == "compression_ratio" else 1.0 - ratio
+    holder[field] = 1.0 - ratio if field == "budget_fraction" else ratio
     return out
 
 

@@ -15,6 +15,7 @@ from kvpress.presses.criticalkv_press import CriticalKVPress
 from kvpress.presses.cross_layer_press import CrossLayerPress
 from kvpress.presses.cur_press import CURPress
 from kvpress.presses.decoding_press import DecodingPress
+from kvpress.presses.duo_attention_press import DuoAttentionPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.headkv_press import HeadKVPress
@@ -65,6 +66,7 @@ __all__ = [
     "ComposedPress",
     "CompressionReport",
     "DecodingPress",
+    "DuoAttentionPress",
     "ExpectedAttentionPress",
     "H2OPress",
     "HeadKVPress",

@@ -49,10 +49,11 @@ class CrossLayerPress(BasePress):
         with the prefill's ``args`` and ``kwargs``). Default: ``pending``."""
         return pending
 
-    def allocate(self, scores: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
-        """``{layer_idx: (batch, kv_heads) int64 kept counts}``, ``kv_heads * k * len(scores)`` per sequence in all.
-        Default: the best scores over every (layer, head, token) of the model."""
-        return global_top_counts(scores, k)
+    def allocate(self, scores: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor] | None:
+        """``{layer_idx: (batch, kv_heads) int64 kept counts}``, ``kv_heads * k * len(scores)`` per sequence in all
+        (``None``: every token stays). Default: the best scores over every (layer, head, token) of the model."""
+        n = next(iter(scores.values())).shape[-1]
+        return None if k >= n else global_top_counts(scores, k)
 
     def per_head_layout(self) -> bool:
         """Whether heads of one layer may keep different counts (then the layers need a ``VarlenCache``)."""
@@ -73,11 +74,11 @@ class CrossLayerPress(BasePress):
         n = read_layer(cache, next(iter(pending)))[0].shape[-2]
         scores = self.complete_scores(decoder, args, kwargs, cache, pending, report)
         k = n_kept(n, self.compression_ratio, self.target_size)
-        counts = self.allocate(scores, k) if k < n else None
+        counts = self.allocate(scores, k)
         for layer_idx in sorted(scores):
             keys, values = read_layer(cache, layer_idx)
             s = scores[layer_idx].float()
-            if counts is None:  # the budget holds every token
+            if counts is None or bool((counts[layer_idx] >= n).all()):  # the budget holds every token
                 kv = CompressedKV(keys, values, scores=s)
             elif self.per_head_layout():
                 kv = keep_per_head(keys, values, s, counts[layer_idx].to(keys.device))

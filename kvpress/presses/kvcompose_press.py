@@ -61,6 +61,8 @@ class KVComposePress(CrossLayerPress):
 
     def allocate(self, scores, k):
         layers = sorted(scores)
+        if k >= scores[layers[0]].shape[-1]:
+            return None
         composite = []
         for i in layers:
             ranked = scores[i].float().sort(dim=-1, descending=True).values  # (b, h, n): j-th best per head

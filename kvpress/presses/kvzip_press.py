@@ -109,6 +109,6 @@ class KVzipPress(CrossLayerPress):
         return {i: scores[i] for i in pending}
 
     def allocate(self, scores, k):
-        if not self.layerwise:
-            return global_top_counts(scores, k)
+        if not self.layerwise or k >= next(iter(scores.values())).shape[-1]:
+            return super().allocate(scores, k)
         return {i: global_top_counts({i: s}, k)[i] for i, s in scores.items()}

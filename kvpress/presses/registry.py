@@ -22,6 +22,7 @@ from kvpress.presses.critical_adakv_press import CriticalAdaKVPress
 from kvpress.presses.criticalkv_press import CriticalKVPress
 from kvpress.presses.cur_press import CURPress
 from kvpress.presses.decoding_press import DecodingPress
+from kvpress.presses.duo_attention_press import DuoAttentionPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.headkv_press import HeadKVPress
@@ -70,6 +71,7 @@ PRESSES: dict[str, type[BasePress]] = {
     "qfilter": QFilterPress,
     "kvcompose": KVComposePress,
     "kvzip": KVzipPress,
+    "duo_attention": DuoAttentionPress,
     "minicache": MiniCachePress,
     "adakv": AdaKVPress,
     "criticalkv": CriticalKVPress,

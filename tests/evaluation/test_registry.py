@@ -16,6 +16,7 @@ from kvpress.presses import (
     ChunkPress,
     ComposedPress,
     CrossLayerPress,
+    DuoAttentionPress,
     KeyRerotationPress,
     KnormPress,
     MemoryBudgetPress,
@@ -140,6 +141,15 @@ def test_budget_wrappers_take_the_sweep_as_their_own_budget():
     # Per-layer ratios replace the inner budget, so a single swept ratio has nowhere to go.
     assert not registry.takes_ratio(registry.normalize_press({"name": "per_layer", "press": "knorm",
                                                               "compression_ratios": [0.5]}))
+
+
+def test_duo_attention_takes_the_sweep_as_its_share_of_streaming_heads():
+    spec = registry.normalize_press({"name": "duo_attention", "sink_size": 8})
+    for ratio in (0.25, 0.75):
+        assert registry.build_press(registry.with_ratio(spec, ratio)) == DuoAttentionPress(ratio, sink_size=8)
+    assert not registry.takes_ratio(registry.normalize_press({"name": "duo_attention", "head_compression_ratio": 0.5}))
+    with pytest.raises(ValueError, match="'compression_ratio' is not an argument of press 'duo_attention'"):
+        registry.normalize_press({"name": "duo_attention", "compression_ratio": 0.5})
 
 
 def test_seed_fills_presses_that_take_one():
