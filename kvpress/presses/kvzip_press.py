@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress.cache.forward_keyword import cache_kwargs, find_cache
+from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.layer_access import read_layer, restore_cache, snapshot_cache
 from kvpress.presses.budget import check_int
 from kvpress.presses.capabilities import Capabilities
@@ -90,6 +91,11 @@ class KVzipPress(CrossLayerPress):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
             raise ValueError("KVzipPress reconstructs the context from its token ids: prefill with input_ids, not "
                              "inputs_embeds")  # fmt: skip
+        if isinstance(cache, QuantizedCache):
+            raise ValueError(
+                "KVzipPress scores with forwards over the full-precision context, which a QuantizedCache does not "
+                "keep; accepted caches: VarlenCache (and the pipeline's default for this press)"
+            )
         b, n = ids.shape
         prompt = torch.tensor(self.repeat_prompt_ids, dtype=ids.dtype, device=ids.device).expand(b, -1)
         scores: dict[int, torch.Tensor] = {}

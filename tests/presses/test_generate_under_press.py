@@ -1,8 +1,9 @@
 """``with press(model): model.generate(...)``: the press compresses the prefill and generate decodes from the
 compressed cache, token for token as a plain greedy loop over the same compressed cache, at the original positions.
 
-Combinations: uniform presses with transformers' default cache (every architecture); channel pruning and layer
-merging with the default cache; head-variable presses with a ``VarlenCache``; uniform and head-variable presses with a
+Combinations: uniform presses with transformers' default cache (every architecture); per-layer counts (PyramidKV,
+KVCompose), channel pruning and layer merging with the default cache; head-variable presses (AdaKV, and KVzip and
+DuoAttention, whose budgets span layers) with a ``VarlenCache``; uniform and head-variable presses with a
 ``QuantizedCache``; a head-variable press with the default cache is refused, naming the cache to pass."""
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from kvpress.cache.quantization_config import QuantizationConfig
 from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.varlen_cache import VarlenCache
 from kvpress.presses.adakv_press import AdaKVPress
+from kvpress.presses.duo_attention_press import DuoAttentionPress
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.kvcompose_press import KVComposePress
+from kvpress.presses.kvzip_press import KVzipPress
 from kvpress.presses.minicache_press import MiniCachePress
+from kvpress.presses.pyramidkv_press import PyramidKVPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.think_press import ThinKPress
 from kvpress.utils import attention_layers, is_sliding_layer
@@ -79,6 +84,19 @@ def test_query_window_press_with_the_default_cache():
     assert tokens == reference(model, ids, press, DynamicCache(config=model.config))
 
 
+@pytest.mark.parametrize("make", [lambda: KVzipPress(0.5, chunk_size=16), lambda: DuoAttentionPress(0.5, sink_size=4, recent_size=8)],
+                         ids=["kvzip", "duo_attention"])  # fmt: skip
+def test_cross_layer_head_variable_presses_with_a_varlen_cache(make):
+    """Budgets shared over layers and heads: the VarlenCache holds a different count per layer and head, and generate
+    decodes from it as the plain greedy loop does."""
+    model = tiny_model("qwen3")
+    ids = random_ids(N, seed=4)
+    tokens, cache = generate(model, ids, make(), VarlenCache(config=model.config))
+    per_head = [layer.cu_seqlens.diff().tolist() for layer in cache.layers]
+    assert len({n for kept in per_head for n in kept}) > 1
+    assert tokens == reference(model, ids, make(), VarlenCache(config=model.config))
+
+
 @pytest.mark.parametrize("make", [lambda m: VarlenCache(config=m.config)], ids=["varlen"])
 def test_head_variable_press_with_a_varlen_cache(make):
     model = tiny_model("llama")
@@ -93,7 +111,9 @@ def test_head_variable_press_with_a_varlen_cache(make):
     assert model.config._attn_implementation == "sdpa"  # the "kvpress" attention was only for the block
 
 
-@pytest.mark.parametrize("press", [KnormPress(0.5), AdaKVPress(KnormPress(0.5))], ids=["knorm", "adakv"])
+@pytest.mark.parametrize("press", [KnormPress(0.5), AdaKVPress(KnormPress(0.5)), KVComposePress(0.5),
+                                   DuoAttentionPress(0.5, sink_size=4, recent_size=8)],
+                         ids=["knorm", "adakv", "kvcompose", "duo_attention"])  # fmt: skip
 def test_quantized_cache(press):
     model = tiny_model("llama", head_dim=32)
 
@@ -107,6 +127,15 @@ def test_quantized_cache(press):
     assert tokens == reference(model, ids, press, make())
 
 
+def test_kvzip_refuses_a_quantized_cache_naming_the_accepted_one():
+    model = tiny_model("llama", head_dim=32)
+    cache = QuantizedCache(config=model.config, quantization=QuantizationConfig(bits=4, group_size=32))
+    with pytest.raises(
+        ValueError, match="KVzipPress scores with forwards over the full-precision context.*VarlenCache"
+    ):
+        generate(model, random_ids(N, seed=3), KVzipPress(0.5, chunk_size=16), cache)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("press", [ThinKPress(0.5, window_size=8), MiniCachePress()], ids=["think", "minicache"])
 def test_channel_pruning_and_layer_merging_with_the_default_cache(arch, press):
@@ -118,8 +147,26 @@ def test_channel_pruning_and_layer_merging_with_the_default_cache(arch, press):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_head_variable_press_with_the_default_cache_is_refused():
+@pytest.mark.parametrize("make", [lambda: AdaKVPress(KnormPress(0.5)), lambda: KVzipPress(0.5, chunk_size=16),
+                                  lambda: DuoAttentionPress(0.5, sink_size=4, recent_size=8)],
+                         ids=["adakv", "kvzip", "duo_attention"])  # fmt: skip
+def test_head_variable_press_with_the_default_cache_is_refused(make):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"model\.generate pass cache=kvpress\.VarlenCache\(config=model\.config\)"):
-        generate(model, random_ids(N), AdaKVPress(KnormPress(0.5)))
+        generate(model, random_ids(N), make())
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("make", [lambda: PyramidKVPress(0.5, window_size=4), lambda: KVComposePress(0.5)],
+                         ids=["pyramidkv", "kvcompose"])  # fmt: skip
+def test_layers_of_different_lengths_with_the_default_cache(arch, make):
+    """Presses that keep a different count per layer leave a dense cache that transformers' single mask cannot fit:
+    decoding switches to the "kvpress" attention and equals the plain greedy loop over the same cache."""
+    model = tiny_model(arch)
+    ids = random_ids(N, seed=2)
+    tokens, cache = generate(model, ids, make())
+    lengths = {cache.get_seq_length(m.layer_idx) for m in attention_layers(model) if not is_sliding_layer(m)}
+    if arch != "gemma3" and isinstance(make(), PyramidKVPress):  # (gemma3: one full-attention layer)
+        assert len(lengths) > 1  # KVCompose's counts follow the attention, which may happen to be even
+    assert tokens == reference(model, ids, make(), DynamicCache(config=model.config))
     assert model.config._attn_implementation == "sdpa"
