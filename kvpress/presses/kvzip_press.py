@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from kvpress.cache.forward_keyword import cache_kwargs, find_cache
-from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.cache.layer_access import read_layer, restore_cache, snapshot_cache
+from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.presses.budget import check_int
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.cross_layer_press import CrossLayerPress, global_top_counts
