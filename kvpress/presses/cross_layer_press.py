@@ -93,7 +93,8 @@ def global_top_counts(scores: dict[int, torch.Tensor], k: int) -> dict[int, torc
     """Kept counts ``{layer: (batch, heads)}`` of the ``heads * k * layers`` best of all ``scores`` ``{layer: (batch,
     heads, n)}`` per sequence, ``+inf`` first (:func:`~kvpress.presses.scorer_press.rank_key`)."""
     layers = sorted(scores)
-    stacked = torch.stack([rank_key(scores[i].float()) for i in layers], dim=1)  # (b, L, h, n)
+    device = scores[layers[0]].device  # layers may sit on different devices (device_map)
+    stacked = torch.stack([rank_key(scores[i].float().to(device)) for i in layers], dim=1)  # (b, L, h, n)
     b, n_layers, h, n = stacked.shape
     top = stacked.flatten(1).topk(n_layers * h * k, dim=-1).indices // n  # (b, L*h*k) flat (layer, head)
     counts = torch.zeros(b, n_layers * h, dtype=torch.long, device=top.device)

@@ -111,7 +111,8 @@ class DuoAttentionPress(CrossLayerPress):
     def complete_scores(self, decoder, args, kwargs, cache, pending, report):
         """Token scores ``(batch, kv_heads, n)``: ``+inf`` on what each head keeps, ``-inf`` elsewhere."""
         layers = sorted(pending)
-        heads = torch.stack([pending[i].float() for i in layers], dim=1)  # (b, L, h)
+        device = pending[layers[0]].device  # layers may sit on different devices (device_map)
+        heads = torch.stack([pending[i].float().to(device) for i in layers], dim=1)  # (b, L, h)
         b, n_layers, h = heads.shape
         n = cache.get_seq_length(layers[0])
         n_stream = round(self.head_compression_ratio * n_layers * h)
@@ -123,7 +124,7 @@ class DuoAttentionPress(CrossLayerPress):
         window = (position < self.sink_size) | (position >= n - self.recent_size)  # (n,)
         keep = ~streaming[..., None] | window  # (b, L, h, n)
         scores = torch.where(keep, float("inf"), float("-inf"))
-        return {i: scores[:, j] for j, i in enumerate(layers)}
+        return {i: scores[:, j].to(pending[i].device) for j, i in enumerate(layers)}
 
     def allocate(self, scores, k):
         return {i: s.isposinf().sum(-1) for i, s in scores.items()}

@@ -67,7 +67,7 @@ class KVComposePress(CrossLayerPress):
         for i in layers:
             ranked = scores[i].float().sort(dim=-1, descending=True).values  # (b, h, n): j-th best per head
             reduced = ranked.mean(dim=1) if self.composite_reduction == "mean" else ranked.amax(dim=1)
-            composite.append(reduced.mean(dim=0))  # (n,), on the batch mean
+            composite.append(reduced.mean(dim=0).to(scores[layers[0]].device))  # (n,), on the batch mean
         stacked = torch.stack(composite)  # (L, n), decreasing along n: a layer's count is its entries in the top
         n = stacked.shape[1]
         top = stacked.flatten().topk(len(layers) * k).indices // n

@@ -221,3 +221,27 @@ def test_smollm2_end_to_end_through_the_console_script(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert _check_outputs(tmp_path / "script") == first
     assert "snapkv_0.50" in again.stdout and "Loading weights" not in again.stderr
+
+
+def test_torchrun_shards_the_examples_over_two_processes(tiny_model_dir, tmp_path):
+    """The launcher path users take on several GPUs, here with two CPU processes: each rank answers its share into
+    its own file, and the merged predictions equal a single process's."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun is not None, "torch's torchrun launcher is not installed"
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--press", "knorm", "--ratios", "0.5",
+            "--option", "tasks=[niah_single_1]", "--option", "n_examples=4", "--option", "lengths=[300]",
+            "--max-new-tokens", "3", "--no-plots"]  # fmt: skip
+    assert cli.main([*args, "--output-dir", str(tmp_path / "single")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "kvpress_evaluation", *args,
+                           "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
+                          check=False, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "two" / "knorm_0.50"
+    shards = [runner.read_records(run / f"predictions.rank{r}-of-2.jsonl") for r in range(2)]
+    assert [len(s) for s in shards] == [2, 2]
+    merged = runner.read_records(run / "predictions.jsonl")
+    single = runner.read_records(tmp_path / "single" / "knorm_0.50" / "predictions.jsonl")
+    assert [(r["id"], r["prediction"]) for r in merged] == [(r["id"], r["prediction"]) for r in single]
+    assert json.loads((run / "metrics.json").read_text())["average"] == json.loads(
+        (tmp_path / "single" / "knorm_0.50" / "metrics.json").read_text())["average"]  # fmt: skip
