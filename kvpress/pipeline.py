@@ -311,11 +311,13 @@ class KVPressTextGenerationPipeline(Pipeline):
             logger.warning("context truncated from %d to %d tokens", context_ids.shape[1], max_context_length)
             context_ids = context_ids[:, :max_context_length]
         if query_aware:
-            prompts = [torch.cat([context_ids, self._encode(q)], dim=1) for q in questions]
+            question_ids = [self._encode(q) for q in questions]
+            prompts = [torch.cat([context_ids, q], dim=1) for q in question_ids]
             tails = [self._encode(after + answer_prefix)] * len(questions)
-        else:
-            prompts = [context_ids]
-            tails = [self._encode(q + after + answer_prefix) for q in questions]
+            # Prompt-guided presses (Finch) read where the question starts.
+            return {"prompts": prompts, "tails": tails, "question_lengths": [q.shape[1] for q in question_ids]}
+        prompts = [context_ids]
+        tails = [self._encode(q + after + answer_prefix) for q in questions]
         return {"prompts": prompts, "tails": tails}
 
     # ---- model ----------------------------------------------------------------------------------------------------
@@ -358,17 +360,17 @@ class KVPressTextGenerationPipeline(Pipeline):
                                     record_kept=record_kept, compact=cuda_graph, chunk_size=chunk_size,
                                     sparse=sparse)  # fmt: skip
         answers, reports = [], []
-        if len(prompts) == 1:  # one compressed context shared by every question
+        if "question_lengths" not in inputs:  # one compressed context shared by every question
             context = prefill(prompts[0])
             reports = context.summaries * len(tails)
             for tail in tails:
                 answers += self._answer(context, [tail], max_new_tokens, cuda_graph)
         else:  # query-aware: one compression per question, each prefilled into the same (emptied) cache
             context = None
-            for prompt, tail in zip(prompts, tails):
+            for prompt, tail, question_length in zip(prompts, tails, inputs["question_lengths"]):
                 if context is not None:
                     context.clear()
-                context = prefill(prompt)
+                context = prefill(prompt, question_length=question_length)
                 reports += context.summaries
                 answers += self._answer(context, [tail], max_new_tokens, cuda_graph)
         return {"answers": answers, "reports": reports}

@@ -73,10 +73,13 @@ class CompressedContext:
         compact: bool | None = None,
         chunk_size: int | None = None,
         sparse=None,
+        question_length: int | None = None,
     ) -> "CompressedContext":
         """Prefill ``prompt`` ``(1, n)`` into ``cache`` (default: :func:`make_cache`, ragged where CUDA-graph decoding
         applies; must be empty) under ``press``, in one forward or ``chunk_size`` tokens at a time, with MInference's
-        sparse attention under ``sparse`` (a pattern config or file; :func:`~kvpress.generation.prefill`).
+        sparse attention under ``sparse`` (a pattern config or file; :func:`~kvpress.generation.prefill`). A
+        query-aware prompt may say how many of its last tokens are the question (``question_length``), for
+        prompt-guided presses.
 
         ``compact=True`` moves a :class:`VarlenCache` into its ragged decode layout right away (the CUDA-graph decoder
         needs it); ``None`` does so where graph decoding applies (:func:`graph_decoding_blocker`). Quantized caches
@@ -95,7 +98,7 @@ class CompressedContext:
         prefill_press = press if caps is not None and caps.compresses_prefill else None
         # Attached for the prefill whatever its phase, as under `with press(model): model.generate()`: a decode-time
         # press may lay the cache out for decoding then (QuestPress); the others leave the prefill alone.
-        position, report = prefill(model, prompt, cache, press, record_kept, chunk_size, sparse)
+        position, report = prefill(model, prompt, cache, press, record_kept, chunk_size, sparse, question_length)
         report = report if prefill_press is not None else None
         if isinstance(cache, VarlenCache):
             cache.next_positions = [position]

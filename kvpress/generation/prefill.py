@@ -27,6 +27,7 @@ def prefill(
     record_kept: bool = False,
     chunk_size: int | None = None,
     sparse: SparsePrefillConfig | str | Path | None = None,
+    question_length: int | None = None,
 ) -> tuple[int, CompressionReport | None]:
     """Run ``input_ids`` ``(batch, n)`` through ``model``'s decoder into ``cache`` (which must be empty), under
     ``press``.
@@ -42,12 +43,19 @@ def prefill(
     its pattern (:func:`kvpress.sparse_prefill.sparse_prefill`; a config or a pattern file); the press then compresses
     as it would. A warning says so when every layer ran dense.
 
+    ``question_length``: how many of the prompt's last tokens are the question (a query-aware prompt), told to the
+    press through its report (``report.question_length``) for prompt-guided presses.
+
     Returns the position of the next token (``n``; the longest kept length for presses that re-rotate kept keys to
     contiguous positions) and the press's :class:`CompressionReport` (``None`` without a press; with the kept
     positions and their scores when ``record_kept``). No logits are computed: the first answer token comes from the
     question's own forward.
     """
     n = input_ids.shape[1]
+    if question_length is not None and (
+        isinstance(question_length, bool) or not isinstance(question_length, int) or not 1 <= question_length <= n
+    ):
+        raise ValueError(f"question_length must be None or an int in [1, {n}] (the prompt's length), got {question_length!r}")
     check_chunk_size(chunk_size, press)
     sparse = check_sparse(sparse, press)
     warn_past_positions(model.config, n)
@@ -61,7 +69,7 @@ def prefill(
         staging = VarlenCache(config=model.config)
         positions_needed = press is not None and cache.needs_positions
         position, report = prefill(model, input_ids, staging, press, record_kept or positions_needed, chunk_size,
-                                   sparse)  # fmt: skip
+                                   sparse, question_length)  # fmt: skip
         cache.quantize_from(staging, n, report.kept_indices if report is not None else None)
         return position, report
     base = model.base_model
@@ -72,6 +80,8 @@ def prefill(
         sparse_block as sparse_report,
         press(model, record_kept=record_kept) if press else contextlib.nullcontext() as report,
     ):
+        if report is not None:
+            report.question_length = question_length
         for start, end in zip(bounds, bounds[1:]):
             if report is not None and chunk_size is not None:
                 report.prefill_chunk = (start, end, n)

@@ -17,6 +17,7 @@ from kvpress.presses.cur_press import CURPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.duo_attention_press import DuoAttentionPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
+from kvpress.presses.finch_press import FinchPress
 from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
@@ -68,6 +69,7 @@ __all__ = [
     "DecodingPress",
     "DuoAttentionPress",
     "ExpectedAttentionPress",
+    "FinchPress",
     "H2OPress",
     "HeadKVPress",
     "KeyDiffPress",

@@ -24,6 +24,7 @@ from kvpress.presses.cur_press import CURPress
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.duo_attention_press import DuoAttentionPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
+from kvpress.presses.finch_press import FinchPress
 from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.headkv_press import HeadKVPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
@@ -72,6 +73,7 @@ PRESSES: dict[str, type[BasePress]] = {
     "kvcompose": KVComposePress,
     "kvzip": KVzipPress,
     "duo_attention": DuoAttentionPress,
+    "finch": FinchPress,
     "minicache": MiniCachePress,
     "adakv": AdaKVPress,
     "criticalkv": CriticalKVPress,

@@ -28,6 +28,9 @@ class CompressionReport:
             (CUDA-graph decoding with a decode-time press) sets it while it captures and replays steps.
         prefill_chunk: ``(start, end, n)`` during a chunked prefill (set by :func:`kvpress.generation.prefill`): the
             prompt positions of the chunk being prefilled and the prompt's length; else ``None``.
+        question_length: the number of the prompt's last tokens that are the question, when the caller knows it
+            (the pipeline with ``query_aware=True``, ``prefill(..., question_length=)``); prompt-guided presses
+            (Finch) read it.
     """
 
     n_layers: int
@@ -41,6 +44,7 @@ class CompressionReport:
     state: dict = field(default_factory=dict, repr=False)
     suspended: bool = False
     prefill_chunk: tuple[int, int, int] | None = None
+    question_length: int | None = None
 
     def record(
         self,
