@@ -30,7 +30,8 @@ def offloaded(tmp_path_factory):
     model = text_model("llama", head_dim=32)
     model.save_pretrained(path)
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-                  "model.layers.1": "disk", "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "disk"}  # fmt: skip
+                  "model.layers.1": "disk", "model.layers.2": "cpu", "model.norm": "cpu",
+                  "lm_head": "disk"}  # fmt: skip
     placed = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=path / "offload",
                                                   dtype=torch.float32)  # fmt: skip
     assert placed.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
