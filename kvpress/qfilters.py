@@ -12,36 +12,19 @@ import argparse
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from kvpress.needle import build_needle_context
 from kvpress.offline_model import load_model
 from kvpress.presses.qfilter_press import query_filters, write_filters
-from kvpress.utils import attention_layers, is_sliding_layer, num_heads, query_states
+from kvpress.query_recording import calibration_texts, record_queries
+from kvpress.utils import attention_layers, num_heads
 
 
-@torch.no_grad()
 def record_filters(model: nn.Module, texts_ids: list[torch.Tensor], max_queries: int = 4096) -> dict[int, torch.Tensor]:
     """Filters ``{layer: (kv_heads, head_dim)}`` of every full-attention layer from the queries of the prompts
     ``texts_ids`` (each ``(1, n)``), at most ``max_queries`` per head (evenly strided over each prompt)."""
-    recorded: dict[int, list[torch.Tensor]] = {}
-    per_text = max(1, max_queries // len(texts_ids))
-
-    def hook(module, args, kwargs, output):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        q = query_states(module, hidden, kwargs["position_embeddings"])[0].float()  # (heads, n, d)
-        step = max(1, q.shape[1] // per_text)
-        recorded.setdefault(module.layer_idx, []).append(q[:, ::step].cpu())
-
-    layers = [m for m in attention_layers(model) if not is_sliding_layer(m)]
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
-    try:
-        for ids in tqdm(texts_ids, desc="recording queries", unit="text"):
-            model(input_ids=ids.to(model.device), use_cache=False, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {m.layer_idx: query_filters(torch.cat(recorded[m.layer_idx], 1), num_heads(m)[1]) for m in layers}
+    queries = record_queries(model, texts_ids, max_queries, rotated=True)
+    layers = {m.layer_idx: m for m in attention_layers(model)}
+    return {i: query_filters(q, num_heads(layers[i])[1]) for i, q in queries.items()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,10 +52,7 @@ def main(argv: list[str] | None = None) -> dict[int, torch.Tensor]:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, device)
-    # Plain filler: the needle is one more ordinary sentence.
-    texts = [build_needle_context(tokenizer, args.length, "The evening was quiet in the old harbour.", depth=0.5,
-                                  seed=args.seed + i) for i in range(args.texts)]  # fmt: skip
-    ids = [tokenizer(t, return_tensors="pt").input_ids for t in texts]
+    ids = calibration_texts(tokenizer, args.texts, args.length, args.seed)
     filters = record_filters(model, ids, args.max_queries)
     settings = {k: getattr(args, k) for k in ("texts", "length", "max_queries", "seed")}
     write_filters(args.output, filters, model=args.model, settings=settings)

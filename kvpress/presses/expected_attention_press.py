@@ -3,13 +3,45 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from kvpress.presses.budget import check_n_sink, check_sink_budget
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.utils import apply_rope, group_reduce, pre_rope_query_states
+from kvpress.utils import apply_rope, attention_layers, group_reduce, is_sliding_layer, pre_rope_query_states
+
+STATS_FORMAT = "kvpress-query-stats"
+
+
+def query_moments(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(heads, head_dim)`` and maximum-likelihood covariance ``(heads, head_dim, head_dim)``, float32, of
+    recorded pre-RoPE queries ``(heads, N, head_dim)`` (computed in float64)."""
+    q = queries.double()
+    mean = q.mean(dim=1)
+    centered = q - mean[:, None]
+    return mean.float(), (centered.transpose(-1, -2) @ centered / q.shape[1]).float()
+
+
+def write_query_stats(path: str | Path, stats: dict[int, tuple[torch.Tensor, torch.Tensor]], **metadata) -> None:
+    """Write ``{layer: (mean, cov)}`` query statistics and ``metadata`` (strings, numbers) with ``torch.save``."""
+    layers = {int(i): {"mean": m.float().cpu(), "cov": c.float().cpu()} for i, (m, c) in sorted(stats.items())}
+    torch.save({"format": STATS_FORMAT, "version": 1, **metadata, "layers": layers}, Path(path))
+
+
+def read_query_stats(path: str | Path) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The statistics of a file :func:`write_query_stats` wrote (``python -m kvpress.query_stats``), loaded without
+    executing code (``weights_only``); ``ValueError`` naming the path for a file that is not one."""
+    try:
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # missing, unreadable or not a tensor file: one error naming the path
+        raise ValueError(f"stats: cannot read {path} as a query-statistics file ({err})") from err
+    if not isinstance(data, dict) or data.get("format") != STATS_FORMAT:
+        raise ValueError(f"stats: {path} is not a query-statistics file (format {STATS_FORMAT!r}); write one with "
+                         "python -m kvpress.query_stats --output PATH")  # fmt: skip
+    return {int(i): (v["mean"], v["cov"]) for i, v in data["layers"].items()}
 
 
 @dataclass
@@ -23,6 +55,10 @@ class ExpectedAttentionPress(ScorerPress):
     gives each head's expected attention, which is averaged over the GQA group ("Expected Attention", NVIDIA, 2025,
     arXiv 2510.00636). The first ``n_sink`` tokens are always kept.
 
+    With ``stats`` (a file written by ``python -m kvpress.query_stats``, calibrated once on the model's queries over
+    generated text), μ and Σ come from the file instead of the prompt's own queries, as the paper's variant with
+    precomputed statistics does; nothing is downloaded.
+
     Args:
         n_future_positions: number ``T`` of future positions whose rotations are averaged.
         n_sink: leading tokens always kept and left out of the query statistics (their queries are outliers).
@@ -32,6 +68,8 @@ class ExpectedAttentionPress(ScorerPress):
             barely moves the output).
         epsilon: added to the expected attention before the value-norm weighting, so that tokens whose expected
             attention vanishes are still ranked by ``‖v‖₂`` (with ``use_vnorm=False`` it cannot change the ranking).
+        stats: path of a query-statistics file (or ``{layer: (mean (heads, head_dim), cov (heads, head_dim,
+            head_dim))}``); ``None``: the prompt's own queries.
     """
 
     n_future_positions: int = 512
@@ -39,9 +77,13 @@ class ExpectedAttentionPress(ScorerPress):
     use_covariance: bool = True
     use_vnorm: bool = True
     epsilon: float = 0.0
+    stats: str | Path | dict | None = None
+    _stats: dict | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.stats is not None:
+            self._stats = self.stats if isinstance(self.stats, dict) else read_query_stats(self.stats)
         t = self.n_future_positions
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
             raise ValueError(f"n_future_positions must be a positive int, got {t!r}")
@@ -56,12 +98,33 @@ class ExpectedAttentionPress(ScorerPress):
     def check_length(self, n_tokens: int) -> None:
         check_sink_budget(self.n_sink, n_tokens, self.n_kept(n_tokens))
 
+    def validate(self, model: nn.Module) -> None:
+        super().validate(model)
+        if self._stats is None:
+            return
+        for module in attention_layers(model):
+            if is_sliding_layer(module):
+                continue
+            want = (model.config.get_text_config(decoder=True).num_attention_heads, module.head_dim)
+            got = self._stats.get(module.layer_idx)
+            if got is None or tuple(got[0].shape) != want or tuple(got[1].shape) != (*want, want[1]):
+                raise ValueError(
+                    f"stats: layer {module.layer_idx} needs a {want} mean and a {(*want, want[1])} covariance, the "
+                    f"file has {None if got is None else (tuple(got[0].shape), tuple(got[1].shape))}; calibrate on "
+                    "this model: python -m kvpress.query_stats --model DIR --output PATH"
+                )
+
     def query_statistics(self, module, hidden_states) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean ``(batch, heads, head_dim)`` and covariance ``(batch, heads, head_dim, head_dim)`` (``None`` without
         ``use_covariance``) of the pre-RoPE context queries after the sinks, in float32.
 
         The covariance is the maximum-likelihood one (divided by the number of tokens), defined even for one token.
+        With ``stats``, the file's, the same for every sequence.
         """
+        if self._stats is not None:
+            mean, cov = (t.to(hidden_states.device) for t in self._stats[module.layer_idx])
+            b = hidden_states.shape[0]
+            return mean.expand(b, -1, -1), (cov.expand(b, -1, -1, -1) if self.use_covariance else None)
         start = min(self.n_sink, hidden_states.shape[1] - 1)
         q = pre_rope_query_states(module, hidden_states[:, start:]).float()
         mean = q.mean(dim=2)

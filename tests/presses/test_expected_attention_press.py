@@ -77,8 +77,9 @@ def _future_rotations(model, layer_idx: int, n: int, T: int) -> torch.Tensor:
     return R
 
 
-def _reference_scores(model, layer_idx, q, keys, values, press) -> torch.Tensor:
-    """Float64 expected attention of ``press``'s method, written out from its definition."""
+def _reference_scores(model, layer_idx, q, keys, values, press, moments=None) -> torch.Tensor:
+    """Float64 expected attention of ``press``'s method, written out from its definition; ``moments``: given query
+    ``(mean (heads, d), cov (heads, d, d))`` instead of those of ``q``."""
     n = keys.shape[-2]
     n_q, n_kv = q.shape[1], keys.shape[1]
     s = attention_layers(model)[layer_idx].scaling
@@ -86,6 +87,9 @@ def _reference_scores(model, layer_idx, q, keys, values, press) -> torch.Tensor:
     mu = q.mean(dim=2)
     c = q - mu[:, :, None]
     sigma = torch.einsum("bhmi,bhmj->bhij", c, c) / q.shape[2]
+    if moments is not None:
+        mu = moments[0].double().expand_as(mu)
+        sigma = moments[1].double().expand_as(sigma)
     R = _future_rotations(model, layer_idx, n, press.n_future_positions).mean(dim=0)
     mu_bar = torch.einsum("ij,bhj->bhi", R, mu)
     sigma_bar = R @ sigma @ R.T
@@ -228,3 +232,74 @@ def test_budget_smaller_than_sinks_raises():
 def test_bad_parameters_name_themselves(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ExpectedAttentionPress(**kwargs)
+
+
+# ---- precomputed query statistics (python -m kvpress.query_stats) ---------------------------------------------------
+def _random_moments(model, seed: int) -> dict:
+    """``{layer: (mean, cov)}`` with a random positive semi-definite covariance, for every full layer."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = model.config.num_attention_heads
+    out = {}
+    for m in attention_layers(model):
+        d = m.head_dim
+        a = torch.randn(heads, d, d, generator=gen) / d
+        out[m.layer_idx] = (torch.randn(heads, d, generator=gen), a @ a.transpose(-1, -2))
+    return out
+
+
+@pytest.mark.parametrize("use_covariance", [True, False])
+def test_precomputed_statistics_replace_the_prompts_own(arch, use_covariance, tmp_path):
+    from kvpress.presses.expected_attention_press import write_query_stats
+
+    model = tiny_model(arch)
+    moments = {i: v for i, v in _random_moments(model, 3).items() if i in _full_layers(model)}
+    path = tmp_path / "stats.pt"
+    write_query_stats(path, moments, model="tiny")
+    press = ExpectedAttentionPress(0.5, use_covariance=use_covariance, stats=str(path))
+    ids = random_ids(30, 2, seed=4)
+    queries = _model_queries(model, ids)
+    seen = _record(press)
+    _prefill(model, press, ids)
+    for i, rec in seen.items():
+        ref = _reference_scores(model, i, queries[i], rec.keys, rec.values, press, moments=moments[i])
+        torch.testing.assert_close(rec.scores.double(), ref, rtol=2e-4, atol=1e-7)
+        own = _reference_scores(model, i, queries[i], rec.keys, rec.values, press)
+        assert not torch.allclose(ref[..., press.n_sink :], own[..., press.n_sink :], rtol=1e-3)  # the file counts
+
+
+def test_the_command_writes_the_moments_of_the_pre_rope_queries(tmp_path):
+    from kvpress.presses.expected_attention_press import read_query_stats
+    from kvpress.query_recording import calibration_texts
+    from kvpress.query_stats import main
+    from tests.fixtures_pipeline import smollm2_tokenizer, text_model
+
+    model, tok = text_model("qwen3"), smollm2_tokenizer()  # qwen3: the query norm comes before the moments
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "stats.pt"
+    main(["--model", str(tmp_path / "model"), "--output", str(out), "--texts", "2", "--length", "60", "--n-sink", "4",
+          "--device", "cpu"])  # fmt: skip
+    stats = read_query_stats(out)
+    caught = [_model_queries(model, ids) for ids in calibration_texts(tok, 2, 60, 0)]
+    for i in _full_layers(model):
+        q = torch.cat([c[i][0, :, 4:] for c in caught], dim=1).double()  # (heads, N, d), sinks left out
+        mean = q.mean(1)
+        cov = (q - mean[:, None]).transpose(-1, -2) @ (q - mean[:, None]) / q.shape[1]
+        torch.testing.assert_close(stats[i][0].double(), mean, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats[i][1].double(), cov, rtol=1e-4, atol=1e-6)
+    assert ExpectedAttentionPress(0.5, stats=str(out)).validate(model) is None
+
+
+def test_statistics_of_another_model_or_format_are_named(tmp_path):
+    from kvpress.presses.expected_attention_press import write_query_stats
+
+    with pytest.raises(ValueError, match="stats: cannot read"):
+        ExpectedAttentionPress(0.5, stats=str(tmp_path / "missing.pt"))
+    torch.save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a query-statistics file"):
+        ExpectedAttentionPress(0.5, stats=str(tmp_path / "other.pt"))
+    small = tiny_model("llama")
+    write_query_stats(tmp_path / "s.pt", {0: (torch.zeros(2, 8), torch.zeros(2, 8, 8))})
+    with pytest.raises(ValueError, match=r"stats: layer 0 needs a \(4, 16\) mean"):
+        with ExpectedAttentionPress(0.5, stats=str(tmp_path / "s.pt"))(small):
+            pass

@@ -1,0 +1,57 @@
+"""``python -m kvpress.query_stats``: calibrate Expected Attention's query statistics on the user's own model.
+
+Each full-attention layer's pre-RoPE queries are recorded over a few generated texts (without each text's first
+``--n-sink`` tokens, whose queries are outliers); each query head's mean and covariance are written to the file that
+``ExpectedAttentionPress(0.5, stats="stats.pt")`` reads instead of the prompt's own statistics. Runs offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from kvpress.offline_model import load_model
+from kvpress.presses.expected_attention_press import query_moments, write_query_stats
+from kvpress.query_recording import calibration_texts, record_queries
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvpress.query_stats",
+        description="Record the mean and covariance of each attention head's pre-RoPE queries on generated text and "
+        "write the file ExpectedAttentionPress(stats=...) reads. Runs offline.",
+    )
+    parser.add_argument("--model", default="smollm2", help="model directory, or 'smollm2' for the offline "
+                        "SmolLM2-135M-Instruct (default: smollm2)")  # fmt: skip
+    parser.add_argument("--output", required=True, help="path of the file to write (torch.save format)")
+    parser.add_argument("--texts", type=int, default=8, help="generated texts (default: 8)")
+    parser.add_argument("--length", type=int, default=2048, help="tokens per text (default: 2048)")
+    parser.add_argument("--max-queries", type=int, default=8192, help="queries kept per head (default: 8192)")
+    parser.add_argument("--n-sink", type=int, default=4, help="first tokens of each text left out (default: 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated text (default: 0)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+    for name in ("texts", "length", "max_queries"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    if not 0 <= args.n_sink < args.length:
+        parser.error(f"--n-sink must be in [0, --length), got {args.n_sink}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, device)
+    ids = calibration_texts(tokenizer, args.texts, args.length, args.seed)
+    queries = record_queries(model, ids, args.max_queries, rotated=False, skip=args.n_sink)
+    stats = {i: query_moments(q) for i, q in queries.items()}
+    settings = {k: getattr(args, k) for k in ("texts", "length", "max_queries", "n_sink", "seed")}
+    write_query_stats(args.output, stats, model=args.model, settings=settings)
+    print(f"wrote the query statistics of {len(stats)} layers to {args.output}")
+    return stats
+
+
+if __name__ == "__main__":
+    main()
