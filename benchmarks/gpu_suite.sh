@@ -3,13 +3,14 @@
 # timeout so that one slow step leaves the others' results. Results go to $OUT/r (the device tool's output folder;
 # default ./gpu_results), named with the card (h100 or h200); copy them into benchmarks/results/ afterwards.
 #
-#   bash benchmarks/gpu_suite.sh 1   # GPU tests of the kernels and decode paths, then default_decode at 32k and 128k
+#   bash benchmarks/gpu_suite.sh 1   # GPU tests (kernels, decode paths, layers split over cuda:0 and the CPU), then
+#                                    # default_decode at 32k and 128k
 #   bash benchmarks/gpu_suite.sh 2   # MInference prefill at 128k, Quest's profile, the 1M-token chunked prefill
 #   bash benchmarks/gpu_suite.sh 3   # 32k generated tokens under DecodingPress(SnapKV) and without compression
 #
 # On a machine without network whose Python lacks this project's dependencies, download their wheels elsewhere
 # (pydantic, pydantic-core, annotated-types, typing-inspection, gguf, pytest, pluggy, iniconfig, hypothesis,
-# sortedcontainers, attrs) into .whl/, then before this script:
+# sortedcontainers, attrs, accelerate, psutil) into .whl/, then before this script:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels:$PWD/evaluation
 set -u
@@ -34,6 +35,7 @@ case "${1:-1}" in
         -p no:cacheprovider
     step 110 decode_tests python3 -m pytest -q tests/sparse_prefill tests/generation/test_decode.py \
         tests/presses/test_decoding_press.py tests/presses/test_quest_press.py -p no:cacheprovider
+    step 60 device_map_tests python3 -m pytest -q tests/test_device_map.py -p no:cacheprovider
     step 360 default_decode python3 benchmarks/default_decode.py --contexts 32768 131072 \
         --out "$R/default_decode_$CARD.json"
     ;;

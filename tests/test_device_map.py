@@ -55,3 +55,26 @@ def test_offloaded_layers_answer_as_the_whole_model(offloaded, press, quantizati
     assert split["report"].kv_bytes == whole["report"].kv_bytes
     if press != "none":
         assert split["report"].compression_ratio > 0.2
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: run on the GPU machine (benchmarks/gpu_suite.sh 1)"
+)
+@pytest.mark.parametrize(("press", "quantization"), CASES)
+def test_layers_split_between_gpu_and_cpu(offloaded, press, quantization, tmp_path):
+    """Layers on two devices (cuda:0 and the CPU): the answers and the bytes held equal those of the whole model on
+    the GPU (every cache kind, presses that recompute queries, KVzip's own forwards)."""
+    quantization = {"bits": 4, "group_size": 32} if quantization == "4-bit" else None
+    model, _ = offloaded
+    model.save_pretrained(tmp_path)
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+                  "model.layers.2": 0, "model.norm": 0, "lm_head": 0}  # fmt: skip
+    split = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map, dtype=torch.float32)
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to("cuda:0")
+    tok = smollm2_tokenizer()
+    context = random_text(60, seed=5)
+    kwargs = dict(question=" Why?", max_new_tokens=8, kv_quantization=quantization, return_report=True)
+    want = pipeline(TASK, model=whole, tokenizer=tok)(context, press=PRESSES[press](), **kwargs)
+    got = pipeline(TASK, model=split, tokenizer=tok)(context, press=PRESSES[press](), **kwargs)
+    assert got["answer"] == want["answer"]
+    assert got["report"].kv_bytes == want["report"].kv_bytes
