@@ -8,7 +8,6 @@ import torch
 
 from kvpress.cache.forward_keyword import cache_kwargs, find_cache
 from kvpress.cache.layer_access import read_layer, restore_cache, snapshot_cache
-from kvpress.cache.quantized_cache import QuantizedCache
 from kvpress.presses.budget import check_int
 from kvpress.presses.capabilities import Capabilities
 from kvpress.presses.cross_layer_press import CrossLayerPress, global_top_counts
@@ -79,7 +78,14 @@ class KVzipPress(CrossLayerPress):
             return super().forward_hook(module, args, kwargs, output, report)
         n, scores = scoring
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        keys, _ = read_layer(find_cache(kwargs), module.layer_idx)  # the context, then this chunk's tokens
+        cache = find_cache(kwargs)
+        keys, _ = read_layer(cache, module.layer_idx)  # the context, then this chunk's tokens
+        if keys is None:
+            raise ValueError(
+                "KVzipPress scores with forwards over the full-precision context, which a "
+                f"{type(cache.layers[module.layer_idx]).__name__} layer does not return; accepted caches: "
+                "DynamicCache, VarlenCache (the pipeline's default for this press)"
+            )
         q = query_states(module, hidden, kwargs["position_embeddings"])
         weights = group_reduce(received_attention(q, keys, module.scaling, "max"), keys.shape[1], "max")[..., :n]
         previous = scores.get(module.layer_idx)
@@ -91,11 +97,6 @@ class KVzipPress(CrossLayerPress):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
             raise ValueError("KVzipPress reconstructs the context from its token ids: prefill with input_ids, not "
                              "inputs_embeds")  # fmt: skip
-        if isinstance(cache, QuantizedCache):
-            raise ValueError(
-                "KVzipPress scores with forwards over the full-precision context, which a QuantizedCache does not "
-                "keep; accepted caches: VarlenCache (and the pipeline's default for this press)"
-            )
         b, n = ids.shape
         prompt = torch.tensor(self.repeat_prompt_ids, dtype=ids.dtype, device=ids.device).expand(b, -1)
         scores: dict[int, torch.Tensor] = {}
@@ -106,8 +107,11 @@ class KVzipPress(CrossLayerPress):
                 for start in range(0, n, self.chunk_size):
                     chunk = torch.cat([prompt, ids[:, start : start + self.chunk_size]], dim=1)
                     positions = torch.arange(n, n + chunk.shape[1], device=ids.device).expand(b, -1)
-                    decoder(input_ids=chunk, position_ids=positions, use_cache=True, **cache_kwargs(decoder, cache))
-                    restore_cache(cache, context)  # drop the chunk's keys (sliding windows included)
+                    try:
+                        decoder(input_ids=chunk, position_ids=positions, use_cache=True,
+                                **cache_kwargs(decoder, cache))  # fmt: skip
+                    finally:
+                        restore_cache(cache, context)  # drop the chunk's keys (sliding windows included)
         finally:
             report.state.pop(_SCORING, None)
         for s in scores.values():

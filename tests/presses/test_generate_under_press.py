@@ -131,9 +131,10 @@ def test_kvzip_refuses_a_quantized_cache_naming_the_accepted_one():
     model = tiny_model("llama", head_dim=32)
     cache = QuantizedCache(config=model.config, quantization=QuantizationConfig(bits=4, group_size=32))
     with pytest.raises(
-        ValueError, match="KVzipPress scores with forwards over the full-precision context.*VarlenCache"
+        ValueError, match="KVzipPress scores with forwards over the full-precision context, which a QuantizedVarlenLayer.*VarlenCache"
     ):
         generate(model, random_ids(N, seed=3), KVzipPress(0.5, chunk_size=16), cache)
+    assert cache.get_seq_length() == N  # the reconstruction's tokens are gone: the context is left as prefilled
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
