@@ -15,7 +15,7 @@ from torch import nn
 
 from kvpress.offline_model import load_model
 from kvpress.presses.qfilter_press import query_filters, write_filters
-from kvpress.query_recording import calibration_texts, record_queries
+from kvpress.query_recording import calibration_parser, calibration_texts, check_calibration_args, record_queries
 from kvpress.utils import attention_layers, num_heads
 
 
@@ -28,23 +28,15 @@ def record_filters(model: nn.Module, texts_ids: list[torch.Tensor], max_queries:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m kvpress.qfilters",
-        description="Calibrate the Q-Filters of a model (the dominant direction of each head's queries) on "
-        "generated text and write the file QFilterPress(filters=...) reads. Runs offline.",
+    parser = calibration_parser(
+        "python -m kvpress.qfilters",
+        "Calibrate the Q-Filters of a model (the dominant direction of each head's queries) on generated text and "
+        "write the file QFilterPress(filters=...) reads. Runs offline.",
+        "path of the JSON file to write",
+        max_queries=4096,
     )
-    parser.add_argument("--model", default="smollm2", help="model directory, or 'smollm2' for the offline "
-                        "SmolLM2-135M-Instruct (default: smollm2)")  # fmt: skip
-    parser.add_argument("--output", required=True, help="path of the JSON file to write")
-    parser.add_argument("--texts", type=int, default=8, help="generated texts (default: 8)")
-    parser.add_argument("--length", type=int, default=2048, help="tokens per text (default: 2048)")
-    parser.add_argument("--max-queries", type=int, default=4096, help="queries kept per head (default: 4096)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated text (default: 0)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
-    for name in ("texts", "length", "max_queries"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    check_calibration_args(parser, args)
     return args
 
 

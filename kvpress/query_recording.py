@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -48,3 +50,26 @@ def record_queries(
         for handle in handles:
             handle.remove()
     return {m.layer_idx: torch.cat(recorded[m.layer_idx], dim=1) for m in layers}
+
+
+def calibration_parser(prog: str, description: str, output_help: str, max_queries: int) -> argparse.ArgumentParser:
+    """The options every calibration command shares: ``--model``, ``--output``, ``--texts``, ``--length``,
+    ``--max-queries``, ``--seed``, ``--device`` (check them with :func:`check_calibration_args`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--model", default="smollm2", help="model directory, or 'smollm2' for the offline "
+                        "SmolLM2-135M-Instruct (default: smollm2)")  # fmt: skip
+    parser.add_argument("--output", required=True, help=output_help)
+    parser.add_argument("--texts", type=int, default=8, help="generated texts (default: 8)")
+    parser.add_argument("--length", type=int, default=2048, help="tokens per text (default: 2048)")
+    parser.add_argument("--max-queries", type=int, default=max_queries,
+                        help=f"queries kept per head (default: {max_queries})")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated text (default: 0)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    return parser
+
+
+def check_calibration_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` naming the option unless ``--texts``, ``--length`` and ``--max-queries`` are positive."""
+    for name in ("texts", "length", "max_queries"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")

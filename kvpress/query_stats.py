@@ -13,28 +13,20 @@ import torch
 
 from kvpress.offline_model import load_model
 from kvpress.presses.expected_attention_press import query_moments, write_query_stats
-from kvpress.query_recording import calibration_texts, record_queries
+from kvpress.query_recording import calibration_parser, calibration_texts, check_calibration_args, record_queries
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m kvpress.query_stats",
-        description="Record the mean and covariance of each attention head's pre-RoPE queries on generated text and "
-        "write the file ExpectedAttentionPress(stats=...) reads. Runs offline.",
+    parser = calibration_parser(
+        "python -m kvpress.query_stats",
+        "Record the mean and covariance of each attention head's pre-RoPE queries on generated text and write the "
+        "file ExpectedAttentionPress(stats=...) reads. Runs offline.",
+        "path of the file to write (torch.save format)",
+        max_queries=8192,
     )
-    parser.add_argument("--model", default="smollm2", help="model directory, or 'smollm2' for the offline "
-                        "SmolLM2-135M-Instruct (default: smollm2)")  # fmt: skip
-    parser.add_argument("--output", required=True, help="path of the file to write (torch.save format)")
-    parser.add_argument("--texts", type=int, default=8, help="generated texts (default: 8)")
-    parser.add_argument("--length", type=int, default=2048, help="tokens per text (default: 2048)")
-    parser.add_argument("--max-queries", type=int, default=8192, help="queries kept per head (default: 8192)")
     parser.add_argument("--n-sink", type=int, default=4, help="first tokens of each text left out (default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated text (default: 0)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
-    for name in ("texts", "length", "max_queries"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+    check_calibration_args(parser, args)
     if not 0 <= args.n_sink < args.length:
         parser.error(f"--n-sink must be in [0, --length), got {args.n_sink}")
     return args

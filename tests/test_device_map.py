@@ -38,19 +38,22 @@ def offloaded(tmp_path_factory):
     return model, placed
 
 
+def answers(model, press: str, quantization: str) -> dict:
+    """The pipeline's answer and report for ``model`` under ``PRESSES[press]`` (``"4-bit"``: quantized storage)."""
+    bits = {"bits": 4, "group_size": 32} if quantization == "4-bit" else None
+    kwargs = dict(question=" Why?", max_new_tokens=8, kv_quantization=bits, return_report=True)
+    return pipeline(TASK, model=model, tokenizer=smollm2_tokenizer())(random_text(60, seed=5), press=PRESSES[press](),
+                                                                      **kwargs)  # fmt: skip
+
+
 # KVzip refuses quantized caches (tests/presses/test_generate_under_press.py).
 CASES = [(p, q) for p in sorted(PRESSES) for q in ("full", "4-bit") if (p, q) != ("kvzip", "4-bit")]
 
 
 @pytest.mark.parametrize(("press", "quantization"), CASES)
 def test_offloaded_layers_answer_as_the_whole_model(offloaded, press, quantization):
-    quantization = {"bits": 4, "group_size": 32} if quantization == "4-bit" else None
     model, placed = offloaded
-    tok = smollm2_tokenizer()
-    context = random_text(60, seed=5)
-    kwargs = dict(question=" Why?", max_new_tokens=8, kv_quantization=quantization, return_report=True)
-    whole = pipeline(TASK, model=model, tokenizer=tok)(context, press=PRESSES[press](), **kwargs)
-    split = pipeline(TASK, model=placed, tokenizer=tok)(context, press=PRESSES[press](), **kwargs)
+    whole, split = answers(model, press, quantization), answers(placed, press, quantization)
     assert split["answer"] == whole["answer"]
     assert split["report"].kv_bytes == whole["report"].kv_bytes
     if press != "none":
@@ -64,17 +67,12 @@ def test_offloaded_layers_answer_as_the_whole_model(offloaded, press, quantizati
 def test_layers_split_between_gpu_and_cpu(offloaded, press, quantization, tmp_path):
     """Layers on two devices (cuda:0 and the CPU): the answers and the bytes held equal those of the whole model on
     the GPU (every cache kind, presses that recompute queries, KVzip's own forwards)."""
-    quantization = {"bits": 4, "group_size": 32} if quantization == "4-bit" else None
     model, _ = offloaded
     model.save_pretrained(tmp_path)
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
                   "model.layers.2": 0, "model.norm": 0, "lm_head": 0}  # fmt: skip
     split = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map, dtype=torch.float32)
     whole = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to("cuda:0")
-    tok = smollm2_tokenizer()
-    context = random_text(60, seed=5)
-    kwargs = dict(question=" Why?", max_new_tokens=8, kv_quantization=quantization, return_report=True)
-    want = pipeline(TASK, model=whole, tokenizer=tok)(context, press=PRESSES[press](), **kwargs)
-    got = pipeline(TASK, model=split, tokenizer=tok)(context, press=PRESSES[press](), **kwargs)
+    want, got = answers(whole, press, quantization), answers(split, press, quantization)
     assert got["answer"] == want["answer"]
     assert got["report"].kv_bytes == want["report"].kv_bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +39,10 @@ class CrossLayerPress(BasePress):
         check_budget(self.compression_ratio, self.target_size)
 
     # ---- what subclasses implement ----------------------------------------------------------------------------
+    @abstractmethod
     def layer_scores(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor | None:
         """``(batch, kv_heads, n)`` importance of each prefilled token of one layer (``+inf``: kept whole), or
         ``None`` when the scores come from :meth:`complete_scores`."""
-        raise NotImplementedError
 
     def complete_scores(self, decoder, args, kwargs, cache, pending: dict, report) -> dict[int, torch.Tensor]:
         """``{layer_idx: scores}`` of every full-attention layer, from the layer hooks' ``pending`` results (a
